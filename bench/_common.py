@@ -1,0 +1,152 @@
+"""Shared benchmark helpers: timing, peak memory, environment record, result files.
+
+Timing: on CUDA ``triton.testing.do_bench`` (20/50/80 % quantiles, ms); on the CPU
+``torch.utils.benchmark.Timer.blocked_autorange`` with a fixed thread count (quantiles of the
+per-block times, ms).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
+On the CPU there is no allocator statistic, so we replay the allocation events of torch's CPU
+allocator recorded by the profiler (``profile_memory=True``) and report the highest sum of live
+bytes during the call: tensor memory (including the extension's own ``at::empty`` buffers), not RSS.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, threads: int = 2,
+            min_run_time: float = 1.0) -> dict:
+    """Median and 20/80 % quantiles of ``fn``'s run time in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        q20, q50, q80 = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8])
+        return {"ms": q50, "ms_p20": q20, "ms_p80": q80}
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm-up
+    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_run_time)
+    times = sorted(m.times)
+
+    def q(p: float) -> float:
+        return 1e3 * times[min(len(times) - 1, int(p * len(times)))]
+
+    return {"ms": 1e3 * m.median, "ms_p20": q(0.2), "ms_p80": q(0.8)}
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated by torch during one call of ``fn`` (above what was live before)."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return int(peak)
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(device: torch.device, threads: int) -> dict:
+    """Where and with what the figures were measured."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {_cpu_model()}",
+        "device_type": device.type,
+        "cpu": _cpu_model(),
+        "threads": threads if device.type == "cpu" else None,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git": _git_sha(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    return env
+
+
+def device_tag(env: dict) -> str:
+    """Short file-name tag for the device: 'cpu-2t' or e.g. 'nvidia-h100-80gb-hbm3'."""
+    if env["device_type"] == "cpu":
+        return f"cpu-{env['threads']}t"
+    return "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
+
+
+def setup_threads(device: torch.device, threads: int) -> None:
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def write_results(op: str, env: dict, rows: list[dict], columns: list[tuple[str, str]], out_dir: Path | None = None,
+                  notes: str = "") -> tuple[Path, Path]:
+    """Write ``<op>-<device>.json`` and ``.md`` (a table with ``columns``: (key, header) pairs)."""
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{op}-{device_tag(env)}"
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps({"op": op, "env": env, "rows": rows}, indent=2) + "\n")
+    lines = [f"# {op} on {env['device']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+             f"threads {env['threads']}, git {env['git']}, {env['date']}", ""]
+    if notes:
+        lines += [notes, ""]
+    lines.append("| " + " | ".join(h for _, h in columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for row in rows:
+        cells = []
+        for key, _ in columns:
+            v = row.get(key, "")
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return json_path, md_path

@@ -1,0 +1,66 @@
+"""Shared test set-up.
+
+* Without a GPU, Triton kernels run in the interpreter: ``TRITON_INTERPRET=1`` is set here, before
+  any tscd module is imported (the flag is read when a kernel is decorated).
+* ``backend_device`` parametrises a test over (backend, device) pairs. A pair is skipped only when
+  this machine cannot run it (no GPU); a CPU backend that should exist but does not fails, when it
+  is named in ``TSCD_REQUIRE_BACKENDS`` (CI sets ``cpp,triton,torch``).
+* Every test starts from the same seed.
+"""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_GPU = torch.cuda.is_available()
+REQUIRED = {b.strip() for b in os.environ.get("TSCD_REQUIRE_BACKENDS", "").split(",") if b.strip()}
+
+BACKEND_DEVICES = [("torch", "cpu"), ("cpp", "cpu"), ("triton", "cpu"),
+                   ("torch", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def require_backend(op: str, backend: str, device: str, supported: tuple[str, ...]) -> None:
+    """Skip (or fail, if required) a (backend, device) pair this machine or op cannot run."""
+    from tscd.kernels._backend import why_unavailable
+
+    if backend not in supported:
+        pytest.skip(f"{op} has no {backend} backend")
+    if device == "cuda" and not HAS_GPU:
+        pytest.skip("no CUDA GPU on this machine")
+    why = why_unavailable(backend, torch.device(device), op)
+    if why is not None:
+        if backend in REQUIRED:
+            pytest.fail(f"backend {backend} is required (TSCD_REQUIRE_BACKENDS) but unavailable: {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture(params=BACKEND_DEVICES, ids=[f"{b}-{d}" for b, d in BACKEND_DEVICES])
+def backend_device(request):
+    """(backend, device) pair; tests call ``require_backend`` with their op's name and backends."""
+    return request.param

@@ -1,0 +1,1 @@
+"""Sub-commands of the `tscd` command line (see tscd/cli.py)."""

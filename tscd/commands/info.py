@@ -1,0 +1,75 @@
+"""`tscd info`: versions, and which kernel backends are built and usable on this machine."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+
+def collect() -> dict:
+    import torch
+
+    import tscd
+    from tscd.kernels import _backend, _ext
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    backends = {}
+    for name in _backend.ALL_KERNEL_BACKENDS:
+        per_device = {}
+        for dev in (cpu, gpu):
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                why = "no CUDA GPU visible"
+            else:
+                why = _backend.why_unavailable(name, dev, "refine_fwd")
+            per_device[dev.type] = "usable" if why is None else f"no: {why}"
+        backends[name] = per_device
+    return {
+        "tscd": tscd.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+        "extension": {"built": _ext.has_cpp(), "error": _ext.load_error(), **_ext.build_info()},
+        "triton_interpret": _backend.triton_interpret(),
+        "backends": backends,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    ext = info["extension"]
+    lines = [
+        f"tscd        {info['tscd']}",
+        f"python      {info['python']}",
+        f"torch       {info['torch']} (CUDA build: {info['torch_cuda'] or 'no'})",
+        f"triton      {info['triton'] or 'not installed'}" + ("  [TRITON_INTERPRET=1]" if info["triton_interpret"] else ""),
+        f"GPU         {info['gpu'] or 'none visible'}",
+        f"threads     {info['torch_threads']}",
+        "extension   " + ("tscd._C built; OpenMP threads {}; CUDA kernels compiled: {}".format(
+            ext.get("openmp_threads"), "yes" if ext.get("cuda_kernels") else "no") if ext["built"]
+            else f"NOT built: {ext['error']}"),
+        "",
+        "backend  cpu tensors                      cuda tensors",
+    ]
+    for name, per in info["backends"].items():
+        lines.append(f"{name:<8} {per['cpu'][:32]:<32} {per['cuda']}")
+    print("\n".join(lines))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("info", help="versions and the kernel backends usable here")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=run)

@@ -1,0 +1,51 @@
+"""Loads the compiled extension ``tscd._C`` once and says what it provides.
+
+The extension registers its ops (``torch.ops.tscd.*``) with PyTorch's dispatcher when imported:
+CPU kernels always, CUDA kernels when it was compiled with CUDA. A missing or broken extension is
+not an error here: only asking for the ``cpp`` or ``cuda`` backend by name is (see ``_backend``).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BUILD_HELP = (
+    "build it with `pip install --no-build-isolation -e .` from the repository root "
+    "(README.md, 'Install'); `tscd info` shows what is built"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def load_error() -> str | None:
+    """Import ``tscd._C``; return None on success, else why it failed (one line)."""
+    try:
+        from tscd import _C  # noqa: F401  (importing registers torch.ops.tscd.*)
+    except ImportError as err:  # not built, or built against another torch
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "undefined symbol" in msg or "version" in msg.lower():
+            msg += " (the extension was built for another torch; rebuild it)"
+        return msg
+    return None
+
+
+def has_cpp() -> bool:
+    """True when the extension imported (its CPU kernels are always compiled in)."""
+    return load_error() is None
+
+
+def has_cuda_kernels(op: str = "refine_fwd") -> bool:
+    """True when the extension was compiled with CUDA kernels for ``tscd::<op>`` (a GPU is not needed)."""
+    if not has_cpp():
+        return False
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"tscd::{op}", "CUDA"))
+
+
+def build_info() -> dict:
+    """What the extension says about its own build (empty when not built)."""
+    if not has_cpp():
+        return {}
+    return {
+        "openmp_threads": int(torch.ops.tscd.openmp_max_threads()),
+        "cuda_kernels": has_cuda_kernels(),
+    }
