@@ -13,7 +13,6 @@ Asking for a backend by name that cannot run raises ``RuntimeError`` saying why.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -33,16 +32,23 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_ERROR: list[str | None] = []  # filled on first use (importing triton takes a moment)
+
+
 def triton_import_error() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "the `triton` package is not installed (pip install triton)"
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as err:  # pragma: no cover - depends on the install
-        return f"importing triton failed: {err}"
-    return None
+    """None when triton imports, else why not."""
+    if not _TRITON_ERROR:
+        err = None
+        if importlib.util.find_spec("triton") is None:
+            err = "the `triton` package is not installed (pip install triton)"
+        else:
+            try:
+                import triton  # noqa: F401
+                import triton.language  # noqa: F401
+            except Exception as exc:  # pragma: no cover - depends on the install
+                err = f"importing triton failed: {exc}"
+        _TRITON_ERROR.append(err)
+    return _TRITON_ERROR[0]
 
 
 def why_unavailable(backend: str, device: torch.device, op: str) -> str | None:
@@ -121,6 +127,10 @@ def available_backends(op: str, device: torch.device, supported: tuple[str, ...]
     return [b for b in supported if why_unavailable(b, device, op) is None]
 
 
-@functools.lru_cache(maxsize=None)
+_WARNED: set[str] = set()
+
+
 def _warn_once(message: str) -> None:
-    logger.warning(message)
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)

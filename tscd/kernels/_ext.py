@@ -6,8 +6,6 @@ not an error here: only asking for the ``cpp`` or ``cuda`` backend by name is (s
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 BUILD_HELP = (
@@ -16,9 +14,7 @@ BUILD_HELP = (
 )
 
 
-@functools.lru_cache(maxsize=None)
-def load_error() -> str | None:
-    """Import ``tscd._C``; return None on success, else why it failed (one line)."""
+def _import_extension() -> str | None:
     try:
         from tscd import _C  # noqa: F401  (importing registers torch.ops.tscd.*)
     except ImportError as err:  # not built, or built against another torch
@@ -27,6 +23,14 @@ def load_error() -> str | None:
             msg += " (the extension was built for another torch; rebuild it)"
         return msg
     return None
+
+
+_LOAD_ERROR: str | None = _import_extension()  # once, at import: later calls read a constant
+
+
+def load_error() -> str | None:
+    """None when ``tscd._C`` imported, else why it failed (one line)."""
+    return _LOAD_ERROR
 
 
 def has_cpp() -> bool:

@@ -1,0 +1,43 @@
+// The extension tscd._C: every op schema of the `tscd` namespace, declared once, here.
+// Device implementations live in csrc/cpu/*_cpu.cpp (TORCH_LIBRARY_IMPL(tscd, CPU, ...)) and
+// csrc/cuda/*_cuda.cu (TORCH_LIBRARY_IMPL(tscd, CUDA, ...)); fake (meta) kernels and autograd are
+// registered from Python (tscd/kernels/<op>.py) so torch.compile can trace every op.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+extern "C" {
+// Importing tscd._C loads this library, which runs the registrations below. No Python bindings.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "tscd kernels (torch.ops.tscd)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace tscd {
+
+// 0 when the extension was compiled without OpenMP (proves -fopenmp was compiled and linked otherwise).
+int64_t openmp_max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 0;
+#endif
+}
+
+TORCH_LIBRARY(tscd, m) {
+  m.def("openmp_max_threads() -> int", &openmp_max_threads);
+
+  // refine: VARM / PAR (SPEC.md 4.1); mode 0 = varm, 1 = par. See csrc/refine.h for the math.
+  m.def("refine_weights(Tensor image, int[] dilations, int mode, float rgb_scale, float aux_weight, "
+        "Tensor? prior) -> Tensor");
+  m.def("refine_fwd(Tensor image, Tensor cam, Tensor? num_channels, int[] dilations, int num_iter, int mode, "
+        "float rgb_scale, float aux_weight, Tensor? prior) -> Tensor");
+  m.def("refine_bwd(Tensor grad_out, Tensor image, Tensor? num_channels, int[] dilations, int num_iter, int mode, "
+        "float rgb_scale, float aux_weight, Tensor? prior) -> Tensor");
+}
+
+}  // namespace tscd
