@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import Callable
 
+from tscd.data.io import DataError
 from tscd.data.report import Report
 
 log = logging.getLogger(__name__)
@@ -21,6 +23,17 @@ log = logging.getLogger(__name__)
 def _finish(report: Report) -> int:
     print(report.format())
     return 0 if report.ok else 1
+
+
+def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn a missing path or bad file into one clear error line and exit code 1 (no traceback)."""
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (FileNotFoundError, DataError) as exc:
+            log.error("%s", exc)
+            return 1
+    return wrapper
 
 
 def _run_voc(args: argparse.Namespace) -> int:
@@ -61,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     voc.add_argument("--root", required=True, help="the VOC2012 folder (JPEGImages/, SegmentationClassAug/)")
     voc.add_argument("--workers", type=int, default=default_workers, help="processes reading masks")
     voc.add_argument("--check-images", type=int, default=100, help="images to decode fully (-1: all)")
-    voc.set_defaults(func=_run_voc)
+    voc.set_defaults(func=_guarded(_run_voc))
 
     coco = sub.add_parser("coco", help="render COCO masks (resumable) and write split lists + class vectors")
     coco.add_argument("--root", required=True, help="COCO root (annotations/, train2014/, val2014/)")
@@ -69,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     coco.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
     coco.add_argument("--year", default="2014", help="annotation year (instances_<split><year>.json)")
     coco.add_argument("--check-images", type=int, default=100, help="images to decode fully (-1: all)")
-    coco.set_defaults(func=_run_coco)
+    coco.set_defaults(func=_guarded(_run_coco))
 
     check = sub.add_parser("check", help="load a prepared dataset and report bad files")
     check.add_argument("--dataset", required=True, choices=["voc", "coco", "custom", "demo"])
@@ -77,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--splits", nargs="+", default=None, help="default: every split found")
     check.add_argument("--num", type=int, default=100, help="items per split to decode (-1: all)")
     check.add_argument("--seed", type=int, default=0)
-    check.set_defaults(func=_run_check)
+    check.set_defaults(func=_guarded(_run_check))
 
     demo = sub.add_parser("demo", help="write the generated demo set in the VOC layout")
     demo.add_argument("--out", required=True)
@@ -85,4 +98,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--num-val", type=int, default=100)
     demo.add_argument("--size", type=int, default=96)
     demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_run_demo)
+    demo.set_defaults(func=_guarded(_run_demo))

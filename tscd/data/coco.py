@@ -30,6 +30,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -87,7 +88,9 @@ def annotation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarray
                 rle["counts"] = rle["counts"].encode("ascii")
     else:
         raise DataError(f"unknown COCO segmentation format: {str(segmentation)[:80]!r}")
-    m = mask_utils.decode(rle)
+    with warnings.catch_warnings():  # pycocotools' own numpy-2 DeprecationWarning (copy keyword)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        m = mask_utils.decode(rle)
     if m.ndim == 3:
         m = m.max(axis=2)
     return m.astype(np.uint8)
