@@ -55,12 +55,14 @@ class EpochSampler(Sampler):
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        # Not a generator function: the epoch is taken (and advanced) when the pass starts, not at
+        # its first item, so a set_epoch() between iter() and next() cannot shift it.
         epoch = self.epoch
         self.epoch += 1  # the next pass gets the next epoch unless set_epoch is called
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
-        for index in self.sampler:
-            yield int(index), epoch, self.seed
+        seed = self.seed
+        return ((int(index), epoch, seed) for index in self.sampler)
 
     def __len__(self) -> int:
         return len(self.sampler)
