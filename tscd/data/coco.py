@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from tscd.constants import IGNORE_INDEX
@@ -75,6 +74,8 @@ def annotation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarray
     Raises:
         DataError: the segmentation has none of the three formats.
     """
+    from pycocotools import mask as mask_utils  # imported here: only mask generation needs it
+
     if isinstance(segmentation, list):  # polygons
         if not segmentation:
             return np.zeros((height, width), dtype=np.uint8)
