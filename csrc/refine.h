@@ -13,8 +13,8 @@
 //         p_down = (min(y+1, H-1), x), p_right = (y, min(x+1, W-1))
 //   PAR:  w_o = softmax(a)_o + aux_weight * prior_o         (prior: softmax of the position term, host-made)
 // Propagation (one step, per channel): M'(p) = sum_o w_o(p) * M(clamp(p + d*o)).
-// Its transpose (the backward): G'(q) = sum_o sum_{p : clamp(p + d*o) = q} w_o(p) * G(p); for each o the
-// set of such p is a rectangle, given by source_range() per axis.
+// Its transpose (the backward): G'(q) = sum_o sum_{p : clamp(p + d*o) = q} w_o(p) * G(p), computed as a
+// scatter from each p (border pixels receive many contributions, so a gather would be uneven).
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -50,14 +50,6 @@ struct Params {
 C10_HOST_DEVICE inline int off_y(int o) { return o < 3 ? -1 : (o < 5 ? 0 : 1); }
 C10_HOST_DEVICE inline int off_x(int o) { return (o == 0 || o == 3 || o == 5) ? -1 : ((o == 1 || o == 6) ? 0 : 1); }
 C10_HOST_DEVICE inline int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
-
-// All p in [0, L) with clamp(p + s, 0, L-1) == q, as the closed range [lo, hi] (empty if lo > hi).
-C10_HOST_DEVICE inline void source_range(int q, int s, int L, int* lo, int* hi) {
-  *lo = (q == 0) ? 0 : q - s;
-  *hi = (q == L - 1) ? L - 1 : q - s;
-  if (*lo < 0) *lo = 0;
-  if (*hi > L - 1) *hi = L - 1;
-}
 
 // Squared forward differences (down + right) of the shifted image X = I(clamp(. + s)) at p, summed over
 // channels and divided by 3 (the channel mean). img: (3, H, W) of one image.
@@ -180,37 +172,32 @@ TSCD_UNROLL
   }
 }
 
-// The transpose of propagate_pixel (a gather, hence deterministic and atomic-free): for pixel q = (y, x),
-// sums w_o(p) * G(p) over every neighbour slot o and every p that reads q through o.
-template <typename scalar_t, typename acc_t, int KC>
+// Accumulation policies for the transpose: a plain add where one thread owns the output plane (CPU),
+// an atomic add on the GPU (csrc/cuda/refine_cuda.cu defines it).
+struct PlainAdd {
+  template <typename T>
+  C10_HOST_DEVICE static void add(T* addr, T value) { *addr += value; }
+};
+
+// The transpose of propagate_pixel, as a scatter: pixel p adds w_o(p) * G(p) to the pixel q_o it reads
+// through each neighbour slot o (dst must be zero-filled first). Same cost as the forward step.
+template <typename scalar_t, typename acc_t, int KC, typename Adder>
 C10_HOST_DEVICE inline void propagate_transpose_pixel(const scalar_t* src, scalar_t* dst, const acc_t* w,
                                                       const Params& p, int y, int x, int k0, int kc) {
   const int H = p.H, W = p.W;
-  const int64_t HW = (int64_t)H * W;
-  acc_t acc[KC];
+  const int64_t HW = (int64_t)H * W, pix = (int64_t)y * W + x;
+  acc_t g[KC];
 TSCD_UNROLL
-  for (int t = 0; t < KC; ++t) acc[t] = 0;
+  for (int t = 0; t < KC; ++t) g[t] = t < kc ? static_cast<acc_t>(src[(int64_t)(k0 + t) * HW + pix]) : acc_t(0);
   for (int j = 0; j < p.num_dil; ++j) {
     for (int o = 0; o < kOffsets; ++o) {
-      int y0, y1, x0, x1;
-      source_range(y, p.dil[j] * off_y(o), H, &y0, &y1);
-      source_range(x, p.dil[j] * off_x(o), W, &x0, &x1);
-      const acc_t* wo = w + (int64_t)(j * kOffsets + o) * HW;
-      for (int py = y0; py <= y1; ++py) {
-        for (int px = x0; px <= x1; ++px) {
-          const int64_t pp = (int64_t)py * W + px;
-          const acc_t wk = wo[pp];
+      const int64_t q = (int64_t)clampi(y + p.dil[j] * off_y(o), 0, H - 1) * W + clampi(x + p.dil[j] * off_x(o), 0, W - 1);
+      const acc_t wk = w[(int64_t)(j * kOffsets + o) * HW + pix];
 TSCD_UNROLL
-          for (int t = 0; t < KC; ++t) {
-            if (t < kc) acc[t] += wk * static_cast<acc_t>(src[(int64_t)(k0 + t) * HW + pp]);
-          }
-        }
+      for (int t = 0; t < KC; ++t) {
+        if (t < kc) Adder::add(dst + (int64_t)(k0 + t) * HW + q, static_cast<scalar_t>(wk * g[t]));
       }
     }
-  }
-TSCD_UNROLL
-  for (int t = 0; t < KC; ++t) {
-    if (t < kc) dst[(int64_t)(k0 + t) * HW + (int64_t)y * W + x] = static_cast<scalar_t>(acc[t]);
   }
 }
 

@@ -28,8 +28,8 @@ void weights_cpu(const at::Tensor& image, const scalar_t* prior, const Params& p
   });
 }
 
-// One step (or its transpose) for all images and channels; channels >= num_channels[b] are set to 0.
-template <typename scalar_t, bool kTranspose>
+// One step for all images and channels; channels >= num_channels[b] are set to 0. Parallel over rows.
+template <typename scalar_t>
 void step_cpu(const scalar_t* src, scalar_t* dst, const scalar_t* w, const int64_t* nc, const Params& p, int64_t B,
               int64_t K) {
   const int64_t H = p.H, W = p.W, HW = H * W, n = p.num_dil * refine::kOffsets;
@@ -39,18 +39,37 @@ void step_cpu(const scalar_t* src, scalar_t* dst, const scalar_t* w, const int64
       const int64_t b = r / (chunks * H), c = (r / H) % chunks, y = r % H;
       const int64_t k0 = c * kChunk, k_valid = nc ? std::min<int64_t>(nc[b], K) : K;
       const int kc = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kChunk, k_valid - k0)));
-      const scalar_t* s = src + b * K * HW;
       scalar_t* d = dst + b * K * HW;
-      const scalar_t* wb = w + b * n * HW;
       for (int64_t x = 0; x < W; ++x) {
-        if (kTranspose) {
-          refine::propagate_transpose_pixel<scalar_t, scalar_t, kChunk>(s, d, wb, p, (int)y, (int)x, (int)k0, kc);
-        } else {
-          refine::propagate_pixel<scalar_t, scalar_t, kChunk>(s, d, wb, p, (int)y, (int)x, (int)k0, kc);
-        }
+        refine::propagate_pixel<scalar_t, scalar_t, kChunk>(src + b * K * HW, d, w + b * n * HW, p, (int)y, (int)x,
+                                                            (int)k0, kc);
       }
       for (int64_t k = k0 + kc; k < std::min<int64_t>(k0 + kChunk, K); ++k) {
         std::fill(d + k * HW + y * W, d + k * HW + (y + 1) * W, scalar_t(0));
+      }
+    }
+  });
+}
+
+// The transposed step (a scatter): one task owns a (image, channel chunk) block of planes, so plain adds
+// are race-free; channels >= num_channels[b] stay 0.
+template <typename scalar_t>
+void step_transpose_cpu(const scalar_t* src, scalar_t* dst, const scalar_t* w, const int64_t* nc, const Params& p,
+                        int64_t B, int64_t K) {
+  const int64_t H = p.H, W = p.W, HW = H * W, n = p.num_dil * refine::kOffsets;
+  const int64_t chunks = (K + kChunk - 1) / kChunk;
+  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / chunks, k0 = (r % chunks) * kChunk, k_valid = nc ? std::min<int64_t>(nc[b], K) : K;
+      const int kc = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kChunk, k_valid - k0)));
+      scalar_t* d = dst + b * K * HW;
+      std::fill(d + k0 * HW, d + std::min<int64_t>(k0 + kChunk, K) * HW, scalar_t(0));
+      if (kc == 0) continue;
+      for (int64_t y = 0; y < H; ++y) {
+        for (int64_t x = 0; x < W; ++x) {
+          refine::propagate_transpose_pixel<scalar_t, scalar_t, kChunk, refine::PlainAdd>(
+              src + b * K * HW, d, w + b * n * HW, p, (int)y, (int)x, (int)k0, kc);
+        }
       }
     }
   });
@@ -68,7 +87,11 @@ at::Tensor propagate_cpu(const at::Tensor& maps, const at::Tensor& w, const c10:
     for (int64_t t = 0; t < num_iter; ++t) {
       // the last step writes bufs[0], which is returned
       scalar_t* dst = bufs[(num_iter - 1 - t) % 2].data_ptr<scalar_t>();
-      step_cpu<scalar_t, kTranspose>(src, dst, w.data_ptr<scalar_t>(), nc, p, B, K);
+      if (kTranspose) {
+        step_transpose_cpu<scalar_t>(src, dst, w.data_ptr<scalar_t>(), nc, p, B, K);
+      } else {
+        step_cpu<scalar_t>(src, dst, w.data_ptr<scalar_t>(), nc, p, B, K);
+      }
       src = dst;
     }
   });

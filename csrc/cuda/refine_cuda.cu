@@ -13,6 +13,11 @@ namespace {
 using refine::Params;
 constexpr int kChunk = 4;
 
+struct AtomicAdd {
+  template <typename T>
+  __device__ static void add(T* addr, T value) { atomicAdd(addr, value); }
+};
+
 template <typename scalar_t>
 __global__ void refine_weights_kernel(const scalar_t* __restrict__ img, const scalar_t* __restrict__ prior,
                                       scalar_t* __restrict__ w, Params p, int64_t B) {
@@ -39,12 +44,12 @@ __global__ void refine_step_kernel(const scalar_t* __restrict__ src, scalar_t* _
   scalar_t* d = dst + b * K * HW;
   const scalar_t* wb = w + b * n * HW;
   const int y = (int)(pix / p.W), x = (int)(pix % p.W);
-  if (kTranspose) {
-    refine::propagate_transpose_pixel<scalar_t, scalar_t, kChunk>(s, d, wb, p, y, x, (int)k0, kc);
+  if (kTranspose) {  // dst was zero-filled; channels beyond kc stay 0
+    refine::propagate_transpose_pixel<scalar_t, scalar_t, kChunk, AtomicAdd>(s, d, wb, p, y, x, (int)k0, kc);
   } else {
     refine::propagate_pixel<scalar_t, scalar_t, kChunk>(s, d, wb, p, y, x, (int)k0, kc);
+    for (int64_t k = k0 + kc; k < min(k0 + kChunk, K); ++k) d[k * HW + pix] = scalar_t(0);
   }
-  for (int64_t k = k0 + kc; k < min(k0 + kChunk, K); ++k) d[k * HW + pix] = scalar_t(0);
 }
 
 at::Tensor weights_for(const at::Tensor& image, const c10::optional<at::Tensor>& prior, const Params& p, int64_t mode) {
@@ -75,7 +80,9 @@ at::Tensor propagate_cuda(const at::Tensor& maps, const at::Tensor& w, const c10
   AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "refine_propagate_cuda", [&] {
     const scalar_t* src = maps.data_ptr<scalar_t>();
     for (int64_t t = 0; t < num_iter; ++t) {
-      scalar_t* dst = bufs[(num_iter - 1 - t) % 2].data_ptr<scalar_t>();
+      at::Tensor& out = bufs[(num_iter - 1 - t) % 2];
+      if (kTranspose) out.zero_();  // the scatter accumulates
+      scalar_t* dst = out.data_ptr<scalar_t>();
       refine_step_kernel<scalar_t, kTranspose><<<grid, cuda::kThreads, 0, stream>>>(
           src, dst, w.data_ptr<scalar_t>(), nc, p, K, chunks);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tests._utils import assert_close
-from tests.conftest import HAS_GPU, require_backend
+from tests.conftest import require_backend
 from tscd.kernels import refine, refine_weights
 from tscd.kernels._ext import has_cpp
 from tscd.kernels.reference.refine import (
@@ -309,7 +309,8 @@ def test_refine_torch_compile(backend):
     (dict(image=torch.rand(2, 4, 8, 8)), ValueError, r"`image` must have 3 channels"),
     (dict(cam=torch.rand(2, 5, 8)), ValueError, r"`cam` must be a 4-D float tensor \(B, K, h, w\)"),
     (dict(cam=torch.rand(3, 5, 8, 8)), ValueError, r"batch sizes differ: `image` has 2, `cam` has 3"),
-    (dict(image=torch.randint(0, 255, (2, 3, 8, 8))), TypeError, r"`image` must be a 4-D float tensor.*got dtype int64"),
+    (dict(image=torch.randint(0, 255, (2, 3, 8, 8))), TypeError,
+     r"`image` must be a 4-D float tensor.*got dtype int64"),
     (dict(cam=torch.rand(2, 5, 8, 8, device="meta")), ValueError, r"one device.*`image` on cpu, `cam` on meta"),
     (dict(dilations=()), ValueError, r"`dilations` must be a non-empty sequence of positive ints"),
     (dict(dilations=(1, -2)), ValueError, r"`dilations`"),

@@ -54,17 +54,19 @@ def run(args: argparse.Namespace) -> int:
         f"tscd        {info['tscd']}",
         f"python      {info['python']}",
         f"torch       {info['torch']} (CUDA build: {info['torch_cuda'] or 'no'})",
-        f"triton      {info['triton'] or 'not installed'}" + ("  [TRITON_INTERPRET=1]" if info["triton_interpret"] else ""),
+        f"triton      {info['triton'] or 'not installed'}"
+        + ("  [TRITON_INTERPRET=1]" if info["triton_interpret"] else ""),
         f"GPU         {info['gpu'] or 'none visible'}",
         f"threads     {info['torch_threads']}",
         "extension   " + ("tscd._C built; OpenMP threads {}; CUDA kernels compiled: {}".format(
             ext.get("openmp_threads"), "yes" if ext.get("cuda_kernels") else "no") if ext["built"]
             else f"NOT built: {ext['error']}"),
         "",
-        "backend  cpu tensors                      cuda tensors",
+        "backends (refine; `auto` = cuda, else triton for CUDA tensors; cpp for CPU tensors; torch last):",
     ]
     for name, per in info["backends"].items():
-        lines.append(f"{name:<8} {per['cpu'][:32]:<32} {per['cuda']}")
+        lines.append(f"  {name:<7} cpu tensors:  {per['cpu']}")
+        lines.append(f"  {'':<7} cuda tensors: {per['cuda']}")
     print("\n".join(lines))
     return 0
 

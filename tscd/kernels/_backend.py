@@ -63,7 +63,8 @@ def why_unavailable(backend: str, device: torch.device, op: str) -> str | None:
         return None if err is None else f"the extension tscd._C is not available ({err}); {_ext.BUILD_HELP}"
     if backend == "cuda":
         if dev != "cuda":
-            return f"the cuda backend runs on CUDA tensors, but the inputs are on {device} (use backend='cpp' or 'auto')"
+            return (f"the cuda backend runs on CUDA tensors, but the inputs are on {device} "
+                    "(use backend='cpp' or 'auto')")
         err = _ext.load_error()
         if err is not None:
             return f"the extension tscd._C is not available ({err}); {_ext.BUILD_HELP}"
