@@ -14,6 +14,7 @@ import sys
 #: Modules that register sub-commands, in the order `tscd --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "tscd.commands.info",
+    "tscd.commands.train",
     "tscd.data.cli",
 )
 

@@ -1,0 +1,278 @@
+"""Training configuration: YAML files in configs/ read into documented dataclasses.
+
+* Unknown keys fail, naming the closest valid key; values are type-checked.
+* One ``base:`` file at most (a path relative to the config file): its values are the defaults.
+* Overrides ``section.key=value`` (values parsed as YAML) come from the command line.
+* The resolved configuration is saved in the run directory (``config.yaml``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Dataset and loader (SPEC.md 5)."""
+
+    dataset: str = "voc"  #: voc | coco | custom | demo
+    root: str | None = None  #: dataset root (demo: None generates the data in memory)
+    train_split: str = "train_aug"
+    val_split: str = "val"
+    crop_size: int = 512  #: random crop of the training images
+    scale_range: tuple[float, float] = (0.5, 2.0)  #: random rescale range
+    batch_size: int = 2  #: per process
+    num_workers: int = 4
+    val_num: int | None = None  #: validate on the first N images only (None: all)
+    skip_bad: bool = False  #: skip unreadable files with a warning instead of failing
+    demo_num_train: int = 1000  #: demo set: images in train
+    demo_num_val: int = 100  #: demo set: images in val
+    demo_size: int = 96  #: demo set: image side
+
+
+@dataclass
+class ModelConfig:
+    """Network (SPEC.md 2)."""
+
+    name: str = "tscd_mit_b1"  #: tscd_mit_b0 .. tscd_mit_b5
+    pretrained: str | None = None  #: local path of SegFormer ImageNet MiT weights (mit_b1.pth); None: random init
+    pooling: str = "gmp"  #: gmp | gap
+    symmetric_affinity: bool = False  #: AFA's A + A^T (TSCD: False)
+    drop_path_rate: float = 0.1
+
+
+@dataclass
+class PseudoLabelConfig:
+    """Multi-scale CAMs and their VARM refinement (SPEC.md 3, 4.1)."""
+
+    cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5)
+    bkg_high: float = 0.55  #: background score of the "high" refinement
+    bkg_low: float = 0.35  #: background score of the "low" refinement
+    cam_bkg: float = 0.45  #: background threshold of the (unrefined) CAM label, for evaluation
+    refine_mode: str = "varm"  #: varm (TSCD) | par (AFA)
+    refine_iters: int = 10
+    dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    refine_scale: float = 0.5  #: refinement runs at this fraction of the crop size
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and options (SPEC.md 4)."""
+
+    cls: float = 1.0
+    seg: float = 0.1
+    reg: float = 0.01  #: CRF energy loss (0 disables it)
+    aff: float = 0.1
+    scd: float = 0.1
+    er: float = 0.1  #: weight of the equivariance term when er_mode is grad
+    er_mode: str = "off"  #: off (the official term has zero gradient) | grad (extension: a real L1 term)
+    scd_samples: int = 40  #: random samples per side (S x S points per view)
+    scd_scale: float = 0.3  #: size of the second view
+    aff_radius: int = 8
+    crf_sigma_rgb: float = 15.0
+    crf_sigma_xy: float = 100.0
+    crf_scale: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with poly schedule and warm-up (SPEC.md 4.7)."""
+
+    lr: float = 6e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    power: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """The loop."""
+
+    max_iters: int = 20000
+    cam_iters: int = 2000  #: classification loss only up to this iteration
+    log_iters: int = 50
+    val_iters: int = 2000  #: validate every N iterations (0: only at the end)
+    ckpt_iters: int = 1000  #: checkpoint every N iterations
+    keep_ckpts: int = 3  #: keep the last N checkpoints
+    seed: int = 0
+    device: str = "auto"  #: auto | cpu | cuda | cuda:N
+    amp: str = "auto"  #: auto (bf16 on GPU, off on CPU) | bf16 | off
+    compile: bool = False  #: torch.compile the model
+    channels_last: bool = False
+    cudnn_benchmark: bool = False  #: off for reproducibility
+    backend: str = "auto"  #: kernel backend of the fused ops (auto | cuda | triton | cpp | torch)
+    run_dir: str = "runs/tscd"
+    tensorboard: bool = True
+    image_iters: int = 0  #: log CAM / pseudo-label / prediction images every N iterations (0: at validation)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(obj):
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp`` (str, int, float, bool, tuples, Optional)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config: `{where}` must be a list; got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"config: `{where}` must have {len(args)} values; got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config: `{where}` must be true or false; got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config: `{where}` must be an integer; got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config: `{where}` must be a number; got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config: `{where}` must be a string; got {value!r}")
+        return value
+    return value
+
+
+def _apply(cfg: Config, data: dict, source: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    for sec_name, values in data.items():
+        if sec_name == "base":
+            continue
+        if sec_name not in sections:
+            raise ConfigError(f"config ({source}): unknown section `{sec_name}`; valid sections: "
+                              f"{', '.join(sections)}.{_closest(sec_name, list(sections))}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config ({source}): section `{sec_name}` must be a mapping; got {values!r}")
+        section = getattr(cfg, sec_name)
+        hints = typing.get_type_hints(type(section))
+        for key, value in values.items():
+            if key not in hints:
+                valid = list(hints)
+                raise ConfigError(f"config ({source}): unknown key `{sec_name}.{key}`; valid keys of `{sec_name}`: "
+                                  f"{', '.join(valid)}.{_closest(key, valid)}")
+            setattr(section, key, _coerce(value, hints[key], f"{sec_name}.{key}"))
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"config: file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of sections; got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"train.max_iters=100"`` -> ("train", "max_iters", 100)."""
+    if "=" not in text:
+        raise ConfigError(f"config: override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    if key.count(".") != 1:
+        raise ConfigError(f"config: override key {key!r} must be section.key (e.g. train.max_iters)")
+    section, name = key.split(".")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return section, name, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- ``base:`` file <- ``path`` <- ``overrides``."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        data = _read_yaml(path)
+        base = data.get("base")
+        if base is not None:
+            base_data = _read_yaml((path.parent / base).resolve())
+            if "base" in base_data:
+                raise ConfigError(f"config: {base} has its own `base:`; one level of inheritance at most")
+            _apply(cfg, base_data, str(base))
+        _apply(cfg, data, str(path))
+    for text in overrides or []:
+        section, name, value = parse_override(text)
+        _apply(cfg, {section: {name: value}}, f"override {text!r}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks with clear messages."""
+    def choice(where: str, value: str, options: tuple[str, ...]) -> None:
+        if value not in options:
+            raise ConfigError(f"config: `{where}` must be one of {', '.join(options)}; got {value!r}")
+
+    choice("data.dataset", cfg.data.dataset, ("voc", "coco", "custom", "demo"))
+    choice("model.pooling", cfg.model.pooling, ("gmp", "gap"))
+    choice("pseudo.refine_mode", cfg.pseudo.refine_mode, ("varm", "par"))
+    choice("loss.er_mode", cfg.loss.er_mode, ("off", "grad"))
+    choice("train.amp", cfg.train.amp, ("auto", "bf16", "off"))
+    choice("train.backend", cfg.train.backend, ("auto", "cuda", "triton", "cpp", "torch"))
+    for where, v in [("train.max_iters", cfg.train.max_iters), ("data.batch_size", cfg.data.batch_size),
+                     ("data.crop_size", cfg.data.crop_size), ("loss.scd_samples", cfg.loss.scd_samples),
+                     ("train.log_iters", cfg.train.log_iters), ("train.keep_ckpts", cfg.train.keep_ckpts)]:
+        if v < 1:
+            raise ConfigError(f"config: `{where}` must be >= 1; got {v}")
+    if cfg.train.cam_iters < 0 or cfg.train.cam_iters > cfg.train.max_iters:
+        raise ConfigError(f"config: `train.cam_iters` must be in [0, train.max_iters={cfg.train.max_iters}]; "
+                          f"got {cfg.train.cam_iters}")
+    if cfg.data.dataset in ("voc", "coco", "custom") and not cfg.data.root:
+        raise ConfigError(f"config: `data.root` is required for dataset {cfg.data.dataset!r}")
+    if not 0 < cfg.loss.scd_scale <= 1:
+        raise ConfigError(f"config: `loss.scd_scale` must be in (0, 1]; got {cfg.loss.scd_scale}")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

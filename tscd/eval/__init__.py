@@ -1,0 +1,4 @@
+"""Evaluation: metrics (confusion matrix, mIoU)."""
+from tscd.eval.metrics import ConfusionMatrix, segmentation_scores
+
+__all__ = ["ConfusionMatrix", "segmentation_scores"]

@@ -1,0 +1,436 @@
+"""The TSCD training loop (SPEC.md 1, 3, 4, 4.7): one process, or several with torchrun + DDP.
+
+Per iteration t (1-based):
+    t <= cam_iters: L = L_cls (the other terms are not computed at all).
+    t >  cam_iters: multi-scale CAMs (no grad) -> VARM pseudo labels (both thresholds, one batched call)
+                    -> L = L_cls + w_seg L_seg + w_reg L_reg + w_aff L_aff + w_scd L_scd (+ w_er L_er)
+A term whose weight is 0 is not computed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+
+from tscd.config import Config, save_config
+from tscd.constants import IMAGENET_MEAN, IMAGENET_STD
+from tscd.data import build_dataset, build_loader
+from tscd.eval.metrics import ConfusionMatrix
+from tscd.models import create_model, multi_scale_cam, param_groups
+from tscd.train import checkpoint as ckpt
+from tscd.train.losses import affinity_label, affinity_loss, cls_loss, equivariance_loss, seg_loss
+from tscd.train.pseudo_labels import box_mask, cam_to_label, refine_cams_with_bkg
+from tscd.train.schedule import build_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed set-up (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={device_pref!r} but no CUDA GPU is visible")
+    if use_cuda:
+        index = info.local_rank if world > 1 or ":" not in device_pref else int(device_pref.split(":")[1])
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return info, device
+
+
+class SkippingSampler(Sampler):
+    """Wraps the loader's EpochSampler; the first pass after a resume starts ``skip`` items in."""
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner = inner
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        keys = list(iter(self.inner))
+        skip, self.skip = self.skip, 0
+        return iter(keys[skip:])
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def denormalize01(img: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=img.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=img.device).view(1, 3, 1, 1)
+    return ((img * std + mean) / 255.0).clamp(0, 1)
+
+
+class Trainer:
+    """Builds everything from a :class:`~tscd.config.Config` and runs the loop.
+
+    Args:
+        cfg: the resolved configuration.
+        resume: ``"auto"`` (continue from the newest checkpoint of ``cfg.train.run_dir`` if any),
+            ``"never"``, or the path of a checkpoint.
+    """
+
+    def __init__(self, cfg: Config, resume: str = "auto") -> None:
+        self.cfg = cfg
+        self.dist, self.device = init_distributed(cfg.train.device)
+        self.run_dir = Path(cfg.train.run_dir)
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+        torch.manual_seed(cfg.train.seed + self.dist.rank)
+        self.amp = (cfg.train.amp == "bf16") or (cfg.train.amp == "auto" and self.device.type == "cuda")
+        self._build_data()
+        self._build_model()
+        self.iteration = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.epoch_gen_states: dict | None = None
+        self.scd_gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed * 1000 + 17 + self.dist.rank)
+        self.history: list[dict] = []
+        self.writer = None
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            if cfg.train.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self._maybe_resume(resume)
+
+    # -- construction --------------------------------------------------------------------------
+    def _dataset(self, split: str, train: bool):
+        d = self.cfg.data
+        kwargs = {}
+        if d.dataset == "demo" and d.root is None:
+            kwargs = dict(num_images=d.demo_num_train if train else d.demo_num_val, size=d.demo_size,
+                          seed=self.cfg.train.seed)
+        return build_dataset(d.dataset, split, d.root, train, d.crop_size if train else None, skip_bad=d.skip_bad,
+                             scale_range=d.scale_range, **kwargs)
+
+    def _build_data(self) -> None:
+        d = self.cfg.data
+        self.train_set = self._dataset(d.train_split, True)
+        self.val_set = self._dataset(d.val_split, False)
+        self.num_classes = self.train_set.num_classes
+        base = build_loader(self.train_set, d.batch_size, shuffle=True, num_workers=d.num_workers,
+                            seed=self.cfg.train.seed, drop_last=True, distributed=self.dist.enabled)
+        self.sampler = SkippingSampler(base.sampler)
+        self.train_loader = DataLoader(base.dataset, batch_size=d.batch_size, sampler=self.sampler,
+                                       num_workers=d.num_workers, drop_last=True, pin_memory=base.pin_memory,
+                                       worker_init_fn=base.worker_init_fn, generator=base.generator)
+        if len(self.train_loader) == 0:
+            raise ValueError(f"train split has {len(self.train_set)} images: fewer than one batch of "
+                             f"{d.batch_size}")
+
+    def _build_model(self) -> None:
+        m = self.cfg.model
+        model = create_model(m.name, num_classes=self.num_classes, pretrained=m.pretrained, pooling=m.pooling,
+                             symmetric_affinity=m.symmetric_affinity, drop_path_rate=m.drop_path_rate)
+        model.to(self.device)
+        if self.cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        o = self.cfg.optim
+        self.optimizer, self.scheduler = build_optimizer(
+            param_groups(model, o.lr, o.weight_decay), o.lr, o.betas, o.weight_decay, self.cfg.train.max_iters,
+            o.warmup_iters, o.warmup_ratio, o.power)
+        self.net = model  # the bare TSCDNet (CAM passes, checkpoints)
+        if self.dist.enabled:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            self.net = model
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        if self.cfg.train.compile:
+            model = torch.compile(model)
+        self.model = model
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "scd_gen": self.scd_gen.get_state(),
+            "epoch_gen_states": self.epoch_gen_states,  # shuffle/loader generators as the epoch began
+            "history": self.history,
+            "config": self.cfg.to_dict(),
+            "num_classes": self.num_classes,
+        }
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.run_dir, self.iteration, self.state_dict(), self.cfg.train.keep_ckpts)
+            logger.info("checkpoint: %s", path)
+
+    def _maybe_resume(self, resume: str) -> None:
+        if resume == "never":
+            return
+        if resume == "auto":
+            found = ckpt.list_checkpoints(self.run_dir)
+            if not found:
+                return
+            path = found[-1][1]
+        else:
+            path = Path(resume)
+        state = ckpt.load_checkpoint(path, map_location=self.device)
+        if state.get("num_classes") != self.num_classes:
+            raise ValueError(f"checkpoint {path} has {state.get('num_classes')} classes; the dataset has "
+                             f"{self.num_classes}")
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        self.scd_gen.set_state(state["scd_gen"])
+        self.iteration, self.epoch = state["iteration"], state["epoch"]
+        self.batches_in_epoch = state["batches_in_epoch"]
+        self.epoch_gen_states = state["epoch_gen_states"]
+        self.history = state.get("history", [])
+        logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+    # -- one iteration -------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        cfg, L = self.cfg, self.cfg.loss
+        img = batch["img"].to(self.device, non_blocking=True)
+        cls_label = batch["cls_label"].to(self.device, non_blocking=True)
+        img_box = batch["img_box"].to(self.device, non_blocking=True)
+        if cfg.train.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
+        warmup = self.iteration <= cfg.train.cam_iters
+        self.model.train()
+        terms: dict[str, torch.Tensor] = {}
+        if warmup:
+            with self._autocast():
+                out = self.model(img, cls_only=True)
+            terms["cls"] = cls_loss(out.cls_logits.float(), cls_label)
+        else:
+            B, _, H, W = img.shape
+            img01 = denormalize01(img)
+            with torch.no_grad(), self._autocast():
+                cams = multi_scale_cam(self.net, img, cfg.pseudo.cam_scales).float()
+            pseudo = refine_cams_with_bkg(
+                img01, cams, cls_label, img_box, bkg_high=cfg.pseudo.bkg_high, bkg_low=cfg.pseudo.bkg_low,
+                scale=cfg.pseudo.refine_scale, mode=cfg.pseudo.refine_mode, num_iter=cfg.pseudo.refine_iters,
+                dilations=cfg.pseudo.dilations, backend=cfg.train.backend)
+            self._last = {"img01": img01[:1], "cam": cams[:1], "pseudo": pseudo[:1]}
+            with self._autocast():
+                out = self.model(img)
+            terms["cls"] = cls_loss(out.cls_logits.float(), cls_label)
+            seg_up = F.interpolate(out.seg_logits.float(), size=(H, W), mode="bilinear", align_corners=True)
+            self._last["pred"] = seg_up[:1].argmax(1)
+            if L.seg:
+                terms["seg"] = seg_loss(seg_up, pseudo)
+            if L.aff:
+                n = out.affinity.shape[-1]
+                h16, w16 = out.cam.shape[-2:]
+                assert h16 * w16 == n, (h16, w16, n)
+                terms["aff"] = affinity_loss(out.affinity.float(), affinity_label(pseudo, (h16, w16), L.aff_radius))
+            if L.reg:
+                from tscd.kernels import dense_energy_loss
+
+                roi = box_mask(img_box, H, W).float()
+                terms["reg"] = dense_energy_loss(img01 * 255.0, seg_up.softmax(1), roi, pseudo,
+                                                 sigma_rgb=L.crf_sigma_rgb, sigma_xy=L.crf_sigma_xy,
+                                                 scale=L.crf_scale, backend=cfg.train.backend)
+            if L.scd or (L.er and L.er_mode == "grad"):
+                view2 = F.interpolate(img, scale_factor=L.scd_scale, mode="bilinear", align_corners=True)
+                with self._autocast():
+                    out2 = self.model(view2)
+                if L.scd:
+                    from tscd.kernels import correlation_loss
+
+                    with torch.no_grad(), self._autocast():
+                        t2 = multi_scale_cam(self.net, view2, cfg.pseudo.cam_scales).float()
+                    s1 = seg_up
+                    s2 = F.interpolate(out2.seg_logits.float(), size=t2.shape[-2:], mode="bilinear",
+                                       align_corners=True)
+                    terms["scd"] = correlation_loss(cams, t2, s1, s2, num_samples=L.scd_samples,
+                                                    generator=self.scd_gen, backend=cfg.train.backend)
+                if L.er and L.er_mode == "grad":
+                    terms["er"] = equivariance_loss(out.cam.float(), out2.cam.float())
+        weights = {"cls": L.cls, "seg": L.seg, "aff": L.aff, "reg": L.reg, "scd": L.scd, "er": L.er}
+        total = sum(weights[k] * v for k, v in terms.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        values["total"] = float(total.detach())
+        if not math.isfinite(values["total"]):
+            raise FloatingPointError(f"loss is {values['total']} at iteration {self.iteration}: {values}")
+        return values
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _generators(self) -> list[torch.Generator]:
+        inner = getattr(self.sampler.inner, "sampler", None)
+        gens = [getattr(inner, "generator", None), self.train_loader.generator]
+        return [g for g in gens if g is not None]
+
+    def _batches(self):
+        resumed = self.epoch_gen_states is not None
+        if resumed:  # replay the interrupted epoch's order, minus the batches already used
+            for g, st in zip(self._generators(), self.epoch_gen_states):
+                g.set_state(st)
+            self.sampler.skip = self.batches_in_epoch * self.cfg.data.batch_size
+        while True:
+            if not resumed:
+                self.epoch_gen_states = [g.get_state() for g in self._generators()]
+            resumed = False
+            self.sampler.set_epoch(self.epoch)
+            for batch in self.train_loader:
+                self.batches_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batches_in_epoch = 0
+
+    def train(self) -> dict:
+        """Run until ``max_iters``; returns the final validation scores."""
+        cfg = self.cfg.train
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_iters, initial=self.iteration, disable=not self.dist.is_main or None,
+                   desc="train", dynamic_ncols=True)
+        t0, it0 = time.time(), self.iteration
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        batches = self._batches()
+        scores = {}
+        while self.iteration < cfg.max_iters:
+            batch = next(batches)
+            self.iteration += 1
+            values = self.train_step(batch)
+            values["lr"] = self.optimizer.param_groups[0]["lr"]
+            self.history.append({"iteration": self.iteration, **values})
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['total']:.4f}", lr=f"{values['lr']:.2e}")
+            if self.iteration % cfg.log_iters == 0 or self.iteration == cfg.max_iters:
+                self._log(values, t0, it0)
+            if cfg.val_iters and self.iteration % cfg.val_iters == 0 and self.iteration < cfg.max_iters:
+                scores = self.validate()
+            if self.iteration % cfg.ckpt_iters == 0 or self.iteration == cfg.max_iters:
+                self.save()
+        bar.close()
+        scores = self.validate()
+        if self.dist.is_main:
+            (self.run_dir / "final_scores.json").write_text(json.dumps(scores, indent=2))
+        return scores
+
+    def _log(self, values: dict, t0: float, it0: int) -> None:
+        if not self.dist.is_main:
+            return
+        done = self.iteration - it0
+        spi = (time.time() - t0) / max(done, 1)
+        eta = spi * (self.cfg.train.max_iters - self.iteration)
+        mem = (torch.cuda.max_memory_allocated(self.device) / 2**20) if self.device.type == "cuda" else float("nan")
+        parts = " ".join(f"{k}={v:.4f}" for k, v in values.items() if k not in ("lr",))
+        logger.info("iter %d/%d lr=%.3e %s | %.3f s/it, peak %.0f MiB, ETA %s", self.iteration,
+                    self.cfg.train.max_iters, values["lr"], parts, spi, mem, time.strftime("%H:%M:%S",
+                                                                                           time.gmtime(eta)))
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"train/{k}", v, self.iteration)
+
+    # -- validation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """mIoU of the segmentation head, the CAM label and the VARM pseudo labels on the val split."""
+        self.model.eval()
+        n_cls = self.num_classes + 1
+        mats = {k: ConfusionMatrix(n_cls, self.device) for k in ("seg", "cam", "pseudo")}
+        total = len(self.val_set) if self.cfg.data.val_num is None else min(self.cfg.data.val_num, len(self.val_set))
+        indices = list(range(self.dist.rank, total, self.dist.world_size))
+        p = self.cfg.pseudo
+        for i in indices:
+            item = self.val_set[i]
+            if "label" not in item:
+                raise ValueError(f"validation split {self.cfg.data.val_split!r} has no masks (item {item['name']})")
+            img = item["img"].unsqueeze(0).to(self.device)
+            label = item["label"].unsqueeze(0).to(self.device)
+            cls_label = item["cls_label"].unsqueeze(0).to(self.device)
+            H, W = img.shape[-2:]
+            with self._autocast():
+                out = self.net(img)
+            seg = F.interpolate(out.seg_logits.float(), size=(H, W), mode="bilinear", align_corners=False)
+            mats["seg"].update(seg.argmax(1), label)
+            with self._autocast():
+                cams = multi_scale_cam(self.net, img, p.cam_scales).float()
+            mats["cam"].update(cam_to_label(cams, cls_label, p.cam_bkg), label)
+            pseudo = refine_cams_with_bkg(denormalize01(img), cams, cls_label, None, bkg_high=p.bkg_high,
+                                          bkg_low=p.bkg_low, scale=p.refine_scale, mode=p.refine_mode,
+                                          num_iter=p.refine_iters, dilations=p.dilations,
+                                          backend=self.cfg.train.backend)
+            # pseudo labels hold 255 where uncertain: score those pixels as background
+            mats["pseudo"].update(pseudo.masked_fill(pseudo == 255, 0), label)
+        names = list(self.val_set.class_names)
+        scores = {}
+        for k, m in mats.items():
+            m.all_reduce()
+            scores[k] = m.scores(names)
+        self.model.train()
+        if self.dist.is_main:
+            logger.info("val @%d (%d images): mIoU seg %.2f | CAM %.2f | pseudo label %.2f", self.iteration, total,
+                        scores["seg"]["miou"], scores["cam"]["miou"], scores["pseudo"]["miou"])
+            if self.writer is not None:
+                for k in mats:
+                    self.writer.add_scalar(f"val/miou_{k}", scores[k]["miou"], self.iteration)
+                self._log_images()
+        return scores
+
+    def _log_images(self) -> None:
+        last = getattr(self, "_last", None)
+        if not last:
+            return
+        palette = torch.tensor(self.val_set.palette[:768], dtype=torch.uint8).view(-1, 3)
+
+        def colour(label: torch.Tensor) -> torch.Tensor:
+            return palette[label[0].cpu().clamp(max=255).long()].permute(2, 0, 1)
+
+        self.writer.add_image("train/image", last["img01"][0].cpu(), self.iteration)
+        self.writer.add_image("train/cam_max", last["cam"][0].max(0, keepdim=True)[0].cpu(), self.iteration)
+        self.writer.add_image("train/pseudo_label", colour(last["pseudo"]), self.iteration)
+        if "pred" in last:
+            self.writer.add_image("train/prediction", colour(last["pred"]), self.iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
