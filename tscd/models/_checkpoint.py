@@ -125,8 +125,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike,
         ValueError: architecture mismatch (see :func:`check_state_dict`).
     """
     raw = read_checkpoint(path)
-    sd = filter_fn(raw) if filter_fn is not None else strip_prefixes(unwrap_state_dict(raw))
     try:
+        sd = filter_fn(raw) if filter_fn is not None else strip_prefixes(unwrap_state_dict(raw))
         check_state_dict(model, sd, what)
     except ValueError as e:
         raise ValueError(f"{os.fspath(path)!r}: {e}") from None
