@@ -8,13 +8,13 @@ from tscd.models import multi_scale_cam, multi_scale_cam_reference
 
 @pytest.mark.parametrize("flip", [True, False])
 def test_fast_equals_reference(tscd_b0, flip):
-    images = torch.randn(2, 3, 65, 97)
+    images = torch.randn(2 if flip else 1, 3, 65, 97)
     fast = multi_scale_cam(tscd_b0, images, scales=(1.0, 0.5, 1.5), flip=flip)
     ref = multi_scale_cam_reference(tscd_b0, images, scales=(1.0, 0.5, 1.5), flip=flip)
-    assert tuple(fast.shape) == (2, 5, 65, 97)
+    assert tuple(fast.shape) == (images.shape[0], 5, 65, 97)
     assert_close(fast, ref, rtol=1e-4, atol=1e-5, name="multi_scale_cam vs reference")
     assert fast.min() >= 0 and fast.max() <= 1
-    assert torch.allclose(fast.amax(dim=(2, 3)), torch.ones(2, 5), atol=1e-4)  # every map reaches ~1
+    assert torch.allclose(fast.amax(dim=(2, 3)), torch.ones(images.shape[0], 5), atol=1e-4)  # every map reaches ~1
     assert not fast.requires_grad
 
 
