@@ -176,7 +176,8 @@ setup(
         "matplotlib",
         "ninja",
         "pybind11",
+        "pytest",
     ],
-    extras_require={"triton": ["triton"], "test": ["pytest"], "dev": ["pytest", "ruff"]},
+    extras_require={"triton": ["triton"], "dev": ["ruff"]},
     entry_points={"console_scripts": ["tscd=tscd.cli:main"]},
 )

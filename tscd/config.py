@@ -50,6 +50,7 @@ class ModelConfig:
     pooling: str = "gmp"  #: gmp | gap
     symmetric_affinity: bool = False  #: AFA's A + A^T (TSCD: False)
     drop_path_rate: float = 0.1
+    decoder_dim: int = 256  #: SegFormer head width
 
 
 @dataclass

@@ -54,6 +54,8 @@ MIT_CONFIGS: dict[str, dict[str, tuple[int, ...]]] = {
     "mit_b3": {"embed_dims": (64, 128, 320, 512), "depths": (3, 4, 18, 3)},
     "mit_b4": {"embed_dims": (64, 128, 320, 512), "depths": (3, 8, 27, 3)},
     "mit_b5": {"embed_dims": (64, 128, 320, 512), "depths": (3, 6, 40, 3)},
+    # Not a SegFormer size: a tiny MiT for the CPU demo and quick experiments (no pretrained weights exist).
+    "mit_tiny": {"embed_dims": (16, 32, 64, 128), "depths": (1, 1, 1, 2), "num_heads": (1, 1, 2, 4)},
 }
 
 

@@ -157,7 +157,8 @@ class Trainer:
     def _build_model(self) -> None:
         m = self.cfg.model
         model = create_model(m.name, num_classes=self.num_classes, pretrained=m.pretrained, pooling=m.pooling,
-                             symmetric_affinity=m.symmetric_affinity, drop_path_rate=m.drop_path_rate)
+                             symmetric_affinity=m.symmetric_affinity, drop_path_rate=m.drop_path_rate,
+                             decoder_dim=m.decoder_dim)
         model.to(self.device)
         if self.cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
