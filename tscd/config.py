@@ -172,6 +172,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"config: `{where}` must be an integer; got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config: `{where}` must be a number; got {value!r}")
         return float(value)

@@ -162,14 +162,16 @@ class Trainer:
         model.to(self.device)
         if self.cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if self.dist.enabled and self.device.type == "cuda":
+            # SyncBN needs GPUs; CPU (gloo) runs, used for tests, keep per-process BatchNorm
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         o = self.cfg.optim
         self.optimizer, self.scheduler = build_optimizer(
             param_groups(model, o.lr, o.weight_decay), o.lr, o.betas, o.weight_decay, self.cfg.train.max_iters,
             o.warmup_iters, o.warmup_ratio, o.power)
-        self.net = model  # the bare TSCDNet (CAM passes, checkpoints)
+        self.net = model  # the bare TSCDNet (CAM passes, validation, checkpoints)
         if self.dist.enabled:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            self.net = model
+            # find_unused_parameters: the warm-up iterations leave the decoder and affinity head unused
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True)
@@ -275,8 +277,8 @@ class Trainer:
                                                  scale=L.crf_scale, backend=cfg.train.backend)
             if L.scd or (L.er and L.er_mode == "grad"):
                 view2 = F.interpolate(img, scale_factor=L.scd_scale, mode="bilinear", align_corners=True)
-                with self._autocast():
-                    out2 = self.model(view2)
+                with self._autocast():  # the bare net: DDP sees one forward per backward; grads still sync
+                    out2 = self.net(view2)
                 if L.scd:
                     from tscd.kernels import correlation_loss
 
