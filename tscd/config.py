@@ -115,6 +115,8 @@ class TrainConfig:
     channels_last: bool = False
     cudnn_benchmark: bool = False  #: off for reproducibility
     backend: str = "auto"  #: kernel backend of the fused ops (auto | cuda | triton | cpp | torch)
+    reference_style: bool = False  #: run as the official code does (benchmarks): full-model CAM passes,
+    #: one VARM call per image and threshold, torch backends, CRF loss on the host
     run_dir: str = "runs/tscd"
     tensorboard: bool = True
     image_iters: int = 0  #: log CAM / pseudo-label / prediction images every N iterations (0: at validation)

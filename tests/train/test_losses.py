@@ -4,9 +4,8 @@ import torch.nn.functional as F
 
 from tests._utils import assert_close
 from tscd.eval.metrics import ConfusionMatrix
-from tscd.kernels import refine
 from tscd.train.losses import affinity_label, affinity_loss, seg_loss
-from tscd.train.pseudo_labels import cam_to_label, refine_cams_with_bkg
+from tscd.train.pseudo_labels import cam_to_label, refine_cams_with_bkg, refine_cams_with_bkg_sequential
 
 
 def test_seg_loss_no_foreground_is_finite():
@@ -55,30 +54,6 @@ def test_cam_to_label():
     assert lab.tolist() == [[[1, 3, 3, 0]]]
 
 
-def _per_image_reference(img01, cams, cls_label, img_box, high, low):
-    """The reference's structure: per image and threshold, one refine call over [bkg, present classes]."""
-    B, C, H, W = cams.shape
-    h, w = H // 2, W // 2
-    img_s = F.interpolate(img01, size=(h, w), mode="bilinear", align_corners=False)
-    out = torch.full((B, H, W), 255, dtype=torch.long)
-    for b in range(B):
-        keys = torch.cat([torch.zeros(1, dtype=torch.long), cls_label[b].nonzero()[:, 0] + 1])
-        labels = []
-        for bkg in (high, low):
-            stack = torch.cat([torch.full_like(cams[b:b + 1, :1], bkg), cams[b:b + 1]], 1)
-            stack = F.interpolate(stack, size=(h, w), mode="bilinear", align_corners=False)[:, keys].softmax(1)
-            ref = refine(img_s[b:b + 1], stack, backend="torch")
-            ref = F.interpolate(ref, size=(H, W), mode="bilinear", align_corners=False)
-            labels.append(keys[ref.argmax(1)][0])
-        hi, lo = labels
-        lab = hi.clone()
-        lab[hi == 0] = 255
-        lab[(hi == 0) & (lo == 0)] = 0
-        t, bt, l, r = img_box[b].tolist()
-        out[b, t:bt, l:r] = lab[t:bt, l:r]
-    return out
-
-
 def test_batched_pseudo_labels_match_per_image_calls():
     torch.manual_seed(1)
     B, C, H, W = 3, 6, 24, 30
@@ -90,7 +65,7 @@ def test_batched_pseudo_labels_match_per_image_calls():
     cls_label[2, [0, 2, 5]] = 1
     img_box = torch.tensor([[0, H, 0, W], [2, 20, 3, 30], [0, 15, 0, 17]])
     batched = refine_cams_with_bkg(img01, cams, cls_label, img_box, backend="torch")
-    ref = _per_image_reference(img01, cams, cls_label, img_box, 0.55, 0.35)
+    ref = refine_cams_with_bkg_sequential(img01, cams, cls_label, img_box, backend="torch")
     assert torch.equal(batched, ref)
     assert (batched[2, 15:] == 255).all() and (batched[1, :, :3] == 255).all()
     fast = refine_cams_with_bkg(img01, cams, cls_label, img_box, backend="auto")

@@ -21,8 +21,8 @@ def box_mask(img_box: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, 4) [top, bottom, left, right) boxes -> (B, H, W) bool, True inside."""
     ys = torch.arange(height, device=img_box.device).view(1, -1, 1)
     xs = torch.arange(width, device=img_box.device).view(1, 1, -1)
-    t, b, l, r = (img_box[:, i].view(-1, 1, 1) for i in range(4))
-    return (ys >= t) & (ys < b) & (xs >= l) & (xs < r)
+    top, bottom, left, right = (img_box[:, i].view(-1, 1, 1) for i in range(4))
+    return (ys >= top) & (ys < bottom) & (xs >= left) & (xs < right)
 
 
 def refine_cams_with_bkg(image01: torch.Tensor, cams: torch.Tensor, cls_label: torch.Tensor,
@@ -75,6 +75,39 @@ def refine_cams_with_bkg(image01: torch.Tensor, cams: torch.Tensor, cls_label: t
     if img_box is not None:
         label[~box_mask(img_box, H, W)] = IGNORE_INDEX
     return label
+
+
+def refine_cams_with_bkg_sequential(image01: torch.Tensor, cams: torch.Tensor, cls_label: torch.Tensor,
+                                    img_box: torch.Tensor | None = None, *, bkg_high: float = 0.55,
+                                    bkg_low: float = 0.35, scale: float = 0.5, mode: str = "varm",
+                                    num_iter: int = 10, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
+                                    backend: str = "torch") -> torch.Tensor:
+    """The reference's structure (for benchmarks and tests): one refine call per image and threshold.
+
+    Same arguments and result as :func:`refine_cams_with_bkg`.
+    """
+    B, C, H, W = cams.shape
+    h, w = max(1, int(H * scale)), max(1, int(W * scale))
+    img_s = F.interpolate(image01.float(), size=(h, w), mode="bilinear", align_corners=False)
+    out = torch.full((B, H, W), IGNORE_INDEX, dtype=torch.long, device=cams.device)
+    for b in range(B):
+        present = (cls_label[b] > 0.5).nonzero()[:, 0] + 1
+        keys = torch.cat([torch.zeros(1, dtype=torch.long, device=cams.device), present])
+        labels = []
+        for bkg in (bkg_high, bkg_low):
+            stack = torch.cat([torch.full_like(cams[b:b + 1, :1], bkg), cams[b:b + 1].float()], 1)
+            stack = F.interpolate(stack, size=(h, w), mode="bilinear", align_corners=False)[:, keys].softmax(1)
+            ref = refine(img_s[b:b + 1], stack, dilations=dilations, num_iter=num_iter, mode=mode, backend=backend)
+            ref = F.interpolate(ref, size=(H, W), mode="bilinear", align_corners=False)
+            labels.append(keys[ref.argmax(1)][0])
+        high, low = labels
+        lab = high.clone()
+        lab[high == 0] = IGNORE_INDEX
+        lab[(high == 0) & (low == 0)] = 0
+        out[b] = lab
+    if img_box is not None:
+        out[~box_mask(img_box, H, W)] = IGNORE_INDEX
+    return out
 
 
 def cam_to_label(cams: torch.Tensor, cls_label: torch.Tensor, bkg: float = 0.45) -> torch.Tensor:

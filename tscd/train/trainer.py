@@ -25,10 +25,10 @@ from tscd.config import Config, save_config
 from tscd.constants import IMAGENET_MEAN, IMAGENET_STD
 from tscd.data import build_dataset, build_loader
 from tscd.eval.metrics import ConfusionMatrix
-from tscd.models import create_model, multi_scale_cam, param_groups
+from tscd.models import create_model, multi_scale_cam, multi_scale_cam_reference, param_groups
 from tscd.train import checkpoint as ckpt
 from tscd.train.losses import affinity_label, affinity_loss, cls_loss, equivariance_loss, seg_loss
-from tscd.train.pseudo_labels import box_mask, cam_to_label, refine_cams_with_bkg
+from tscd.train.pseudo_labels import box_mask, cam_to_label, refine_cams_with_bkg, refine_cams_with_bkg_sequential
 from tscd.train.schedule import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -240,6 +240,10 @@ class Trainer:
         if cfg.train.channels_last:
             img = img.contiguous(memory_format=torch.channels_last)
         warmup = self.iteration <= cfg.train.cam_iters
+        ref_style = cfg.train.reference_style
+        ms_cam = multi_scale_cam_reference if ref_style else multi_scale_cam
+        make_pseudo = refine_cams_with_bkg_sequential if ref_style else refine_cams_with_bkg
+        backend = "torch" if ref_style else cfg.train.backend
         self.model.train()
         terms: dict[str, torch.Tensor] = {}
         if warmup:
@@ -250,11 +254,11 @@ class Trainer:
             B, _, H, W = img.shape
             img01 = denormalize01(img)
             with torch.no_grad(), self._autocast():
-                cams = multi_scale_cam(self.net, img, cfg.pseudo.cam_scales).float()
-            pseudo = refine_cams_with_bkg(
+                cams = ms_cam(self.net, img, cfg.pseudo.cam_scales).float()
+            pseudo = make_pseudo(
                 img01, cams, cls_label, img_box, bkg_high=cfg.pseudo.bkg_high, bkg_low=cfg.pseudo.bkg_low,
                 scale=cfg.pseudo.refine_scale, mode=cfg.pseudo.refine_mode, num_iter=cfg.pseudo.refine_iters,
-                dilations=cfg.pseudo.dilations, backend=cfg.train.backend)
+                dilations=cfg.pseudo.dilations, backend=backend)
             self._last = {"img01": img01[:1], "cam": cams[:1], "pseudo": pseudo[:1]}
             with self._autocast():
                 out = self.model(img)
@@ -272,9 +276,12 @@ class Trainer:
                 from tscd.kernels import dense_energy_loss
 
                 roi = box_mask(img_box, H, W).float()
-                terms["reg"] = dense_energy_loss(img01 * 255.0, seg_up.softmax(1), roi, pseudo,
-                                                 sigma_rgb=L.crf_sigma_rgb, sigma_xy=L.crf_sigma_xy,
-                                                 scale=L.crf_scale, backend=cfg.train.backend)
+                args = (img01 * 255.0, seg_up.softmax(1), roi, pseudo)
+                if ref_style:  # the official code copies everything to the host and runs the C++ lattice there
+                    args = tuple(a.cpu() for a in args)
+                terms["reg"] = dense_energy_loss(*args, sigma_rgb=L.crf_sigma_rgb, sigma_xy=L.crf_sigma_xy,
+                                                 scale=L.crf_scale,
+                                                 backend="cpp" if ref_style else backend).to(self.device)
             if L.scd or (L.er and L.er_mode == "grad"):
                 view2 = F.interpolate(img, scale_factor=L.scd_scale, mode="bilinear", align_corners=True)
                 with self._autocast():  # the bare net: DDP sees one forward per backward; grads still sync
@@ -283,12 +290,12 @@ class Trainer:
                     from tscd.kernels import correlation_loss
 
                     with torch.no_grad(), self._autocast():
-                        t2 = multi_scale_cam(self.net, view2, cfg.pseudo.cam_scales).float()
+                        t2 = ms_cam(self.net, view2, cfg.pseudo.cam_scales).float()
                     s1 = seg_up
                     s2 = F.interpolate(out2.seg_logits.float(), size=t2.shape[-2:], mode="bilinear",
                                        align_corners=True)
                     terms["scd"] = correlation_loss(cams, t2, s1, s2, num_samples=L.scd_samples,
-                                                    generator=self.scd_gen, backend=cfg.train.backend)
+                                                    generator=self.scd_gen, backend=backend)
                 if L.er and L.er_mode == "grad":
                     terms["er"] = equivariance_loss(out.cam.float(), out2.cam.float())
         weights = {"cls": L.cls, "seg": L.seg, "aff": L.aff, "reg": L.reg, "scd": L.scd, "er": L.er}
