@@ -128,12 +128,16 @@ def setup_threads(device: torch.device, threads: int) -> None:
 
 def write_results(op: str, env: dict, rows: list[dict], columns: list[tuple[str, str]], out_dir: Path | None = None,
                   notes: str = "") -> tuple[Path, Path]:
-    """Write ``<op>-<device>.json`` and ``.md`` (a table with ``columns``: (key, header) pairs)."""
-    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    """Write ``<out>/<device>/<op>.json`` and ``.md`` (a table with ``columns``: (key, header) pairs).
+
+    ``out_dir`` defaults to bench/results; ``bench/report.py`` renders every JSON there.
+    """
+    out_dir = (Path(out_dir) if out_dir is not None else RESULTS_DIR) / device_tag(env)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{op}-{device_tag(env)}"
+    stem = op
     json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps({"op": op, "env": env, "rows": rows}, indent=2) + "\n")
+    json_path.write_text(json.dumps({"op": op, "env": env, "rows": rows, "columns": columns, "notes": notes},
+                                    indent=2) + "\n")
     lines = [f"# {op} on {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
              f"threads {env['threads']}, git {env['git']}, {env['date']}", ""]
