@@ -38,6 +38,14 @@ TORCH_LIBRARY(tscd, m) {
         "float rgb_scale, float aux_weight, Tensor? prior) -> Tensor");
   m.def("refine_bwd(Tensor grad_out, Tensor image, Tensor? num_channels, int[] dilations, int num_iter, int mode, "
         "float rgb_scale, float aux_weight, Tensor? prior) -> Tensor");
+
+  // correlation: the fused core of the SCD loss (SPEC.md 4.2) on sampled, normalised features
+  // t1 (B,N1,Ct), t2 (B,N2,Ct), s1 (B,N1,Cs), s2 (B,N2,Cs), offset (B,N1). fwd: per-image
+  // sum_ij P(s1_i.s2_j) * (t1_i.t2_j + offset_i) -> (B,); bwd: [ds1, ds2, dt1, dt2, doffset] (the teacher
+  // grads are zeros unless teacher_grad). See csrc/correlation.h for the math.
+  m.def("correlation_fwd(Tensor t1, Tensor t2, Tensor s1, Tensor s2, Tensor offset, bool clamp_student) -> Tensor");
+  m.def("correlation_bwd(Tensor grad, Tensor t1, Tensor t2, Tensor s1, Tensor s2, Tensor offset, bool clamp_student, "
+        "bool teacher_grad) -> Tensor[]");
 }
 
 }  // namespace tscd

@@ -1,4 +1,14 @@
 """Pure-PyTorch references: the truth every fused backend is tested against, and ``backend="torch"``."""
+from tscd.kernels.reference.correlation import (
+    DEFAULT_NUM_SAMPLES,
+    NORM_EPS,
+    correlation_core_reference,
+    correlation_loss_reference,
+    normalize_features,
+    pixel_coords,
+    random_coords,
+    sample_features,
+)
 from tscd.kernels.reference.refine import (
     DEFAULT_DILATIONS,
     OFFSETS,
@@ -10,6 +20,14 @@ from tscd.kernels.reference.refine import (
 )
 
 __all__ = [
+    "DEFAULT_NUM_SAMPLES",
+    "NORM_EPS",
+    "correlation_core_reference",
+    "correlation_loss_reference",
+    "normalize_features",
+    "pixel_coords",
+    "random_coords",
+    "sample_features",
     "DEFAULT_DILATIONS",
     "OFFSETS",
     "neighbour_shifts",

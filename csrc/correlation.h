@@ -1,0 +1,51 @@
+// correlation (SCD loss, SPEC.md 4.2): the per-pair math, written once and shared by the CPU
+// (csrc/cpu/correlation_cpu.cpp) and CUDA (csrc/cuda/correlation_cuda.cu) kernels; the .cpp/.cu files
+// add only tiling, loops and launches.
+//
+// The fused core works on sampled, L2-normalised features of one image b:
+//   t1 (N1, Ct), t2 (N2, Ct) teacher; s1 (N1, Cs), s2 (N2, Cs) student; offset c (N1,)
+//   F_ij = t1_i . t2_j,  G_ij = s1_i . s2_j,  P(g) = max(g, 0) (clamp) or g
+//   out_b = sum_{i,j} P(G_ij) * (F_ij + c_i)
+// The Python wrapper folds centring and shift into c_i = -t1_i . mean_j t2_j + global mean - shift (O(N*C))
+// and turns out_b into the loss -sum_b out_b / (B * N1 * N2).
+// Backward, with g_b = dLoss/dout_b:
+//   D_ij = g_b * P'(G_ij) * (F_ij + c_i)   (P'(g) = 1[g >= 0] with clamp, as torch's clamp gradient)
+//   E_ij = g_b * P(G_ij)
+//   ds1_i = sum_j D_ij s2_j   ds2_j = sum_i D_ij s1_i   dt1_i = sum_j E_ij t2_j   dt2_j = sum_i E_ij t1_i
+//   dc_i = sum_j E_ij
+// A "row pass" streams j for a block of rows i (out_b, ds1, dt1, dc); a "column pass" streams i for a
+// block of columns j (ds2, dt2). Neither materialises N1 x N2; tiles are recomputed in the backward.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+namespace tscd {
+namespace correlation {
+
+// P(g): the clamped student correlation.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t student_weight(acc_t g, bool clamp) {
+  return (clamp && !(g > acc_t(0))) ? acc_t(0) : g;
+}
+
+// P'(g): 1 where the clamp lets the gradient through (g >= 0, torch's convention at 0), else 0.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t student_mask(acc_t g, bool clamp) {
+  return (!clamp || g >= acc_t(0)) ? acc_t(1) : acc_t(0);
+}
+
+// One pair's contribution to out_b.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t pair_value(acc_t g, acc_t f_plus_c, bool clamp) {
+  return student_weight(g, clamp) * f_plus_c;
+}
+
+// One pair's gradient factors: *d = dLoss/dG_ij, *e = dLoss/dF_ij (= dLoss/dc_i share).
+template <typename acc_t>
+C10_HOST_DEVICE inline void pair_grads(acc_t g, acc_t f_plus_c, bool clamp, acc_t grad, acc_t* d, acc_t* e) {
+  *d = grad * student_mask(g, clamp) * f_plus_c;
+  *e = grad * student_weight(g, clamp);
+}
+
+}  // namespace correlation
+}  // namespace tscd

@@ -1,0 +1,181 @@
+// correlation (SCD loss) on the CPU: at::parallel_for (OpenMP) over (image, block of kRows outer points);
+// each block streams the inner points in chunks of kChunk, recomputing its (kRows x kChunk) tile of F and G
+// in a small stack buffer. The per-pair math is csrc/correlation.h; memory beyond the inputs is O(B*N*C).
+// Inner features are read transposed ((C, N) per image) so the innermost loops run over points, contiguous
+// and vectorisable; reductions use `omp simd reduction`.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../correlation_host.h"
+
+namespace tscd {
+namespace {
+
+using correlation::Sizes;
+constexpr int kRows = 4;      // outer points per block (register/L1 reuse of each inner feature read)
+constexpr int kChunk = 256;   // inner points per tile
+constexpr int kV = 16;        // inner points per register block (one AVX-512 / two AVX2 vectors of floats)
+
+#define TSCD_CORRELATION_ISA isa_default
+#include "correlation_cpu_pass.h"
+#undef TSCD_CORRELATION_ISA
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define TSCD_CORRELATION_X86 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define TSCD_CORRELATION_ISA isa_avx2
+#include "correlation_cpu_pass.h"
+#undef TSCD_CORRELATION_ISA
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+#define TSCD_CORRELATION_ISA isa_avx512
+#include "correlation_cpu_pass.h"
+#undef TSCD_CORRELATION_ISA
+#pragma GCC pop_options
+#endif
+
+// 2 = AVX-512, 1 = AVX2 + FMA, 0 = baseline (checked once)
+int isa_level() {
+#ifdef TSCD_CORRELATION_X86
+  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                                   __builtin_cpu_supports("avx512dq")
+                               ? 2
+                               : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0);
+  return level;
+#else
+  return 0;
+#endif
+}
+
+template <typename PassT, typename scalar_t>
+PassT make_pass(const at::Tensor& out_s, const at::Tensor& out_t, const at::Tensor& in_sT,
+                                       const at::Tensor& in_tT, const at::Tensor& offset, int64_t b, bool clamp) {
+  const int64_t n_out = out_s.size(1), n_in = in_sT.size(2), Cs = out_s.size(2), Ct = out_t.size(2);
+  PassT p;
+  p.out_s = out_s.data_ptr<scalar_t>() + b * n_out * Cs;
+  p.out_t = out_t.data_ptr<scalar_t>() + b * n_out * Ct;
+  p.in_sT = in_sT.data_ptr<scalar_t>() + b * Cs * n_in;
+  p.in_tT = in_tT.data_ptr<scalar_t>() + b * Ct * n_in;
+  p.offset = offset.data_ptr<scalar_t>() + b * offset.size(1);
+  p.n_out = n_out;
+  p.n_in = n_in;
+  p.Cs = Cs;
+  p.Ct = Ct;
+  p.clamp = clamp;
+  return p;
+}
+
+inline int64_t blocks_of(int64_t n) { return (n + kRows - 1) / kRows; }
+
+// The loops of the forward and of both backward passes, for one instruction set's Pass.
+template <template <typename, bool> class PassT, typename scalar_t>
+void forward_all(const at::Tensor& t1, const at::Tensor& s1, const at::Tensor& s2T, const at::Tensor& t2T,
+                 const at::Tensor& offset, const Sizes& z, bool clamp, std::vector<double>& partial) {
+  const int64_t nb = blocks_of(z.N1);
+  at::parallel_for(0, z.B * nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / nb, o0 = (w % nb) * kRows;
+      const auto pass = make_pass<PassT<scalar_t, false>, scalar_t>(s1, t1, s2T, t2T, offset, b, clamp);
+      partial[w] = pass.forward(o0, static_cast<int>(std::min<int64_t>(kRows, z.N1 - o0)));
+    }
+  });
+}
+
+template <template <typename, bool> class PassT, typename scalar_t>
+void backward_all(const scalar_t* g, const at::Tensor& t1, const at::Tensor& t2, const at::Tensor& s1,
+                  const at::Tensor& s2, const at::Tensor& offset, const Sizes& z, bool clamp, bool teacher_grad,
+                  at::Tensor& ds1, at::Tensor& ds2, at::Tensor& dt1, at::Tensor& dt2, at::Tensor& dc) {
+  const at::Tensor s1T = s1.transpose(1, 2).contiguous(), t1T = t1.transpose(1, 2).contiguous();
+  const at::Tensor s2T = s2.transpose(1, 2).contiguous(), t2T = t2.transpose(1, 2).contiguous();
+  const int64_t nb1 = blocks_of(z.N1), nb2 = blocks_of(z.N2);
+  // row pass: ds1, dt1, dc (outer = view-1 points)
+  at::parallel_for(0, z.B * nb1, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / nb1, o0 = (w % nb1) * kRows;
+      const auto pass = make_pass<PassT<scalar_t, false>, scalar_t>(s1, t1, s2T, t2T, offset, b, clamp);
+      pass.backward(o0, static_cast<int>(std::min<int64_t>(kRows, z.N1 - o0)), g[b], teacher_grad, teacher_grad,
+                    ds1.data_ptr<scalar_t>() + b * z.N1 * z.Cs, dt1.data_ptr<scalar_t>() + b * z.N1 * z.Ct,
+                    dc.data_ptr<scalar_t>() + b * z.N1);
+    }
+  });
+  // column pass: ds2, dt2 (outer = view-2 points; the offset c_i is read by the inner index i)
+  at::parallel_for(0, z.B * nb2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / nb2, o0 = (w % nb2) * kRows;
+      const auto pass = make_pass<PassT<scalar_t, true>, scalar_t>(s2, t2, s1T, t1T, offset, b, clamp);
+      pass.backward(o0, static_cast<int>(std::min<int64_t>(kRows, z.N2 - o0)), g[b], teacher_grad, false,
+                    ds2.data_ptr<scalar_t>() + b * z.N2 * z.Cs, dt2.data_ptr<scalar_t>() + b * z.N2 * z.Ct,
+                    nullptr);
+    }
+  });
+}
+
+at::Tensor correlation_fwd_cpu(const at::Tensor& t1, const at::Tensor& t2, const at::Tensor& s1,
+                               const at::Tensor& s2, const at::Tensor& offset, bool clamp_student) {
+  TSCD_CHECK_CPU("correlation", t1);
+  const Sizes z = correlation::check_inputs("correlation", t1, t2, s1, s2, offset, at::Tensor());
+  const at::Tensor s2T = s2.transpose(1, 2).contiguous(), t2T = t2.transpose(1, 2).contiguous();
+  const int64_t nb = blocks_of(z.N1);
+  std::vector<double> partial(z.B * nb, 0.0);
+  at::Tensor out = at::empty({z.B}, t1.options());
+  AT_DISPATCH_FLOATING_TYPES(t1.scalar_type(), "correlation_fwd_cpu", [&] {
+#ifdef TSCD_CORRELATION_X86
+    if (isa_level() == 2) {
+      forward_all<isa_avx512::Pass, scalar_t>(t1, s1, s2T, t2T, offset, z, clamp_student, partial);
+    } else if (isa_level() == 1) {
+      forward_all<isa_avx2::Pass, scalar_t>(t1, s1, s2T, t2T, offset, z, clamp_student, partial);
+    } else
+#endif
+    {
+      forward_all<isa_default::Pass, scalar_t>(t1, s1, s2T, t2T, offset, z, clamp_student, partial);
+    }
+    for (int64_t b = 0; b < z.B; ++b) {  // per image, in double, in a fixed order (deterministic)
+      double s = 0;
+      for (int64_t k = 0; k < nb; ++k) s += partial[b * nb + k];
+      out.data_ptr<scalar_t>()[b] = static_cast<scalar_t>(s);
+    }
+  });
+  return out;
+}
+
+std::vector<at::Tensor> correlation_bwd_cpu(const at::Tensor& grad, const at::Tensor& t1, const at::Tensor& t2,
+                                            const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& offset,
+                                            bool clamp_student, bool teacher_grad) {
+  TSCD_CHECK_CPU("correlation", t1);
+  const Sizes z = correlation::check_inputs("correlation", t1, t2, s1, s2, offset, grad);
+  at::Tensor ds1 = at::zeros_like(s1), ds2 = at::zeros_like(s2);
+  at::Tensor dt1 = at::zeros_like(t1), dt2 = at::zeros_like(t2), dc = at::zeros_like(offset);
+  AT_DISPATCH_FLOATING_TYPES(t1.scalar_type(), "correlation_bwd_cpu", [&] {
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+#ifdef TSCD_CORRELATION_X86
+    if (isa_level() == 2) {
+      backward_all<isa_avx512::Pass, scalar_t>(g, t1, t2, s1, s2, offset, z, clamp_student, teacher_grad, ds1, ds2,
+                                               dt1, dt2, dc);
+    } else if (isa_level() == 1) {
+      backward_all<isa_avx2::Pass, scalar_t>(g, t1, t2, s1, s2, offset, z, clamp_student, teacher_grad, ds1, ds2,
+                                             dt1, dt2, dc);
+    } else
+#endif
+    {
+      backward_all<isa_default::Pass, scalar_t>(g, t1, t2, s1, s2, offset, z, clamp_student, teacher_grad, ds1,
+                                                ds2, dt1, dt2, dc);
+    }
+  });
+  return {ds1, ds2, dt1, dt2, dc};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tscd, CPU, m) {
+  m.impl("correlation_fwd", &correlation_fwd_cpu);
+  m.impl("correlation_bwd", &correlation_bwd_cpu);
+}
+
+}  // namespace tscd
