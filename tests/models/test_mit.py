@@ -127,7 +127,7 @@ def test_norm_eps_and_drop_path():
 def test_all_variants_sizes():
     """B0..B5 build (on the meta device: no memory, no init cost) with SegFormer's encoder sizes."""
     expected_m = {"mit_b0": 3.32, "mit_b1": 13.15, "mit_b2": 24.20, "mit_b3": 44.07, "mit_b4": 60.84,
-                  "mit_b5": 81.44}
+                  "mit_b5": 81.44, "mit_tiny": 0.63}  # mit_tiny: ours, for the CPU demo
     for name, cfg in MIT_CONFIGS.items():
         with torch.device("meta"):
             model = MixVisionTransformer(**cfg)
@@ -136,11 +136,20 @@ def test_all_variants_sizes():
         assert len(model.block3) == cfg["depths"][2]
 
 
+def test_tiny_inputs_pad_the_kv_reduction(b0_tscd):
+    """Maps smaller than a key/value reduction window are padded to one window: tiny inputs still run,
+    and inputs that reach one full window are unchanged by the rule."""
+    feats = b0_tscd(torch.randn(1, 3, 19, 23))
+    assert all(torch.isfinite(f).all() for f in feats) and feats[0].shape[-2:] == (5, 6)
+    x = torch.randn(1, 3, 32, 32)  # stage 1 is 8x8 = exactly one sr=8 window: no padding involved
+    assert b0_tscd(x)[0].shape[-2:] == (8, 8)
+
+
 def test_errors(b0_tscd):
     with pytest.raises(ValueError, match="img"):
         b0_tscd(torch.randn(3, 64, 64))
-    with pytest.raises(ValueError, match="too small"):
-        b0_tscd(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="at least 1x1"):
+        b0_tscd(torch.randn(1, 3, 0, 16))
     with pytest.raises(ValueError, match="attn_blocks"):
         b0_tscd.forward_features(torch.randn(1, 3, 64, 64), attn_blocks="last")
     with pytest.raises(ValueError, match="attn_blocks"):

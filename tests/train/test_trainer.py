@@ -26,7 +26,7 @@ optim: {lr: 1.0e-3, warmup_iters: 2}
 train: {max_iters: 6, cam_iters: 2, log_iters: 1, val_iters: 0, ckpt_iters: 3, keep_ckpts: 2, seed: 3}
 """
 # set by the module that enables every loss once the fused SCD / CRF ops exist
-EXTRA: list[str] = ["loss.scd=0", "loss.reg=0"]
+EXTRA: list[str] = ["loss.reg=0"]
 
 
 def _config(tmp_path: Path) -> Path:

@@ -137,7 +137,12 @@ class Attention(nn.Module):
         b, n, c = x.shape
         q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         if self.sr is not None:
-            kv_in = self.sr(_tokens_to_map(x, h, w))
+            kv_map = _tokens_to_map(x, h, w)
+            if h < self.sr_ratio or w < self.sr_ratio:
+                # a map smaller than one reduction window (tiny inputs, e.g. the 0.3x SCD view of a small crop)
+                # is padded (replicate) to one window, so it still yields one key/value token
+                kv_map = F.pad(kv_map, (0, max(0, self.sr_ratio - w), 0, max(0, self.sr_ratio - h)), mode="replicate")
+            kv_in = self.sr(kv_map)
             kv_in = self.norm(kv_in.flatten(2).transpose(1, 2))
         else:
             kv_in = x
@@ -316,11 +321,8 @@ class MixVisionTransformer(nn.Module):
         if img.ndim != 4 or img.shape[1] != self.in_chans:
             raise ValueError(f"MixVisionTransformer: `img` must be a 4-D tensor (B, {self.in_chans}, H, W); "
                              f"got shape {tuple(img.shape)}")
-        for i, (h, w) in enumerate(self.stage_sizes(img.shape[-2], img.shape[-1])):
-            if h // self.sr_ratios[i] < 1 or w // self.sr_ratios[i] < 1:
-                raise ValueError(f"MixVisionTransformer: `img` of size {tuple(img.shape[-2:])} is too small: stage "
-                                 f"{i + 1} is {h}x{w}, below its key/value reduction {self.sr_ratios[i]}; "
-                                 f"use a larger input")
+        if img.shape[-2] < 1 or img.shape[-1] < 1:
+            raise ValueError(f"MixVisionTransformer: `img` must be at least 1x1; got {tuple(img.shape[-2:])}")
 
     def forward_features(self, img: Tensor, attn_blocks: AttnBlocks = None) -> tuple[list[Tensor], list[Tensor]]:
         """Run the four stages.
