@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES: tuple[str, ...] = (
     "tscd.commands.info",
     "tscd.commands.train",
+    "tscd.commands.bench",
     "tscd.data.cli",
 )
 
@@ -46,7 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if argv[:1] == ["bench"] and "--" in argv:  # `tscd bench ... -- <script arguments>`
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
     args = parser.parse_args(argv)
+    if extra:
+        args.extra = extra
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

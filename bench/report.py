@@ -1,0 +1,191 @@
+"""Render every benchmark result (bench/results/<device>/<op>.json) into bench/results/README.md, plot
+time and memory per size and backend (bench/results/<device>/<op>.png), and regenerate the performance
+section of the top-level README.md (between the `bench:begin` / `bench:end` markers). No number is
+typed by hand: everything here comes from the JSON files the bench scripts wrote.
+
+It also prints a roofline note per op: the bytes a fused kernel must move and the FLOPs it must do at
+the benchmarked sizes (see ``traffic``), and the bandwidth / FLOP rate the measured time implies.
+
+    python bench/report.py
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+#: Peak memory bandwidth (GB/s) of devices we report on, for the roofline notes.
+PEAK_BW_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
+
+
+def traffic(op: str, row: dict) -> tuple[float, float] | None:
+    """(minimal DRAM bytes, FLOPs) of the fused kernel for one benchmark row, or None if not modelled.
+
+    refine (fwd): read the image (3N) and write n=48 weights per pixel, then per step read the weights
+    and the maps (48N + KN) and write the maps (KN); FLOPs: ~40 per neighbour and pixel for the weights,
+    2 per neighbour, channel and pixel per step. fwd_bwd doubles both (the backward recomputes).
+    """
+    if op == "refine":
+        side = int(str(row["size"]).split("x")[0])
+        n_pix = row["B"] * side * side
+        K, steps, n = row["K"], 10, 48
+        bytes_ = 4 * n_pix * (3 + n + steps * (n + 2 * K))
+        flops = n_pix * (40 * n + steps * 2 * n * K)
+        mult = 2 if row.get("mode") == "fwd_bwd" else 1
+        return bytes_ * mult, flops * mult
+    return None
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "n/a"
+        return f"{v:.3g}"
+    return "" if v is None else str(v)
+
+
+def load_all(results: Path) -> list[dict]:
+    out = []
+    for path in sorted(results.glob("*/*.json")):
+        data = json.loads(path.read_text())
+        data["path"] = path
+        out.append(data)
+    return out
+
+
+def table(data: dict) -> list[str]:
+    rows = data["rows"]
+    cols = data.get("columns") or [[k, k] for k in rows[0]]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |" for r in rows]
+    return lines
+
+
+def roofline(data: dict) -> list[str]:
+    op, env = data["op"], data["env"]
+    peak = next((bw for name, bw in PEAK_BW_GBS.items() if name in env["device"]), None)
+    lines = []
+    for r in data["rows"]:
+        if r.get("backend") in (None, "torch"):
+            continue
+        t = traffic(op, r)
+        if t is None or not r.get("ms"):
+            continue
+        bytes_, flops = t
+        secs = r["ms"] / 1e3
+        achieved = bytes_ / secs / 1e9
+        line = (f"- {r.get('size')} K={r.get('K')} {r.get('mode')} {r['backend']}: needs {bytes_ / 2**20:.1f} MiB "
+                f"and {flops / 1e9:.2f} GFLOP; measured {r['ms']:.2f} ms = {achieved:.1f} GB/s, "
+                f"{flops / secs / 1e9:.1f} GFLOP/s")
+        if peak:
+            line += f" ({100 * achieved / peak:.0f} % of the {peak:.0f} GB/s peak)"
+        lines.append(line)
+    return lines
+
+
+def plot(data: dict) -> Path | None:
+    rows = [r for r in data["rows"] if "backend" in r and "ms" in r and "size" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    groups = {}
+    for r in rows:
+        key = (r["backend"], r.get("mode", ""), r.get("K", ""))
+        groups.setdefault(key, []).append(r)
+    for (backend, mode, K), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        label = f"{backend} {mode} K={K}" if K != "" else f"{backend} {mode}"
+        xs = [str(r["size"]) for r in rs]
+        axes[0].plot(xs, [r["ms"] for r in rs], marker="o", label=label)
+        axes[1].plot(xs, [r.get("peak_mib", float("nan")) for r in rs], marker="o", label=label)
+    axes[0].set_ylabel("median time (ms)")
+    axes[1].set_ylabel("peak memory (MiB)")
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.set_xlabel("size")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, loc="best")
+    fig.suptitle(f"{data['op']} on {data['env']['device']}", fontsize=9)
+    fig.tight_layout()
+    out = data["path"].with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    p.add_argument("--readme", type=Path, default=README, help="README whose performance section is regenerated")
+    args = p.parse_args(argv)
+    results = args.results
+    all_data = load_all(results)
+    if not all_data:
+        print("no results under bench/results/<device>/ yet", file=sys.stderr)
+        return 1
+    page = ["# Benchmark results", "",
+            "Generated by `python bench/report.py` from the JSON files beside this page; do not edit by hand.", ""]
+    summary = []
+    for data in all_data:
+        env = data["env"]
+        rel = data["path"].relative_to(results)
+        page += [f"## {data['op']} — {env['device']}", "",
+                 f"`{rel}` · torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+                 f"threads {env['threads']}, git {env['git']}, {env['date']}", ""]
+        if data.get("notes"):
+            page += [data["notes"], ""]
+        page += table(data) + [""]
+        notes = roofline(data)
+        if notes:
+            page += ["Roofline (minimal traffic of the fused kernel):", ""] + notes + [""]
+        png = plot(data)
+        if png is not None:
+            page += [f"![{data['op']}]({png.relative_to(results)})", ""]
+        summary += _summary_rows(data)
+    (results / "README.md").write_text("\n".join(page) + "\n")
+    _update_readme(args.readme, summary)
+    print(f"wrote {results / 'README.md'} and the README performance section ({len(all_data)} result files)")
+    return 0
+
+
+def _summary_rows(data: dict) -> list[str]:
+    """One line per fused backend row that has speed-up / memory ratios against torch."""
+    out = []
+    dev = data["env"]["device"]
+    for r in data["rows"]:
+        if r.get("backend") in (None, "torch") or "speedup" not in r:
+            continue
+        case = " ".join(f"{k}={r[k]}" for k in ("size", "K", "S", "mode") if k in r)
+        mem = r.get("mem_ratio")
+        out.append(f"| {data['op']} | {dev} | {case} | {r['backend']} | {_fmt(r['ms'])} ms | "
+                   f"{_fmt(r['speedup'])}x | {_fmt(mem)}x |")
+    return out
+
+
+def _update_readme(readme: Path, summary: list[str]) -> None:
+    if not readme.is_file():
+        return
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        return
+    body = ["", "| op | device | case | backend | time | speed-up vs torch | less memory vs torch |",
+            "|---|---|---|---|---|---|---|", *summary, "",
+            "Full tables, plots and roofline notes: [bench/results/README.md](bench/results/README.md).", ""]
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + BEGIN + "\n".join(body) + END + tail)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
