@@ -16,6 +16,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tscd.commands.info",
     "tscd.commands.train",
     "tscd.data.cli",
+    "tscd.commands.eval",
+    "tscd.commands.infer",
+    "tscd.commands.pseudo_labels",
 )
 
 
