@@ -71,3 +71,13 @@ def test_bare_state_dict_takes_classes_from_weights(tmp_path):
     torch.save(raw["model"], tmp_path / "bare.pt")
     loaded = load_model(tmp_path / "bare.pt", overrides=["model.name=tscd_mit_tiny", "model.decoder_dim=32"])
     assert loaded.num_classes == 3
+
+
+def test_trainer_style_checkpoint_with_rng_state(tmp_path, checkpoint):
+    """The trainer also stores RNG states (numpy arrays): loading falls back from weights_only."""
+    import numpy as np
+
+    raw = torch.load(checkpoint, weights_only=True)
+    raw["rng"] = {"numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save(raw, tmp_path / "full.pt")
+    assert load_model(tmp_path / "full.pt").num_classes == 5
