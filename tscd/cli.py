@@ -17,6 +17,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tscd.commands.train",
     "tscd.commands.bench",
     "tscd.data.cli",
+    "tscd.commands.eval",
+    "tscd.commands.infer",
+    "tscd.commands.pseudo_labels",
 )
 
 
