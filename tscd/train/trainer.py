@@ -33,6 +33,8 @@ from tscd.train.schedule import build_optimizer
 
 logger = logging.getLogger(__name__)
 
+VAL_BATCH = 16  #: validation scores up to this many consecutive images of one size together
+
 
 # ----------------------------------------------------------------------------------------------
 # Distributed set-up (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
@@ -390,13 +392,11 @@ class Trainer:
         total = len(self.val_set) if self.cfg.data.val_num is None else min(self.cfg.data.val_num, len(self.val_set))
         indices = list(range(self.dist.rank, total, self.dist.world_size))
         p = self.cfg.pseudo
-        for i in indices:
-            item = self.val_set[i]
-            if "label" not in item:
-                raise ValueError(f"validation split {self.cfg.data.val_split!r} has no masks (item {item['name']})")
-            img = item["img"].unsqueeze(0).to(self.device)
-            label = item["label"].unsqueeze(0).to(self.device)
-            cls_label = item["cls_label"].unsqueeze(0).to(self.device)
+
+        def score(items: list[dict]) -> None:
+            img = torch.stack([it["img"] for it in items]).to(self.device)
+            label = torch.stack([it["label"] for it in items]).to(self.device)
+            cls_label = torch.stack([it["cls_label"] for it in items]).to(self.device)
             H, W = img.shape[-2:]
             with self._autocast():
                 out = self.net(img)
@@ -411,6 +411,18 @@ class Trainer:
                                           backend=self.cfg.train.backend)
             # pseudo labels hold 255 where uncertain: score those pixels as background
             mats["pseudo"].update(pseudo.masked_fill(pseudo == 255, 0), label)
+
+        pending: list[dict] = []  # consecutive images of one size are scored as a batch
+        for i in indices:
+            item = self.val_set[i]
+            if "label" not in item:
+                raise ValueError(f"validation split {self.cfg.data.val_split!r} has no masks (item {item['name']})")
+            if pending and (item["img"].shape != pending[0]["img"].shape or len(pending) == VAL_BATCH):
+                score(pending)
+                pending = []
+            pending.append(item)
+        if pending:
+            score(pending)
         names = list(self.val_set.class_names)
         scores = {}
         for k, m in mats.items():
