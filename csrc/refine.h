@@ -51,6 +51,11 @@ C10_HOST_DEVICE inline int off_y(int o) { return o < 3 ? -1 : (o < 5 ? 0 : 1); }
 C10_HOST_DEVICE inline int off_x(int o) { return (o == 0 || o == 3 || o == 5) ? -1 : ((o == 1 || o == 6) ? 0 : 1); }
 C10_HOST_DEVICE inline int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// Flat index of neighbour slot (dilation j, offset o) of pixel (y, x): clamp((y, x) + d * o).
+C10_HOST_DEVICE inline int64_t neighbour(const Params& p, int j, int o, int y, int x) {
+  return (int64_t)clampi(y + p.dil[j] * off_y(o), 0, p.H - 1) * p.W + clampi(x + p.dil[j] * off_x(o), 0, p.W - 1);
+}
+
 // Squared forward differences (down + right) of the shifted image X = I(clamp(. + s)) at p, summed over
 // channels and divided by 3 (the channel mean). img: (3, H, W) of one image.
 template <typename scalar_t, typename acc_t>
@@ -81,7 +86,7 @@ C10_HOST_DEVICE inline void pixel_weights(const scalar_t* img, const Params& p, 
   // pass 1: mean of the neighbours per channel
   for (int j = 0; j < p.num_dil; ++j) {
     for (int o = 0; o < kOffsets; ++o) {
-      const int64_t q = (int64_t)clampi(y + p.dil[j] * off_y(o), 0, H - 1) * W + clampi(x + p.dil[j] * off_x(o), 0, W - 1);
+      const int64_t q = neighbour(p, j, o, y, x);
       for (int c = 0; c < 3; ++c) mean[c] += static_cast<acc_t>(img[c * HW + q]);
     }
   }
@@ -90,7 +95,7 @@ C10_HOST_DEVICE inline void pixel_weights(const scalar_t* img, const Params& p, 
   acc_t var[3] = {0, 0, 0};
   for (int j = 0; j < p.num_dil; ++j) {
     for (int o = 0; o < kOffsets; ++o) {
-      const int64_t q = (int64_t)clampi(y + p.dil[j] * off_y(o), 0, H - 1) * W + clampi(x + p.dil[j] * off_x(o), 0, W - 1);
+      const int64_t q = neighbour(p, j, o, y, x);
       for (int c = 0; c < 3; ++c) {
         const acc_t dv = static_cast<acc_t>(img[c * HW + q]) - mean[c];
         var[c] += dv * dv;
@@ -158,7 +163,7 @@ TSCD_UNROLL
   for (int t = 0; t < KC; ++t) acc[t] = 0;
   for (int j = 0; j < p.num_dil; ++j) {
     for (int o = 0; o < kOffsets; ++o) {
-      const int64_t q = (int64_t)clampi(y + p.dil[j] * off_y(o), 0, H - 1) * W + clampi(x + p.dil[j] * off_x(o), 0, W - 1);
+      const int64_t q = neighbour(p, j, o, y, x);
       const acc_t wk = w[(int64_t)(j * kOffsets + o) * HW + pix];
 TSCD_UNROLL
       for (int t = 0; t < KC; ++t) {
@@ -191,7 +196,7 @@ TSCD_UNROLL
   for (int t = 0; t < KC; ++t) g[t] = t < kc ? static_cast<acc_t>(src[(int64_t)(k0 + t) * HW + pix]) : acc_t(0);
   for (int j = 0; j < p.num_dil; ++j) {
     for (int o = 0; o < kOffsets; ++o) {
-      const int64_t q = (int64_t)clampi(y + p.dil[j] * off_y(o), 0, H - 1) * W + clampi(x + p.dil[j] * off_x(o), 0, W - 1);
+      const int64_t q = neighbour(p, j, o, y, x);
       const acc_t wk = w[(int64_t)(j * kOffsets + o) * HW + pix];
 TSCD_UNROLL
       for (int t = 0; t < KC; ++t) {

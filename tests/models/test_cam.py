@@ -72,5 +72,5 @@ def test_wrapped_model_and_errors(tscd_b0):
         multi_scale_cam(tscd_b0, torch.randn(3, 64, 64))
     with pytest.raises(ValueError, match="scales"):
         multi_scale_cam(tscd_b0, images, scales=())
-    with pytest.raises(TypeError, match="forward_cam"):
+    with pytest.raises(TypeError, match="must be a TSCDNet"):
         multi_scale_cam(torch.nn.Linear(2, 2), images)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tscd.models.tscd_net import _unwrap
+
 #: Added to the per-map maximum before dividing (SPEC.md 3).
 CAM_NORM_EPS: float = 1e-5
 
@@ -49,17 +51,6 @@ def _normalise(cam: Tensor) -> Tensor:
     return cam / (cam.amax(dim=(-2, -1), keepdim=True) + CAM_NORM_EPS)
 
 
-def _cam_model(model: nn.Module) -> nn.Module:
-    """The module with ``forward_cam`` inside DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
-    while not hasattr(model, "forward_cam"):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            raise TypeError(f"multi_scale_cam: `model` must have a forward_cam method (a TSCDNet); got "
-                            f"{type(model).__name__}")
-        model = inner
-    return model
-
-
 def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),
                     flip: bool = True) -> Tensor:
     """Multi-scale (+ flip) CAMs, normalised to [0, 1], without gradients: the fast path.
@@ -78,7 +69,7 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
         ValueError: bad ``images`` shape or ``scales``.
     """
     _check(images, scales, "multi_scale_cam")
-    net = _cam_model(model)
+    net = _unwrap(model, "multi_scale_cam")
     b, _, h, w = images.shape
     total = None
     with torch.no_grad():

@@ -156,12 +156,12 @@ class TSCDNet(nn.Module):
         logger.info("loaded TSCDNet weights from %s", path)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _unwrap(model: nn.Module, caller: str = "param_groups") -> nn.Module:
     """The TSCDNet inside DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
     while not isinstance(model, TSCDNet):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
-            raise TypeError(f"expected a TSCDNet (possibly wrapped by DDP or torch.compile); got "
+            raise TypeError(f"{caller}: `model` must be a TSCDNet (possibly wrapped by DDP or torch.compile); got "
                             f"{type(model).__name__}")
         model = inner
     return model

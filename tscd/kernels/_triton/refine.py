@@ -20,6 +20,33 @@ STD_EPS = 1e-8
 
 
 @triton.jit
+def _load_rgb(img, HW, q, mask):
+    """The 3 channels of pixels ``q`` of one image, as float32."""
+    c0 = tl.load(img + q, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(img + HW + q, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(img + 2 * HW + q, mask=mask, other=0.0).to(tl.float32)
+    return c0, c1, c2
+
+
+@triton.jit
+def _clamped(y, x, sy, sx, H, W):
+    """Row and column of the neighbour (y + sy, x + sx), clamped to the image (replicate border)."""
+    return tl.minimum(tl.maximum(y + sy, 0), H - 1), tl.minimum(tl.maximum(x + sx, 0), W - 1)
+
+
+@triton.jit
+def _variation(img, HW, H, W, qy, qx, yd, xr, sy, sx, n0, n1, n2, mask):
+    """VARM's variation term: squared forward differences (down, right) of the shifted image at p."""
+    qd = tl.minimum(tl.maximum(yd + sy, 0), H - 1) * W + qx
+    qr = qy * W + tl.minimum(tl.maximum(xr + sx, 0), W - 1)
+    d0, d1, d2 = _load_rgb(img, HW, qd, mask)
+    r0, r1, r2 = _load_rgb(img, HW, qr, mask)
+    e0, e1, e2 = n0 - d0, n1 - d1, n2 - d2
+    f0, f1, f2 = n0 - r0, n1 - r1, n2 - r2
+    return (e0 * e0 + e1 * e1 + e2 * e2 + f0 * f0 + f1 * f1 + f2 * f2) / 3.0
+
+
+@triton.jit
 def _refine_weights_kernel(img_ptr, w_ptr, sy_ptr, sx_ptr, prior_ptr, H, W, N_NB, rgb_scale, aux_weight,
                            IS_VARM: tl.constexpr, BLOCK_P: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -30,20 +57,17 @@ def _refine_weights_kernel(img_ptr, w_ptr, sy_ptr, sx_ptr, prior_ptr, H, W, N_NB
     x = pix % W
     img = img_ptr + b * 3 * HW
     wb = w_ptr + b * N_NB * HW
-    c0 = tl.load(img + pix, mask=mask, other=0.0).to(tl.float32)
-    c1 = tl.load(img + HW + pix, mask=mask, other=0.0).to(tl.float32)
-    c2 = tl.load(img + 2 * HW + pix, mask=mask, other=0.0).to(tl.float32)
+    c0, c1, c2 = _load_rgb(img, HW, pix, mask)
     # pass 1: mean over the neighbours
     m0 = tl.zeros([BLOCK_P], tl.float32)
     m1 = tl.zeros([BLOCK_P], tl.float32)
     m2 = tl.zeros([BLOCK_P], tl.float32)
     for k in range(N_NB):
-        sy = tl.load(sy_ptr + k)
-        sx = tl.load(sx_ptr + k)
-        q = tl.minimum(tl.maximum(y + sy, 0), H - 1) * W + tl.minimum(tl.maximum(x + sx, 0), W - 1)
-        m0 += tl.load(img + q, mask=mask, other=0.0).to(tl.float32)
-        m1 += tl.load(img + HW + q, mask=mask, other=0.0).to(tl.float32)
-        m2 += tl.load(img + 2 * HW + q, mask=mask, other=0.0).to(tl.float32)
+        qy, qx = _clamped(y, x, tl.load(sy_ptr + k), tl.load(sx_ptr + k), H, W)
+        n0, n1, n2 = _load_rgb(img, HW, qy * W + qx, mask)
+        m0 += n0
+        m1 += n1
+        m2 += n2
     m0 = m0 / N_NB
     m1 = m1 / N_NB
     m2 = m2 / N_NB
@@ -52,15 +76,11 @@ def _refine_weights_kernel(img_ptr, w_ptr, sy_ptr, sx_ptr, prior_ptr, H, W, N_NB
     v1 = tl.zeros([BLOCK_P], tl.float32)
     v2 = tl.zeros([BLOCK_P], tl.float32)
     for k in range(N_NB):
-        sy = tl.load(sy_ptr + k)
-        sx = tl.load(sx_ptr + k)
-        q = tl.minimum(tl.maximum(y + sy, 0), H - 1) * W + tl.minimum(tl.maximum(x + sx, 0), W - 1)
-        d0 = tl.load(img + q, mask=mask, other=0.0).to(tl.float32) - m0
-        d1 = tl.load(img + HW + q, mask=mask, other=0.0).to(tl.float32) - m1
-        d2 = tl.load(img + 2 * HW + q, mask=mask, other=0.0).to(tl.float32) - m2
-        v0 += d0 * d0
-        v1 += d1 * d1
-        v2 += d2 * d2
+        qy, qx = _clamped(y, x, tl.load(sy_ptr + k), tl.load(sx_ptr + k), H, W)
+        n0, n1, n2 = _load_rgb(img, HW, qy * W + qx, mask)
+        v0 += (n0 - m0) * (n0 - m0)
+        v1 += (n1 - m1) * (n1 - m1)
+        v2 += (n2 - m2) * (n2 - m2)
     i0 = rgb_scale / (tl.sqrt(v0 / (N_NB - 1)) + STD_EPS)
     i1 = rgb_scale / (tl.sqrt(v1 / (N_NB - 1)) + STD_EPS)
     i2 = rgb_scale / (tl.sqrt(v2 / (N_NB - 1)) + STD_EPS)
@@ -74,12 +94,8 @@ def _refine_weights_kernel(img_ptr, w_ptr, sy_ptr, sx_ptr, prior_ptr, H, W, N_NB
     for k in range(N_NB):
         sy = tl.load(sy_ptr + k)
         sx = tl.load(sx_ptr + k)
-        qy = tl.minimum(tl.maximum(y + sy, 0), H - 1)
-        qx = tl.minimum(tl.maximum(x + sx, 0), W - 1)
-        q = qy * W + qx
-        n0 = tl.load(img + q, mask=mask, other=0.0).to(tl.float32)
-        n1 = tl.load(img + HW + q, mask=mask, other=0.0).to(tl.float32)
-        n2 = tl.load(img + 2 * HW + q, mask=mask, other=0.0).to(tl.float32)
+        qy, qx = _clamped(y, x, sy, sx, H, W)
+        n0, n1, n2 = _load_rgb(img, HW, qy * W + qx, mask)
         t0 = tl.abs(c0 - n0) * i0
         t1 = tl.abs(c1 - n1) * i1
         t2 = tl.abs(c2 - n2) * i2
@@ -89,15 +105,7 @@ def _refine_weights_kernel(img_ptr, w_ptr, sy_ptr, sx_ptr, prior_ptr, H, W, N_NB
         sum_a = sum_a * tl.exp(max_a - new_max) + tl.exp(a - new_max)
         max_a = new_max
         if IS_VARM:
-            qd = tl.minimum(tl.maximum(yd + sy, 0), H - 1) * W + qx
-            qr = qy * W + tl.minimum(tl.maximum(xr + sx, 0), W - 1)
-            e0 = n0 - tl.load(img + qd, mask=mask, other=0.0).to(tl.float32)
-            e1 = n1 - tl.load(img + HW + qd, mask=mask, other=0.0).to(tl.float32)
-            e2 = n2 - tl.load(img + 2 * HW + qd, mask=mask, other=0.0).to(tl.float32)
-            f0 = n0 - tl.load(img + qr, mask=mask, other=0.0).to(tl.float32)
-            f1 = n1 - tl.load(img + HW + qr, mask=mask, other=0.0).to(tl.float32)
-            f2 = n2 - tl.load(img + 2 * HW + qr, mask=mask, other=0.0).to(tl.float32)
-            v = (e0 * e0 + e1 * e1 + e2 * e2 + f0 * f0 + f1 * f1 + f2 * f2) / 3.0
+            v = _variation(img, HW, H, W, qy, qx, yd, xr, sy, sx, n0, n1, n2, mask)
             new_max_v = tl.maximum(max_v, v)
             sum_v = sum_v * tl.exp(max_v - new_max_v) + tl.exp(v - new_max_v)
             max_v = new_max_v
@@ -108,21 +116,9 @@ def _refine_weights_kernel(img_ptr, w_ptr, sy_ptr, sx_ptr, prior_ptr, H, W, N_NB
         if IS_VARM:
             sy = tl.load(sy_ptr + k)
             sx = tl.load(sx_ptr + k)
-            qy = tl.minimum(tl.maximum(y + sy, 0), H - 1)
-            qx = tl.minimum(tl.maximum(x + sx, 0), W - 1)
-            q = qy * W + qx
-            qd = tl.minimum(tl.maximum(yd + sy, 0), H - 1) * W + qx
-            qr = qy * W + tl.minimum(tl.maximum(xr + sx, 0), W - 1)
-            n0 = tl.load(img + q, mask=mask, other=0.0).to(tl.float32)
-            n1 = tl.load(img + HW + q, mask=mask, other=0.0).to(tl.float32)
-            n2 = tl.load(img + 2 * HW + q, mask=mask, other=0.0).to(tl.float32)
-            e0 = n0 - tl.load(img + qd, mask=mask, other=0.0).to(tl.float32)
-            e1 = n1 - tl.load(img + HW + qd, mask=mask, other=0.0).to(tl.float32)
-            e2 = n2 - tl.load(img + 2 * HW + qd, mask=mask, other=0.0).to(tl.float32)
-            f0 = n0 - tl.load(img + qr, mask=mask, other=0.0).to(tl.float32)
-            f1 = n1 - tl.load(img + HW + qr, mask=mask, other=0.0).to(tl.float32)
-            f2 = n2 - tl.load(img + 2 * HW + qr, mask=mask, other=0.0).to(tl.float32)
-            v = (e0 * e0 + e1 * e1 + e2 * e2 + f0 * f0 + f1 * f1 + f2 * f2) / 3.0
+            qy, qx = _clamped(y, x, sy, sx, H, W)
+            n0, n1, n2 = _load_rgb(img, HW, qy * W + qx, mask)
+            v = _variation(img, HW, H, W, qy, qx, yd, xr, sy, sx, n0, n1, n2, mask)
             wk = wk + aux_weight * tl.exp(v - max_v) / sum_v
         else:
             wk = wk + aux_weight * tl.load(prior_ptr + k).to(tl.float32)
