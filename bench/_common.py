@@ -30,8 +30,11 @@ def sync(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, *, threads: int = 2,
-            min_run_time: float = 1.0) -> dict:
-    """Median and 20/80 % quantiles of ``fn``'s run time in milliseconds."""
+            min_run_time: float = 1.0, warmup: bool = True) -> dict:
+    """Median and 20/80 % quantiles of ``fn``'s run time in milliseconds.
+
+    ``warmup=False`` skips the CPU warm-up call (when the caller already ran ``fn``, e.g. ``peak_memory``).
+    """
     if device.type == "cuda":
         import triton.testing
 
@@ -39,7 +42,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, threads: int = 2,
         return {"ms": q50, "ms_p20": q20, "ms_p80": q80}
     from torch.utils.benchmark import Timer
 
-    fn()  # warm-up
+    if warmup:
+        fn()
     m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_run_time)
     times = sorted(m.times)
 

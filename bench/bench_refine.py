@@ -77,8 +77,8 @@ def main(argv=None) -> int:
                     if err > 1e-3 * max(1.0, ref.abs().max().item()):
                         raise SystemExit(f"{backend} disagrees with the reference at {size}^2 K={K}: max err {err}")
                     fn = run_case(backend, img, cam, mode)
-                    t = time_fn(fn, device, threads=args.threads, min_run_time=args.min_run_time)
-                    mem = peak_memory(fn, device)
+                    mem = peak_memory(fn, device)  # also the warm-up run
+                    t = time_fn(fn, device, threads=args.threads, min_run_time=args.min_run_time, warmup=False)
                     row = {"size": f"{size}x{size}", "K": K, "B": args.batch, "mode": mode, "backend": backend,
                            **t, "peak_mib": mem / 2**20, "max_err": err}
                     if backend == "torch":
