@@ -38,6 +38,11 @@ TORCH_LIBRARY(tscd, m) {
         "float rgb_scale, float aux_weight, Tensor? prior) -> Tensor");
   m.def("refine_bwd(Tensor grad_out, Tensor image, Tensor? num_channels, int[] dilations, int num_iter, int mode, "
         "float rgb_scale, float aux_weight, Tensor? prior) -> Tensor");
+
+  // permutohedral: Gaussian filtering on a permutohedral lattice (SPEC.md 4.5, 6); values (B, K, N), features
+  // (B, D, N) in std-1 units. bwd: the gradient w.r.t. values (the transposed lattice). See csrc/permutohedral.h.
+  m.def("permutohedral_fwd(Tensor values, Tensor features, bool normalize, bool include_self) -> Tensor");
+  m.def("permutohedral_bwd(Tensor grad_out, Tensor features, bool normalize, bool include_self) -> Tensor");
 }
 
 }  // namespace tscd

@@ -1,4 +1,11 @@
 """Pure-PyTorch references: the truth every fused backend is tested against, and ``backend="torch"``."""
+from tscd.kernels.reference.permutohedral import (
+    MAX_DENSE_POINTS,
+    crf_features,
+    dense_crf_reference,
+    dense_energy_loss_reference,
+    permutohedral_filter_reference,
+)
 from tscd.kernels.reference.refine import (
     DEFAULT_DILATIONS,
     OFFSETS,
@@ -10,6 +17,11 @@ from tscd.kernels.reference.refine import (
 )
 
 __all__ = [
+    "MAX_DENSE_POINTS",
+    "crf_features",
+    "dense_crf_reference",
+    "dense_energy_loss_reference",
+    "permutohedral_filter_reference",
     "DEFAULT_DILATIONS",
     "OFFSETS",
     "neighbour_shifts",
