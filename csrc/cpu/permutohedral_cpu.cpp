@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -16,37 +17,43 @@ namespace {
 
 using perm::kMaxDim;
 
+constexpr int kChunk = 4;  // channels filtered together (vertex-major, so a neighbour index is read once per chunk)
+
 template <typename scalar_t>
 struct Lattice {
   int d = 0;
   int64_t N = 0;
-  int64_t M = 0;               // number of lattice vertices
+  int64_t M = 0;               // number of lattice vertices; row M of the value buffers is a zero row
   std::vector<int32_t> vtx;    // (N, d+1): vertex index of each point's simplex vertex
   std::vector<scalar_t> w;     // (N, d+1): its barycentric weight
-  std::vector<int32_t> nbr;    // (M, d+1, 2): blur neighbours (-1: not in the lattice)
+  std::vector<int32_t> nbr;    // (M, d+1, 2): blur neighbours (M: not in the lattice, reads the zero row)
 };
 
+// Open addressing with linear probing; a slot holds (hash, index) so that most mismatches skip the key compare.
 class HashTable {
  public:
-  HashTable(int d, int64_t capacity_hint) : d_(d) {
-    cap_ = 1;
-    while (cap_ < static_cast<uint64_t>(2 * capacity_hint)) cap_ <<= 1;
-    slots_.assign(cap_, -1);
-    keys_.reserve(static_cast<size_t>(capacity_hint) * d / 2 + d);
+  HashTable(int d, int64_t expected) : d_(d) {
+    uint64_t cap = 16;
+    while (cap < static_cast<uint64_t>(2 * expected)) cap <<= 1;
+    resize(cap);
+    keys_.reserve(static_cast<size_t>(expected) * d);
   }
-  // Index of `key`, inserted if new (insert) or -1 if absent (!insert).
+  // Index of `key`, inserted if new (insert) or -1 if absent (!insert). Not thread-safe when inserting.
   int32_t find(const int* key, bool insert) {
-    uint64_t h = perm::hash_key(key, d_) & (cap_ - 1);
+    const uint64_t hv = perm::hash_key(key, d_);
+    uint64_t h = hv & (cap_ - 1);
     while (true) {
-      const int32_t e = slots_[h];
+      const int32_t e = idx_[h];
       if (e < 0) {
         if (!insert) return -1;
-        const int32_t idx = static_cast<int32_t>(keys_.size() / d_);
-        slots_[h] = idx;
+        const int32_t n = static_cast<int32_t>(keys_.size() / d_);
+        idx_[h] = n;
+        hash_[h] = hv;
         keys_.insert(keys_.end(), key, key + d_);
-        return idx;
+        if (static_cast<uint64_t>(n + 1) * 2 > cap_) grow();
+        return n;
       }
-      if (perm::same_key(keys_.data() + static_cast<int64_t>(e) * d_, key, d_)) return e;
+      if (hash_[h] == hv && perm::same_key(keys_.data() + static_cast<int64_t>(e) * d_, key, d_)) return e;
       h = (h + 1) & (cap_ - 1);
     }
   }
@@ -54,9 +61,27 @@ class HashTable {
   const int* key(int64_t m) const { return keys_.data() + m * d_; }
 
  private:
+  void resize(uint64_t cap) {
+    cap_ = cap;
+    idx_.assign(cap, -1);
+    hash_.assign(cap, 0);
+  }
+  void grow() {
+    std::vector<int32_t> old_idx = std::move(idx_);
+    std::vector<uint64_t> old_hash = std::move(hash_);
+    resize(cap_ * 2);
+    for (size_t s = 0; s < old_idx.size(); ++s) {
+      if (old_idx[s] < 0) continue;
+      uint64_t h = old_hash[s] & (cap_ - 1);
+      while (idx_[h] >= 0) h = (h + 1) & (cap_ - 1);
+      idx_[h] = old_idx[s];
+      hash_[h] = old_hash[s];
+    }
+  }
   int d_;
-  uint64_t cap_;
-  std::vector<int32_t> slots_;
+  uint64_t cap_ = 0;
+  std::vector<int32_t> idx_;
+  std::vector<uint64_t> hash_;
   std::vector<int> keys_;
 };
 
@@ -69,42 +94,51 @@ void build_lattice(const scalar_t* feat, int d, int64_t N, Lattice<scalar_t>& L)
   L.w.resize(N * d1);
   scalar_t scale[kMaxDim];
   for (int j = 0; j < d; ++j) scale[j] = static_cast<scalar_t>(perm::feature_scale(j, d));
-  HashTable table(d, N * d1);
-  int key[(kMaxDim + 1) * kMaxDim];
-  scalar_t bary[kMaxDim + 1];
-  for (int64_t i = 0; i < N; ++i) {
-    perm::embed_point<scalar_t, scalar_t>(feat + i, N, d, scale, key, bary);
-    for (int r = 0; r <= d; ++r) {
-      L.vtx[i * d1 + r] = table.find(key + r * d, true);
-      L.w[i * d1 + r] = bary[r];
+  // keys and weights of every point (parallel when the caller is not already in a parallel region)
+  std::vector<int> keys(N * d1 * d);
+  at::parallel_for(0, N, 2048, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      perm::embed_point<scalar_t, scalar_t>(feat + i, N, d, scale, keys.data() + i * d1 * d, L.w.data() + i * d1);
     }
-  }
-  L.M = table.size();
-  L.nbr.resize(L.M * d1 * 2);
-  int nk[kMaxDim];
-  for (int64_t m = 0; m < L.M; ++m) {
-    for (int j = 0; j <= d; ++j) {
-      perm::neighbour_key(table.key(m), d, j, 1, nk);
-      L.nbr[(m * d1 + j) * 2] = table.find(nk, false);
-      perm::neighbour_key(table.key(m), d, j, -1, nk);
-      L.nbr[(m * d1 + j) * 2 + 1] = table.find(nk, false);
+  });
+  HashTable table(d, N);
+  for (int64_t p = 0; p < N * d1; ++p) L.vtx[p] = table.find(keys.data() + p * d, true);
+  const int64_t M = L.M = table.size();
+  L.nbr.resize(M * d1 * 2);
+  at::parallel_for(0, M, 4096, [&](int64_t m0, int64_t m1) {
+    int nk[kMaxDim];
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int j = 0; j <= d; ++j) {
+        for (int side = 0; side < 2; ++side) {
+          perm::neighbour_key(table.key(m), d, j, side == 0 ? 1 : -1, nk);
+          const int32_t e = table.find(nk, false);
+          L.nbr[(m * d1 + j) * 2 + side] = e < 0 ? static_cast<int32_t>(M) : e;
+        }
+      }
     }
-  }
+  });
 }
 
-// lat[i] = (slice o blur o splat)(v)[i] / c_d; the transpose runs the blur directions in reverse order.
+// lat[c][i] = (slice o blur o splat)(v[c])[i] / c_d for the kc <= kChunk channels v[c] = v + c * N; the transpose
+// runs the blur directions in reverse order. buf0, buf1: scratch, (M + 1) x kChunk each.
 template <typename scalar_t>
-void filter_channel(const Lattice<scalar_t>& L, const scalar_t* v, scalar_t* lat, std::vector<scalar_t>& buf0,
-                    std::vector<scalar_t>& buf1, bool transpose, scalar_t inv_gain) {
+void filter_chunk(const Lattice<scalar_t>& L, const scalar_t* v, scalar_t* lat, int kc, std::vector<scalar_t>& buf0,
+                  std::vector<scalar_t>& buf1, bool transpose, scalar_t inv_gain) {
+  constexpr int C = kChunk;
   const int d = L.d, d1 = d + 1;
   const int64_t N = L.N, M = L.M;
-  buf0.assign(M, scalar_t(0));
-  buf1.resize(M);
+  buf0.assign((M + 1) * C, scalar_t(0));
+  buf1.assign((M + 1) * C, scalar_t(0));
   const int32_t* vtx = L.vtx.data();
   const scalar_t* w = L.w.data();
   for (int64_t i = 0; i < N; ++i) {
-    const scalar_t vi = v[i];
-    for (int r = 0; r < d1; ++r) buf0[vtx[i * d1 + r]] += w[i * d1 + r] * vi;
+    scalar_t vi[C];
+    for (int c = 0; c < C; ++c) vi[c] = c < kc ? v[c * N + i] : scalar_t(0);
+    for (int r = 0; r < d1; ++r) {
+      scalar_t* dst = buf0.data() + static_cast<int64_t>(vtx[i * d1 + r]) * C;
+      const scalar_t wr = w[i * d1 + r];
+      for (int c = 0; c < C; ++c) dst[c] += wr * vi[c];
+    }
   }
   scalar_t* src = buf0.data();
   scalar_t* dst = buf1.data();
@@ -113,14 +147,22 @@ void filter_channel(const Lattice<scalar_t>& L, const scalar_t* v, scalar_t* lat
     const int j = transpose ? d - s : s;
     for (int64_t m = 0; m < M; ++m) {
       const int32_t* nb = nbr + (m * d1 + j) * 2;
-      dst[m] = perm::blur_at(src, m, nb[0], nb[1]);
+      const scalar_t* a = src + static_cast<int64_t>(nb[0]) * C;
+      const scalar_t* b = src + static_cast<int64_t>(nb[1]) * C;
+      const scalar_t* x = src + m * C;
+      scalar_t* y = dst + m * C;
+      for (int c = 0; c < C; ++c) y[c] = scalar_t(0.5) * x[c] + scalar_t(0.25) * (a[c] + b[c]);
     }
-    std::swap(src, dst);
+    std::swap(src, dst);  // row M stays 0 in both buffers
   }
   for (int64_t i = 0; i < N; ++i) {
-    scalar_t acc = 0;
-    for (int r = 0; r < d1; ++r) acc += w[i * d1 + r] * src[vtx[i * d1 + r]];
-    lat[i] = acc * inv_gain;
+    scalar_t acc[C] = {};
+    for (int r = 0; r < d1; ++r) {
+      const scalar_t* x = src + static_cast<int64_t>(vtx[i * d1 + r]) * C;
+      const scalar_t wr = w[i * d1 + r];
+      for (int c = 0; c < C; ++c) acc[c] += wr * x[c];
+    }
+    for (int c = 0; c < kc; ++c) lat[c * N + i] = acc[c] * inv_gain;
   }
 }
 
@@ -146,33 +188,42 @@ at::Tensor permutohedral_cpu(const char* op, const at::Tensor& values, const at:
         if (normalize) {  // den = K 1 (minus the self term when it is excluded), forward order
           ones.assign(N, scalar_t(1));
           scalar_t* db = den.data() + b * N;
-          filter_channel<scalar_t>(lattices[b], ones.data(), db, buf0, buf1, false, inv_gain);
+          filter_chunk<scalar_t>(lattices[b], ones.data(), db, 1, buf0, buf1, false, inv_gain);
           if (!include_self) {
             for (int64_t i = 0; i < N; ++i) db[i] -= scalar_t(1);
           }
         }
       }
     });
-    at::parallel_for(0, B * K, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<scalar_t> buf0, buf1, tmp(N);
+    const int64_t chunks = (K + kChunk - 1) / kChunk;
+    at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<scalar_t> buf0, buf1, tmp;
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / K;
-        const scalar_t* v = val + t * N;
-        scalar_t* ot = o + t * N;
+        const int64_t b = t / chunks, k0 = (t % chunks) * kChunk;
+        const int kc = static_cast<int>(std::min<int64_t>(kChunk, K - k0));
+        const scalar_t* v = val + (b * K + k0) * N;
+        scalar_t* ot = o + (b * K + k0) * N;
         const scalar_t* db = normalize ? den.data() + b * N : nullptr;
         if (!transpose) {
-          filter_channel<scalar_t>(lattices[b], v, ot, buf0, buf1, false, inv_gain);
-          for (int64_t i = 0; i < N; ++i) {
-            ot[i] = perm::finish<scalar_t>(ot[i], v[i], normalize ? db[i] : scalar_t(1), normalize, include_self);
+          filter_chunk<scalar_t>(lattices[b], v, ot, kc, buf0, buf1, false, inv_gain);
+          for (int c = 0; c < kc; ++c) {
+            for (int64_t i = 0; i < N; ++i) {
+              ot[c * N + i] = perm::finish<scalar_t>(ot[c * N + i], v[c * N + i], normalize ? db[i] : scalar_t(1),
+                                                     normalize, include_self);
+            }
           }
         } else {
           // out = (L v - s v) / den  =>  dv = L^T (g / den) - s g / den
-          for (int64_t i = 0; i < N; ++i) {
-            tmp[i] = normalize ? (db[i] > scalar_t(perm::kNormEps) ? v[i] / db[i] : scalar_t(0)) : v[i];
+          tmp.resize(kc * N);
+          for (int c = 0; c < kc; ++c) {
+            for (int64_t i = 0; i < N; ++i) {
+              const scalar_t g = v[c * N + i];
+              tmp[c * N + i] = normalize ? (db[i] > scalar_t(perm::kNormEps) ? g / db[i] : scalar_t(0)) : g;
+            }
           }
-          filter_channel<scalar_t>(lattices[b], tmp.data(), ot, buf0, buf1, true, inv_gain);
+          filter_chunk<scalar_t>(lattices[b], tmp.data(), ot, kc, buf0, buf1, true, inv_gain);
           if (!include_self) {
-            for (int64_t i = 0; i < N; ++i) ot[i] -= tmp[i];
+            for (int64_t i = 0; i < kc * N; ++i) ot[i] -= tmp[i];
           }
         }
       }
