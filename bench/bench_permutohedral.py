@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -151,12 +152,15 @@ def main() -> None:
              "relative L2 error of the lattice vs the exact dense filter on the same inputs (gain_sum: ratio of "
              "sums; the lattice's kernel is not exactly Gaussian, see tscd/kernels/permutohedral.py). loss: "
              "dense_energy_loss per training iteration (loss_vs_exact: lattice loss / exact loss). crf: dense_crf, "
-             "10 iterations, one image. Times in ms (median, 20/80 % quantiles).")
+             "10 iterations, one image. Times in ms (median, 20/80 % quantiles). peak MiB: torch tensors only (the "
+             "cpp lattice's own scratch vectors are not counted).")
     if device.type == "cuda":
         notes += " " + check_no_sync(device, args.classes, args.batch, max(sizes))
     else:
-        notes += (f" CPU figures with {args.threads} threads; load average at the end of the run: "
-                  f"{', '.join(f'{x:.1f}' for x in _loadavg())} (other processes share this machine).")
+        wait = os.environ.get("OMP_WAIT_POLICY", "")
+        notes += (f" CPU figures with {args.threads} threads, OMP_WAIT_POLICY={wait!r}; "
+                  f"load average at the end of the run: {', '.join(f'{x:.1f}' for x in _loadavg())} "
+                  "(other processes share this machine, so these are upper bounds).")
     columns = [("what", "what"), ("size", "size"), ("K", "K"), ("B", "B"), ("backend", "backend"), ("mode", "mode"),
                ("ms", "ms"), ("ms_p20", "p20"), ("ms_p80", "p80"), ("torch_ms", "exact torch ms"),
                ("speedup", "speed-up"), ("rel_err_sum", "rel err (sum)"), ("gain_sum", "sum ratio"),
@@ -170,8 +174,6 @@ def main() -> None:
 
 def _loadavg() -> tuple[float, ...]:
     try:
-        import os
-
         return os.getloadavg()
     except OSError:
         return (math.nan,)

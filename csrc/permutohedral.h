@@ -72,13 +72,13 @@ C10_HOST_DEVICE inline void embed_point(const scalar_t* f, int64_t f_stride, int
   }
   sum /= d1;  // the remainder-0 point is off the hyperplane by sum * (d+1) per unit
   // rank: how many coordinates have a larger differential (ties broken by index)
+  acc_t diff[kMaxDim + 1];
+  for (int k = 0; k <= d; ++k) diff[k] = x[k] - acc_t(rem0[k]);
   for (int i = 0; i < d; ++i) {
     for (int j = i + 1; j <= d; ++j) {
-      if (x[i] - acc_t(rem0[i]) < x[j] - acc_t(rem0[j])) {
-        ++rank[i];
-      } else {
-        ++rank[j];
-      }
+      const int less = diff[i] < diff[j] ? 1 : 0;  // branch-free: the outcome is unpredictable
+      rank[i] += less;
+      rank[j] += 1 - less;
     }
   }
   // move back onto the hyperplane: the `sum` coordinates with the smallest differentials step by -(d+1)

@@ -40,7 +40,7 @@ __global__ void permutohedral_embed_kernel(const scalar_t* __restrict__ feat, in
   for (int j = 0; j < d; ++j) scale[j] = static_cast<scalar_t>(sc.s[j]);
   int key[(kMaxDim + 1) * kMaxDim];
   scalar_t bary[kMaxDim + 1];
-  perm::embed_point<scalar_t, scalar_t>(feat + b * d * N, N, d, scale, key, bary);
+  perm::embed_point<scalar_t, scalar_t>(feat + b * d * N + i, N, d, scale, key, bary);
   int* kb = keys + b * NP * d;
   for (int r = 0; r <= d; ++r) {
     for (int k = 0; k < d; ++k) kb[(i * d1 + r) * d + k] = key[r * d + k];
