@@ -43,6 +43,9 @@ TORCH_LIBRARY(tscd, m) {
   // (B, D, N) in std-1 units. bwd: the gradient w.r.t. values (the transposed lattice). See csrc/permutohedral.h.
   m.def("permutohedral_fwd(Tensor values, Tensor features, bool normalize, bool include_self) -> Tensor");
   m.def("permutohedral_bwd(Tensor grad_out, Tensor features, bool normalize, bool include_self) -> Tensor");
+  // dense_crf: mean-field inference (SPEC.md 6) of unary energies (B, K, N) with one lattice per kernel (features
+  // (B, D_k, N), Potts weight w_k), built once for all iterations; returns the marginals Q (B, K, N).
+  m.def("dense_crf_fwd(Tensor unary, Tensor[] features, float[] weights, int num_iter) -> Tensor");
 }
 
 }  // namespace tscd

@@ -166,8 +166,70 @@ void filter_chunk(const Lattice<scalar_t>& L, const scalar_t* v, scalar_t* lat, 
   }
 }
 
-// Forward (transpose = false): out = finish(lattice(values)). Backward (transpose = true): the gradient of
-// the forward w.r.t. values, given grad_out in `values`.
+// Builds the lattice of every image (in parallel over images); den (normalize): K 1, minus 1 without the self term.
+template <typename scalar_t>
+void build_all(const scalar_t* feat, int d, int64_t B, int64_t N, std::vector<Lattice<scalar_t>>& lattices,
+               std::vector<scalar_t>& den, bool normalize, bool include_self) {
+  const scalar_t inv_gain = static_cast<scalar_t>(1.0 / perm::lattice_gain(d));
+  lattices.resize(B);
+  den.assign(normalize ? B * N : 0, scalar_t(0));
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<scalar_t> buf0, buf1, ones;
+    for (int64_t b = b0; b < b1; ++b) {
+      build_lattice<scalar_t>(feat + b * d * N, d, N, lattices[b]);
+      if (normalize) {  // forward order
+        ones.assign(N, scalar_t(1));
+        scalar_t* db = den.data() + b * N;
+        filter_chunk<scalar_t>(lattices[b], ones.data(), db, 1, buf0, buf1, false, inv_gain);
+        if (!include_self) {
+          for (int64_t i = 0; i < N; ++i) db[i] -= scalar_t(1);
+        }
+      }
+    }
+  });
+}
+
+// Forward (transpose = false): o = finish(lattice(val)). Backward (transpose = true): the gradient of the
+// forward w.r.t. the values, given grad_out in `val`. Parallel over (image, chunk of kChunk channels).
+template <typename scalar_t>
+void apply_all(const std::vector<Lattice<scalar_t>>& lattices, const std::vector<scalar_t>& den, const scalar_t* val,
+               scalar_t* o, int64_t B, int64_t K, int64_t N, bool normalize, bool include_self, bool transpose) {
+  const scalar_t inv_gain = static_cast<scalar_t>(1.0 / perm::lattice_gain(lattices[0].d));
+  const int64_t chunks = (K + kChunk - 1) / kChunk;
+  at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<scalar_t> buf0, buf1, tmp;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / chunks, k0 = (t % chunks) * kChunk;
+      const int kc = static_cast<int>(std::min<int64_t>(kChunk, K - k0));
+      const scalar_t* v = val + (b * K + k0) * N;
+      scalar_t* ot = o + (b * K + k0) * N;
+      const scalar_t* db = normalize ? den.data() + b * N : nullptr;
+      if (!transpose) {
+        filter_chunk<scalar_t>(lattices[b], v, ot, kc, buf0, buf1, false, inv_gain);
+        for (int c = 0; c < kc; ++c) {
+          for (int64_t i = 0; i < N; ++i) {
+            ot[c * N + i] = perm::finish<scalar_t>(ot[c * N + i], v[c * N + i], normalize ? db[i] : scalar_t(1),
+                                                   normalize, include_self);
+          }
+        }
+      } else {
+        // out = (L v - s v) / den  =>  dv = L^T (g / den) - s g / den
+        tmp.resize(kc * N);
+        for (int c = 0; c < kc; ++c) {
+          for (int64_t i = 0; i < N; ++i) {
+            const scalar_t g = v[c * N + i];
+            tmp[c * N + i] = normalize ? (db[i] > scalar_t(perm::kNormEps) ? g / db[i] : scalar_t(0)) : g;
+          }
+        }
+        filter_chunk<scalar_t>(lattices[b], tmp.data(), ot, kc, buf0, buf1, true, inv_gain);
+        if (!include_self) {
+          for (int64_t i = 0; i < kc * N; ++i) ot[i] -= tmp[i];
+        }
+      }
+    }
+  });
+}
+
 at::Tensor permutohedral_cpu(const char* op, const at::Tensor& values, const at::Tensor& features, bool normalize,
                              bool include_self, bool transpose) {
   TSCD_CHECK_CPU("permutohedral_filter", values);
@@ -175,61 +237,39 @@ at::Tensor permutohedral_cpu(const char* op, const at::Tensor& values, const at:
   const int64_t B = values.size(0), K = values.size(1), N = values.size(2);
   at::Tensor out = at::empty_like(values);
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "permutohedral_cpu", [&] {
-    const scalar_t inv_gain = static_cast<scalar_t>(1.0 / perm::lattice_gain(d));
-    const scalar_t* feat = features.data_ptr<scalar_t>();
-    const scalar_t* val = values.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    std::vector<Lattice<scalar_t>> lattices(B);
-    std::vector<scalar_t> den(normalize ? B * N : 0);
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<scalar_t> buf0, buf1, ones;
-      for (int64_t b = b0; b < b1; ++b) {
-        build_lattice<scalar_t>(feat + b * d * N, d, N, lattices[b]);
-        if (normalize) {  // den = K 1 (minus the self term when it is excluded), forward order
-          ones.assign(N, scalar_t(1));
-          scalar_t* db = den.data() + b * N;
-          filter_chunk<scalar_t>(lattices[b], ones.data(), db, 1, buf0, buf1, false, inv_gain);
-          if (!include_self) {
-            for (int64_t i = 0; i < N; ++i) db[i] -= scalar_t(1);
-          }
-        }
-      }
-    });
-    const int64_t chunks = (K + kChunk - 1) / kChunk;
-    at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<scalar_t> buf0, buf1, tmp;
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / chunks, k0 = (t % chunks) * kChunk;
-        const int kc = static_cast<int>(std::min<int64_t>(kChunk, K - k0));
-        const scalar_t* v = val + (b * K + k0) * N;
-        scalar_t* ot = o + (b * K + k0) * N;
-        const scalar_t* db = normalize ? den.data() + b * N : nullptr;
-        if (!transpose) {
-          filter_chunk<scalar_t>(lattices[b], v, ot, kc, buf0, buf1, false, inv_gain);
-          for (int c = 0; c < kc; ++c) {
-            for (int64_t i = 0; i < N; ++i) {
-              ot[c * N + i] = perm::finish<scalar_t>(ot[c * N + i], v[c * N + i], normalize ? db[i] : scalar_t(1),
-                                                     normalize, include_self);
-            }
-          }
-        } else {
-          // out = (L v - s v) / den  =>  dv = L^T (g / den) - s g / den
-          tmp.resize(kc * N);
-          for (int c = 0; c < kc; ++c) {
-            for (int64_t i = 0; i < N; ++i) {
-              const scalar_t g = v[c * N + i];
-              tmp[c * N + i] = normalize ? (db[i] > scalar_t(perm::kNormEps) ? g / db[i] : scalar_t(0)) : g;
-            }
-          }
-          filter_chunk<scalar_t>(lattices[b], tmp.data(), ot, kc, buf0, buf1, true, inv_gain);
-          if (!include_self) {
-            for (int64_t i = 0; i < kc * N; ++i) ot[i] -= tmp[i];
-          }
-        }
-      }
-    });
+    std::vector<Lattice<scalar_t>> lattices;
+    std::vector<scalar_t> den;
+    build_all<scalar_t>(features.data_ptr<scalar_t>(), d, B, N, lattices, den, normalize, include_self);
+    apply_all<scalar_t>(lattices, den, values.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, K, N, normalize,
+                        include_self, transpose);
   });
   return out;
+}
+
+// Mean-field dense CRF (SPEC.md 6): the lattice of each kernel and image is built once for all iterations.
+at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::ArrayRef<double> weights,
+                         int64_t num_iter) {
+  const char* op = "dense_crf";
+  TSCD_CHECK_CPU(op, unary);
+  perm::check_crf_inputs(op, unary, features, weights, num_iter);
+  const int64_t B = unary.size(0), N = unary.size(2);
+  at::Tensor q;
+  AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "dense_crf_cpu", [&] {
+    std::vector<std::vector<Lattice<scalar_t>>> lattices(features.size());
+    std::vector<scalar_t> no_den;
+    for (size_t k = 0; k < features.size(); ++k) {
+      const int d = static_cast<int>(features[k].size(1));
+      build_all<scalar_t>(features[k].data_ptr<scalar_t>(), d, B, N, lattices[k], no_den, false, true);
+    }
+    auto filter = [&](size_t k, const at::Tensor& v) {
+      at::Tensor o = at::empty_like(v);
+      apply_all<scalar_t>(lattices[k], no_den, v.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), B, v.size(1), N,
+                          false, true, false);
+      return o;
+    };
+    q = perm::mean_field(unary, weights, num_iter, filter);
+  });
+  return q;
 }
 
 at::Tensor permutohedral_fwd_cpu(const at::Tensor& values, const at::Tensor& features, bool normalize,
@@ -247,6 +287,7 @@ at::Tensor permutohedral_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& f
 TORCH_LIBRARY_IMPL(tscd, CPU, m) {
   m.impl("permutohedral_fwd", &permutohedral_fwd_cpu);
   m.impl("permutohedral_bwd", &permutohedral_bwd_cpu);
+  m.impl("dense_crf_fwd", &dense_crf_cpu);
 }
 
 }  // namespace tscd

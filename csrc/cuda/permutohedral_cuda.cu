@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <utility>
+#include <vector>
 
 #include "../permutohedral_host.h"
 #include "common.cuh"
@@ -257,6 +258,33 @@ at::Tensor permutohedral_cuda(const char* op, const at::Tensor& values, const at
   return out;
 }
 
+// Mean-field dense CRF (SPEC.md 6): the lattice of each kernel is built once for all iterations.
+at::Tensor dense_crf_cuda(const at::Tensor& unary, at::TensorList features, at::ArrayRef<double> weights,
+                          int64_t num_iter) {
+  const char* op = "dense_crf";
+  TSCD_CHECK_CUDA(op, unary);
+  const c10::cuda::CUDAGuard guard(unary.device());
+  perm::check_crf_inputs(op, unary, features, weights, num_iter);
+  const int64_t B = unary.size(0), N = unary.size(2);
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  std::vector<GpuLattice> lattices;
+  std::vector<int> dims;
+  for (const at::Tensor& f : features) {
+    dims.push_back(static_cast<int>(f.size(1)));
+    lattices.push_back(build(f, dims.back(), stream));
+  }
+  at::Tensor q;
+  AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "dense_crf_cuda", [&] {
+    auto filter = [&](size_t k, const at::Tensor& v) {
+      at::Tensor o = at::empty_like(v);
+      run_pipeline<scalar_t>(lattices[k], v, at::Tensor(), o, dims[k], B, v.size(1), N, false, false, true, stream);
+      return o;
+    };
+    q = perm::mean_field(unary, weights, num_iter, filter);
+  });
+  return q;
+}
+
 at::Tensor permutohedral_fwd_cuda(const at::Tensor& values, const at::Tensor& features, bool normalize,
                                   bool include_self) {
   return permutohedral_cuda("permutohedral_filter", values, features, normalize, include_self, false);
@@ -272,6 +300,7 @@ at::Tensor permutohedral_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& 
 TORCH_LIBRARY_IMPL(tscd, CUDA, m) {
   m.impl("permutohedral_fwd", &permutohedral_fwd_cuda);
   m.impl("permutohedral_bwd", &permutohedral_bwd_cuda);
+  m.impl("dense_crf_fwd", &dense_crf_cuda);
 }
 
 }  // namespace tscd

@@ -527,3 +527,19 @@ def test_cuda_loss_and_crf_without_host_sync():
 
 def test_gpu_flag_consistency():
     assert HAS_GPU == torch.cuda.is_available()
+
+
+@needs_cpp
+def test_dense_crf_op_matches_python_mean_field_on_the_lattice():
+    """The fused op (lattices built once) runs the reference's mean-field loop with the same lattice filter."""
+    from tscd.kernels.permutohedral import _filter_fn
+    from tscd.kernels.reference.permutohedral import dense_crf_with
+
+    img, probs, _ = _noisy_label_scene(23, 29, seed=3)
+    kw = dict(num_iter=5, gauss_sxy=3.0, gauss_compat=3.0, bilateral_sxy=64.0, bilateral_srgb=5.0,
+              bilateral_compat=4.0)
+    loop = dense_crf_with(_filter_fn("cpp"), img[None].double(), probs.double(), **kw)
+    fused = dense_crf(img, probs.double(), backend="cpp", **kw)
+    assert_close(fused, loop, rtol=1e-10, atol=1e-12, name="fused vs loop")
+    torch.library.opcheck(torch.ops.tscd.dense_crf_fwd.default,
+                          (torch.rand(1, 3, 20), [torch.rand(1, 2, 20), torch.rand(1, 5, 20)], [3.0, 4.0], 2))

@@ -219,12 +219,22 @@ def dense_crf(image: torch.Tensor, probs: torch.Tensor, *, num_iter: int = 10, g
     if name == "torch":
         _check_dense_size(op, probs.shape[2] * probs.shape[3], "H*W")
     dtype = _compute_dtype(probs.dtype)
+    kw = dict(num_iter=num_iter, gauss_sxy=float(gauss_sxy), gauss_compat=float(gauss_compat),
+              bilateral_sxy=float(bilateral_sxy), bilateral_srgb=float(bilateral_srgb),
+              bilateral_compat=float(bilateral_compat))
     with torch.no_grad():
-        q = dense_crf_with(_filter_fn(name), image.to(dtype), probs.to(dtype), num_iter=num_iter,
-                           gauss_sxy=float(gauss_sxy), gauss_compat=float(gauss_compat),
-                           bilateral_sxy=float(bilateral_sxy), bilateral_srgb=float(bilateral_srgb),
-                           bilateral_compat=float(bilateral_compat))
+        if name == "torch":
+            q = dense_crf_with(_filter_fn(name), image.to(dtype), probs.to(dtype), **kw)
+        else:  # the same model in one op: each kernel's lattice is built once for all iterations
+            q = dense_crf_with(_filter_fn(name), image.to(dtype), probs.to(dtype), fused=_fused_mean_field, **kw)
     return q.to(probs.dtype)
+
+
+def _fused_mean_field(unary: torch.Tensor, kernels: list[tuple[torch.Tensor, float]], num_iter: int) -> torch.Tensor:
+    if not kernels:
+        return torch.softmax(-unary, dim=1)
+    return torch.ops.tscd.dense_crf_fwd(unary.contiguous(), [f.contiguous() for f, _ in kernels],
+                                        [float(w) for _, w in kernels], num_iter)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +264,10 @@ def _register_cpp_ops() -> None:
     @torch.library.register_fake("tscd::permutohedral_bwd")
     def _bwd_fake(grad_out, features, normalize, include_self):
         return torch.empty_like(grad_out)
+
+    @torch.library.register_fake("tscd::dense_crf_fwd")
+    def _crf_fake(unary, features, weights, num_iter):
+        return torch.empty_like(unary)
 
     torch.library.register_autograd("tscd::permutohedral_fwd", _backward, setup_context=_setup_context)
 

@@ -181,8 +181,12 @@ def mean_field(unary: torch.Tensor, kernels: list[tuple[torch.Tensor, float]], n
 
 def dense_crf_with(filter_fn: FilterFn, image: torch.Tensor, probs: torch.Tensor, *, num_iter: int,
                    gauss_sxy: float, gauss_compat: float, bilateral_sxy: float, bilateral_srgb: float,
-                   bilateral_compat: float) -> torch.Tensor:
-    """Dense CRF of SPEC.md 6 with a given filter; image (B, 3, H, W) float 0..255, probs (B, K, H, W)."""
+                   bilateral_compat: float, fused: Callable | None = None) -> torch.Tensor:
+    """Dense CRF of SPEC.md 6 with a given filter; image (B, 3, H, W) float 0..255, probs (B, K, H, W).
+
+    ``fused(unary, kernels, num_iter)``, if given, replaces :func:`mean_field` (the C++/CUDA op that runs the
+    same loop with each lattice built once).
+    """
     B, K, H, W = probs.shape
     unary = -torch.log(probs.clamp_min(PROB_CLIP)).reshape(B, K, H * W)
     img = image.to(probs.dtype)
@@ -191,6 +195,8 @@ def dense_crf_with(filter_fn: FilterFn, image: torch.Tensor, probs: torch.Tensor
         kernels.append((crf_features(img, gauss_sxy), float(gauss_compat)))
     if bilateral_compat != 0:
         kernels.append((crf_features(img, bilateral_sxy, bilateral_srgb), float(bilateral_compat)))
+    if fused is not None:
+        return fused(unary, kernels, num_iter).reshape(B, K, H, W)
     return mean_field(unary, kernels, num_iter, filter_fn).reshape(B, K, H, W)
 
 
