@@ -17,8 +17,13 @@ unnormalised output is typically 0.7-0.85x the exact sum; the normalised variant
 symmetric normalisation cancels any gain) is within about 1-2 %. Measured figures: tests/kernels/
 test_permutohedral.py and bench/results/permutohedral-*.md.
 
+The self term: ``include_self=False`` subtracts exactly v_i (the exact W_ii = 1), not the lattice's own
+self weight, so on sparse point sets the lattice's excluded-self output keeps part of its self term.
+
 Backends: ``cuda`` (GPU hash table, no host sync), ``cpp`` (OpenMP over images and channels) and ``torch``
 (the exact dense filter, tscd/kernels/reference/permutohedral.py; at most 16384 points per image).
+``dense_crf`` on cpp/cuda runs the op ``tscd::dense_crf_fwd``: the reference's mean-field loop with each
+kernel's lattice built once for all iterations.
 Gradients: w.r.t. ``values`` on every backend (the fused backward applies the transposed lattice: the
 blur directions in reverse order); w.r.t. ``features`` only with ``backend="torch"``.
 """
