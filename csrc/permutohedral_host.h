@@ -49,7 +49,7 @@ template <typename Filter>
 at::Tensor mean_field(const at::Tensor& unary, at::ArrayRef<double> weights, int64_t num_iter, Filter&& filter) {
   std::vector<at::Tensor> norms;
   for (size_t k = 0; k < weights.size(); ++k) {
-    norms.push_back(filter(k, at::ones_like(unary.narrow(1, 0, 1))).clamp_min(1e-20).rsqrt());
+    norms.push_back(filter(k, at::ones_like(unary.narrow(1, 0, 1)).contiguous()).clamp_min(1e-20).rsqrt());
   }
   at::Tensor q = at::softmax(-unary, 1);
   for (int64_t it = 0; it < num_iter; ++it) {
