@@ -46,6 +46,14 @@ TORCH_LIBRARY(tscd, m) {
   m.def("correlation_fwd(Tensor t1, Tensor t2, Tensor s1, Tensor s2, Tensor offset, bool clamp_student) -> Tensor");
   m.def("correlation_bwd(Tensor grad, Tensor t1, Tensor t2, Tensor s1, Tensor s2, Tensor offset, bool clamp_student, "
         "bool teacher_grad) -> Tensor[]");
+
+  // permutohedral: Gaussian filtering on a permutohedral lattice (SPEC.md 4.5, 6); values (B, K, N), features
+  // (B, D, N) in std-1 units. bwd: the gradient w.r.t. values (the transposed lattice). See csrc/permutohedral.h.
+  m.def("permutohedral_fwd(Tensor values, Tensor features, bool normalize, bool include_self) -> Tensor");
+  m.def("permutohedral_bwd(Tensor grad_out, Tensor features, bool normalize, bool include_self) -> Tensor");
+  // dense_crf: mean-field inference (SPEC.md 6) of unary energies (B, K, N) with one lattice per kernel (features
+  // (B, D_k, N), Potts weight w_k), built once for all iterations; returns the marginals Q (B, K, N).
+  m.def("dense_crf_fwd(Tensor unary, Tensor[] features, float[] weights, int num_iter) -> Tensor");
 }
 
 }  // namespace tscd

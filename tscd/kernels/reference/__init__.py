@@ -9,6 +9,13 @@ from tscd.kernels.reference.correlation import (
     random_coords,
     sample_features,
 )
+from tscd.kernels.reference.permutohedral import (
+    MAX_DENSE_POINTS,
+    crf_features,
+    dense_crf_reference,
+    dense_energy_loss_reference,
+    permutohedral_filter_reference,
+)
 from tscd.kernels.reference.refine import (
     DEFAULT_DILATIONS,
     OFFSETS,
@@ -28,6 +35,11 @@ __all__ = [
     "pixel_coords",
     "random_coords",
     "sample_features",
+    "MAX_DENSE_POINTS",
+    "crf_features",
+    "dense_crf_reference",
+    "dense_energy_loss_reference",
+    "permutohedral_filter_reference",
     "DEFAULT_DILATIONS",
     "OFFSETS",
     "neighbour_shifts",
