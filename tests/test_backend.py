@@ -88,6 +88,11 @@ def test_info_json(capsys):
     assert info["backends"]["torch"]["cpu"] == "usable"
     if not torch.cuda.is_available():
         assert info["backends"]["cuda"]["cuda"].startswith("no:")
+    expected_auto = "cpp" if _ext.has_cpp() else "torch"
+    for op in ("refine", "correlation_loss", "permutohedral (CRF loss, dense CRF)"):
+        assert info["ops"][op]["cpu"]["auto"] == expected_auto
+        assert "torch" in info["ops"][op]["cpu"]["usable"]
+    assert "triton" not in info["ops"]["permutohedral (CRF loss, dense CRF)"]["cpu"]["supported"]
 
 
 def test_info_text(capsys):

@@ -18,7 +18,15 @@ def collect() -> dict:
         triton_version = triton.__version__
     except Exception:
         triton_version = None
+    import importlib
+
+    # the modules, not the public functions of the same names that tscd.kernels exports
+    refine, correlation, permutohedral = (importlib.import_module(f"tscd.kernels.{m}")
+                                          for m in ("refine", "correlation", "permutohedral"))
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    ops = {"refine": ("refine_fwd", refine.SUPPORTED_BACKENDS),
+           "correlation_loss": ("correlation_fwd", correlation.SUPPORTED_BACKENDS),
+           "permutohedral (CRF loss, dense CRF)": ("permutohedral_fwd", permutohedral.SUPPORTED_BACKENDS)}
     backends = {}
     for name in _backend.ALL_KERNEL_BACKENDS:
         per_device = {}
@@ -29,6 +37,16 @@ def collect() -> dict:
                 why = _backend.why_unavailable(name, dev, "refine_fwd")
             per_device[dev.type] = "usable" if why is None else f"no: {why}"
         backends[name] = per_device
+    per_op = {}
+    for op, (schema, supported) in ops.items():
+        per_op[op] = {dev.type: {"supported": list(supported),
+                                 "usable": [] if dev.type == "cuda" and not torch.cuda.is_available()
+                                 else _backend.available_backends(schema, dev, supported),
+                                 "auto": None if dev.type == "cuda" and not torch.cuda.is_available()
+                                 else _backend.resolve_backend(schema, "auto", dev, supported)}
+                      for dev in (cpu, gpu)}
+        if _ext.has_cpp():
+            per_op[op]["cuda_kernels_compiled"] = _ext.has_cuda_kernels(schema)
     return {
         "tscd": tscd.__version__,
         "python": platform.python_version(),
@@ -41,6 +59,7 @@ def collect() -> dict:
         "extension": {"built": _ext.has_cpp(), "error": _ext.load_error(), **_ext.build_info()},
         "triton_interpret": _backend.triton_interpret(),
         "backends": backends,
+        "ops": per_op,
     }
 
 
@@ -62,11 +81,18 @@ def run(args: argparse.Namespace) -> int:
             ext.get("openmp_threads"), "yes" if ext.get("cuda_kernels") else "no") if ext["built"]
             else f"NOT built: {ext['error']}"),
         "",
-        "backends (refine; `auto` = cuda, else triton for CUDA tensors; cpp for CPU tensors; torch last):",
+        "backends (`auto` = cuda, else triton for CUDA tensors; cpp for CPU tensors; torch last):",
     ]
     for name, per in info["backends"].items():
         lines.append(f"  {name:<7} cpu tensors:  {per['cpu']}")
         lines.append(f"  {'':<7} cuda tensors: {per['cuda']}")
+    lines += ["", "ops (backends usable here; `auto` picks the first):"]
+    for op, per in info["ops"].items():
+        cpu = per["cpu"]
+        compiled = per.get("cuda_kernels_compiled")
+        lines.append(f"  {op:<36} cpu: auto={cpu['auto']}, usable {', '.join(cpu['usable'])}; "
+                     f"implements {', '.join(cpu['supported'])}"
+                     + ("" if compiled is None else f"; CUDA kernels compiled: {'yes' if compiled else 'no'}"))
     print("\n".join(lines))
     return 0
 
