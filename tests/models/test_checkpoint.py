@@ -136,3 +136,15 @@ def test_corrupt_files(tmp_path):
     torch.save({"epoch": 3}, tmp_path / "notensors.pth")
     with pytest.raises(ValueError, match="no tensors"):
         create_backbone("mit_b0", pretrained=str(tmp_path / "notensors.pth"))
+
+
+def test_unwrap_skips_tensors_beside_the_wrapper():
+    """Training checkpoints keep tensors (RNG states) beside "model": the state dict is still found."""
+    import torch as _torch
+
+    from tscd.models._checkpoint import unwrap_state_dict
+
+    sd = {"encoder.w": _torch.zeros(2)}
+    assert unwrap_state_dict({"model": sd, "scd_gen": _torch.zeros(3, dtype=_torch.uint8), "iteration": 3}) == sd
+    assert unwrap_state_dict({"state_dict": {"model": sd}}) == sd
+    assert unwrap_state_dict(sd) == sd

@@ -128,3 +128,17 @@ def test_torch_backend_and_fused_kernels_give_the_same_loss_curve(tmp_path):
         assert ref.keys() == fast.keys()
         for key in ref:
             assert abs(ref[key] - fast[key]) <= 1e-4 * max(1.0, abs(ref[key])), (ref["iteration"], key, ref, fast)
+
+
+def test_trained_checkpoint_evaluates_with_crf(tmp_path, capsys):
+    """`tscd eval` reads what `tscd train` writes (RNG states and all), and its CRF path uses our dense_crf."""
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(_config(tmp_path)), "--run-dir", str(run), *EXTRA,
+                 "train.max_iters=3", "train.cam_iters=1", "train.tensorboard=false"]) == 0
+    ckpt = list_checkpoints(run)[-1][1]
+    out_dir = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(ckpt), "--outputs", "seg,seg_ms,seg_ms_crf,cam,aff",
+                 "--crf", "--num-images", "2", "--resize-long", "64", "--out", str(out_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "seg_ms_crf" in text or "CRF" in text
+    assert list(out_dir.glob("results_*.json")) and list(out_dir.glob("results_*.csv"))

@@ -50,6 +50,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return dict(obj)
 
 
+def _holds_tensors(obj: Mapping) -> bool:
+    return any(isinstance(v, Tensor) or (isinstance(v, Mapping) and _holds_tensors(v)) for v in obj.values())
+
+
 def unwrap_state_dict(obj: Mapping) -> dict[str, Tensor]:
     """Return the state dict inside ``obj`` (nested under one of :data:`WRAPPER_KEYS`, possibly repeatedly).
 
@@ -57,8 +61,11 @@ def unwrap_state_dict(obj: Mapping) -> dict[str, Tensor]:
         ValueError: no mapping of names to tensors is found.
     """
     while True:
-        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None or any(isinstance(v, Tensor) for v in obj.values()):
+        # descend into a wrapper key ("model", "state_dict", ...) when it holds tensors (training checkpoints
+        # keep other tensors, e.g. RNG states, beside it); real state-dict keys are dotted names, never "model"
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping) and _holds_tensors(obj[k])),
+                     None)
+        if inner is None:
             break
         obj = inner
     sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}

@@ -190,8 +190,7 @@ class Trainer:
             "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": ckpt.rng_state(),
-            "scd_gen": self.scd_gen.get_state(),
+            "rng": {**ckpt.rng_state(), "scd_gen": self.scd_gen.get_state()},
             "epoch_gen_states": self.epoch_gen_states,  # shuffle/loader generators as the epoch began
             "history": self.history,
             "config": self.cfg.to_dict(),
@@ -221,7 +220,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
-        self.scd_gen.set_state(state["scd_gen"])
+        self.scd_gen.set_state(state["rng"]["scd_gen"])
         self.iteration, self.epoch = state["iteration"], state["epoch"]
         self.batches_in_epoch = state["batches_in_epoch"]
         self.epoch_gen_states = state["epoch_gen_states"]
