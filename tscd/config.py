@@ -183,6 +183,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"config: `{where}` must be a number; got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `off` / `on` as a boolean
+            value = "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"config: `{where}` must be a string; got {value!r}")
         return value

@@ -56,3 +56,10 @@ def test_overrides():
     assert cfg.pseudo.cam_scales == (1.0, 0.5) and cfg.optim.lr == 1e-3
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         parse_override("lr")
+
+
+def test_bare_off_means_off(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  dataset: demo\ntrain:\n  amp: off\nloss:\n  er_mode: off\n")
+    cfg = load_config(p, ["train.amp=off"])
+    assert cfg.train.amp == "off" and cfg.loss.er_mode == "off"
