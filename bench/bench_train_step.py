@@ -32,7 +32,8 @@ logger = logging.getLogger("bench_train_step")
 
 def make_trainer(args, reference_style: bool, run_dir: str) -> Trainer:
     overrides = [
-        "data.dataset=demo", f"data.crop_size={args.crop}", f"data.demo_size={args.crop}",
+        "data.dataset=demo", "data.train_split=train", "data.val_split=val",
+        f"data.crop_size={args.crop}", f"data.demo_size={args.crop}",
         f"data.batch_size={args.batch}", "data.num_workers=0", f"data.demo_num_train={args.batch * (args.iters + 2)}",
         "data.demo_num_val=1", "data.scale_range=[1.0, 1.0]",
         f"model.name={args.model}", "model.drop_path_rate=0.0",
@@ -41,7 +42,11 @@ def make_trainer(args, reference_style: bool, run_dir: str) -> Trainer:
         f"train.amp={args.amp}",
     ]
     cfg = load_config(None, overrides)
-    return Trainer(cfg, resume="never")
+    trainer = Trainer(cfg, resume="never")
+    for m in trainer.net.modules():  # the reference-style CAM passes run the decoder's dropout, which would
+        if isinstance(m, torch.nn.Dropout | torch.nn.Dropout2d):  # shift the RNG stream: off, to compare losses
+            m.p = 0.0
+    return trainer
 
 
 def run(trainer: Trainer, batches: list[dict], device: torch.device) -> tuple[list[float], list[dict]]:
@@ -105,8 +110,8 @@ def main(argv=None) -> int:
                ("s_per_it", "s / iteration"), ("speedup", "speed-up"), ("peak_mib", "peak MiB"),
                ("mem_ratio", "memory vs reference"), ("loss_first", "total loss, 1st it."),
                ("max_loss_diff_vs_ref", "max loss diff vs reference")]
-    notes = ("One full TSCD iteration, all losses on (cls, seg, aff, CRF reg, SCD), random init, drop-path off, "
-             "same weights and batches for both paths. CPU peak memory is not measured for this benchmark (nan).")
+    notes = ("One full TSCD iteration, all losses on (cls, seg, aff, CRF reg, SCD), random init, drop-path and "
+             "dropout off, same weights and batches for both paths. CPU peak memory is not measured here (nan).")
     paths = write_results(f"train_step-{args.model}-{args.crop}", env, rows, columns, args.out, notes=notes)
     logger.info("wrote %s and %s", *paths)
     return 0

@@ -105,8 +105,9 @@ def plot(data: dict) -> Path | None:
     for (backend, mode, K), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         label = f"{backend} {mode} K={K}" if K != "" else f"{backend} {mode}"
         xs = [str(r["size"]) for r in rs]
-        axes[0].plot(xs, [r["ms"] for r in rs], marker="o", label=label)
-        axes[1].plot(xs, [r.get("peak_mib", float("nan")) for r in rs], marker="o", label=label)
+        style = dict(marker="o", label=label, linestyle="--" if backend == "torch" else "-")
+        axes[0].plot(xs, [r["ms"] for r in rs], **style)
+        axes[1].plot(xs, [r.get("peak_mib", float("nan")) for r in rs], **style)
     axes[0].set_ylabel("median time (ms)")
     axes[1].set_ylabel("peak memory (MiB)")
     for ax in axes:
@@ -164,13 +165,22 @@ def _summary_rows(data: dict) -> list[str]:
     out = []
     dev = data["env"]["device"]
     for r in data["rows"]:
+        if r.get("path") == "fast":  # bench_train_step: the whole iteration, fast path vs reference-style
+            out.append(f"| train iteration | {dev} | {r['model']} crop {r['crop']} batch {r['batch']} | fast path | "
+                       f"{_fmt(r['s_per_it'])} s | {_fmt(r['speedup'])}x | {_ratio(r.get('mem_ratio'), inverse=True)} |")
+            continue
         if r.get("backend") in (None, "torch") or "speedup" not in r:
             continue
         case = " ".join(f"{k}={r[k]}" for k in ("size", "K", "S", "mode") if k in r)
-        mem = r.get("mem_ratio")
         out.append(f"| {data['op']} | {dev} | {case} | {r['backend']} | {_fmt(r['ms'])} ms | "
-                   f"{_fmt(r['speedup'])}x | {_fmt(mem)}x |")
+                   f"{_fmt(r['speedup'])}x | {_ratio(r.get('mem_ratio'))} |")
     return out
+
+
+def _ratio(value, inverse: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "not measured"
+    return f"{_fmt(1.0 / value if inverse else value)}x"
 
 
 def _update_readme(readme: Path, summary: list[str]) -> None:
