@@ -166,8 +166,9 @@ def _summary_rows(data: dict) -> list[str]:
     dev = data["env"]["device"]
     for r in data["rows"]:
         if r.get("path") == "fast":  # bench_train_step: the whole iteration, fast path vs reference-style
+            mem = _ratio(r.get("mem_ratio"), inverse=True)
             out.append(f"| train iteration | {dev} | {r['model']} crop {r['crop']} batch {r['batch']} | fast path | "
-                       f"{_fmt(r['s_per_it'])} s | {_fmt(r['speedup'])}x | {_ratio(r.get('mem_ratio'), inverse=True)} |")
+                       f"{_fmt(r['s_per_it'])} s | {_fmt(r['speedup'])}x | {mem} |")
             continue
         if r.get("backend") in (None, "torch") or "speedup" not in r:
             continue
