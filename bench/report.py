@@ -38,6 +38,24 @@ def traffic(op: str, row: dict) -> tuple[float, float] | None:
         flops = n_pix * (40 * n + steps * 2 * n * K)
         mult = 2 if row.get("mode") == "fwd_bwd" else 1
         return bytes_ * mult, flops * mult
+    if op == "correlation" and row.get("N1") and row.get("N2"):
+        # sampled features in, nothing N1 x N2 out: read t1, t2 (Ct = 20) and s1, s2 (Cs = 21) once, B = 2;
+        # fwd: two dot products per pair (teacher and student); fwd_bwd adds the masked GEMMs for ds1, ds2 (~3x).
+        B, ct, cs = 2, 20, 21
+        n1, n2 = row["N1"], row["N2"]
+        bytes_ = 4 * B * (n1 + n2) * (ct + cs)
+        flops = 2 * B * n1 * n2 * (ct + cs)
+        mult = 3 if row.get("mode") == "fwd_bwd" else 1
+        return bytes_ * (2 if mult == 3 else 1), flops * mult
+    if op == "permutohedral" and row.get("what") == "filter":
+        # estimate: N points on the x0.5 grid, D = 5, each splats to D + 1 vertices; K values per vertex are
+        # written (splat), read and written once per lattice direction (blur, D + 1 passes), read (slice).
+        side = int(str(row["size"]).split("grid ")[1].split("^")[0])
+        n_pts, D, K, B = side * side, 5, row["K"], row["B"]
+        verts = n_pts * (D + 1)
+        bytes_ = 4 * B * K * verts * (2 + 2 * (D + 1))
+        flops = 2 * B * K * verts * (2 + 3 * (D + 1))
+        return bytes_, flops
     return None
 
 
@@ -79,7 +97,8 @@ def roofline(data: dict) -> list[str]:
         bytes_, flops = t
         secs = r["ms"] / 1e3
         achieved = bytes_ / secs / 1e9
-        line = (f"- {r.get('size')} K={r.get('K')} {r.get('mode')} {r['backend']}: needs {bytes_ / 2**20:.1f} MiB "
+        line = (f"- {r.get('size')} K={r.get('K', '')} {r.get('mode') or ''} {r['backend']}: needs "
+                f"{bytes_ / 2**20:.1f} MiB "
                 f"and {flops / 1e9:.2f} GFLOP; measured {r['ms']:.2f} ms = {achieved:.1f} GB/s, "
                 f"{flops / secs / 1e9:.1f} GFLOP/s")
         if peak:
