@@ -82,7 +82,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if is_safetensors(path):
         return _read_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load picks no reader from the file name
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
             UnicodeDecodeError, AttributeError, ImportError, TypeError) as e:
         size = os.path.getsize(path)

@@ -240,15 +240,15 @@ class MiTWeights:
         return sum(t.numel() for t in self.state_dict.values())
 
     def describe(self) -> str:
-        """One line: what was read, e.g. ``Hugging Face transformers SegFormer (encoder under 'segformer.')``."""
+        """One line: what was read, e.g. ``Hugging Face transformers SegFormer, hub layout (...) (encoder under
+        'segformer.encoder.'; dropped 2 tensor(s) of classifier (classifier.*))``."""
         where = f"encoder under {self.prefix!r}" if self.prefix else "bare encoder"
-        text = f"{self.layout}; {where}"
         if self.dropped:
-            text += f"; dropped {len(self.dropped)} tensor(s) of {_dropped_heads(self.dropped, self.prefix)}"
-        return text
+            where += f"; dropped {len(self.dropped)} tensor(s) of {_dropped_heads(self.dropped)}"
+        return f"{self.layout} ({where})"
 
-    def load_into(self, model: nn.Module, what: str = "MiT encoder") -> None:
-        """Load :attr:`state_dict` into ``model`` strictly.
+    def check(self, model: nn.Module, what: str = "MiT encoder") -> None:
+        """Check that :attr:`state_dict` fits ``model`` exactly (keys and shapes), without loading it.
 
         Raises:
             ValueError: missing / unexpected / mis-shaped keys, named in tscd's names and, for foreign formats,
@@ -258,11 +258,19 @@ class MiTWeights:
         try:
             check_state_dict(model, self.state_dict, what=what, key_note=self.file_key if foreign else None)
         except ValueError as e:
-            raise ValueError(f"read as {self.title} ({self.describe()}): {e}") from None
+            raise ValueError(f"read as {self.describe()}: {e}") from None
+
+    def load_into(self, model: nn.Module, what: str = "MiT encoder") -> None:
+        """:meth:`check`, then load :attr:`state_dict` into ``model`` strictly.
+
+        Raises:
+            ValueError: as :meth:`check`.
+        """
+        self.check(model, what)
         model.load_state_dict(self.state_dict, strict=True)
 
 
-def _dropped_heads(keys: list[str], prefix: str) -> str:
+def _dropped_heads(keys: list[str]) -> str:
     tops = []
     for k in keys:
         top = k.split(".", 1)[0]
@@ -334,7 +342,7 @@ def convert_state_dict(obj: Mapping) -> MiTWeights:
         else:
             stray.append(key)
     where = f"encoder under {prefix!r}" if prefix else "bare encoder"
-    context = f"read as {FORMAT_TITLES[layout.format]} ({layout.title}; {where})"
+    context = f"read as {layout.title} ({where})"
     if stray:
         raise WeightFormatError(f"{context}, but {len(stray)} key(s) are neither the encoder nor a known head "
                                 f"({', '.join(f'{k}.*' for k in DROPPED_HEADS)}): [{_listed(stray)}]")
