@@ -330,3 +330,15 @@ def test_cli_errors(tmp_path, mmseg_sd, capsys):
     assert not os.path.exists(tmp_path / "out.pth")
     assert main(["weights", "inspect", str(tmp_path / "nope.pth")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_safetensors_missing_is_a_clear_error(monkeypatch, tmp_path, mmseg_sd):
+    import sys
+
+    from safetensors.torch import save_file
+
+    save_file(mmseg_sd, str(tmp_path / "model.safetensors"))
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # import safetensors -> ImportError
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(RuntimeError, match=r"needs the `safetensors` package: pip install safetensors"):
+        tiny(tmp_path)
