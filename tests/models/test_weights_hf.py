@@ -39,7 +39,7 @@ def random_hf(cls_name="SegformerForImageClassification", reshape_last_stage=Fal
 def hf_stages(model, img):
     """transformers' four stage outputs as (B, C, h, w) maps."""
     with torch.no_grad():
-        states = model.segformer(img, output_hidden_states=True).hidden_states
+        states = getattr(model, "segformer", model)(img, output_hidden_states=True).hidden_states
     assert len(states) == 4
     out = []
     for i, s in enumerate(states):
@@ -153,6 +153,18 @@ def test_semantic_segmentation_checkpoint_and_create_model(img, tmp_path):
     assert max_err(hf_stages(model, img), got) < 2e-5
 
 
+def test_bare_segformer_model(img, tmp_path):
+    """``SegformerModel`` alone (no head): the encoder is under ``encoder.``."""
+    torch.manual_seed(4)
+    model = random_hf("SegformerModel")
+    model.save_pretrained(tmp_path)
+    info = read_mit_weights(tmp_path)
+    assert info.format == "huggingface" and info.prefix == "encoder." and info.dropped == []
+    with torch.no_grad():
+        got = ours(tmp_path)(img)
+    assert max_err(hf_stages(model, img), got) < 2e-5
+
+
 def test_errors_name_hf_keys(hf_folder, tmp_path):
     sd = safetensors_torch.load_file(str(hf_folder / "model.safetensors"))
 
@@ -179,3 +191,22 @@ def test_errors_name_hf_keys(hf_folder, tmp_path):
                                          r"\(in the file: segformer\.encoder\.patch_embeddings\.0\.proj\.weight\): "
                                          r"expected \(32, 3, 7, 7\), got \(16, 3, 7, 7\)"):
         ours(hf_folder, name="mit_b0")
+
+
+@pytest.mark.parametrize("variant,dims,depths", [("mit_b0", [32, 64, 160, 256], [2, 2, 2, 2]),
+                                                 ("mit_b1", [64, 128, 320, 512], [2, 2, 2, 2]),
+                                                 ("mit_b2", [64, 128, 320, 512], [3, 4, 6, 3])])
+def test_variant_of_hub_sized_models(variant, dims, depths):
+    """nvidia/mit-b0..b2 configs (SegFormer's dims, depths, heads): the variant is recognised from the shapes."""
+    from tscd.models.weights import convert_state_dict, infer_architecture
+
+    cfg = transformers.SegformerConfig(hidden_sizes=dims, depths=depths, num_attention_heads=[1, 2, 5, 8],
+                                       num_labels=1000)
+    with torch.device("meta"):  # shapes only
+        model = transformers.SegformerForImageClassification(cfg)
+    weights = convert_state_dict(model.state_dict())  # transformers' in-memory (v5) names
+    assert infer_architecture(weights.state_dict).variant == variant
+    with torch.device("meta"):
+        expected = create_backbone(variant).state_dict()
+    shapes = {k: tuple(v.shape) for k, v in weights.state_dict.items()}
+    assert shapes == {k: tuple(v.shape) for k, v in expected.items()}
