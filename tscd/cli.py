@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tscd.commands.eval",
     "tscd.commands.infer",
     "tscd.commands.pseudo_labels",
+    "tscd.commands.weights",
 )
 
 

@@ -5,8 +5,9 @@ Factory::
     model = create_model("tscd_mit_b1", num_classes=20, pretrained="/data/weights/mit_b1.pth")
     encoder = create_backbone("mit_b0", strides=(4, 2, 2, 1))
 
-``pretrained`` is a local path of encoder weights (SegFormer's ``mit_b*.pth`` or one of ours); ``checkpoint_path``
-a local full TSCDNet checkpoint. Nothing is ever downloaded; with neither, the model is randomly initialised and
+``pretrained`` is a local path of encoder weights: SegFormer's ``mit_b*.pth``, a Hugging Face or mmsegmentation
+MiT download, or one of ours (formats in :mod:`tscd.models.weights`); ``checkpoint_path`` a local full TSCDNet
+checkpoint. Nothing is ever downloaded; with neither, the model is randomly initialised and
 a warning says so.
 """
 from __future__ import annotations
@@ -43,7 +44,8 @@ def create_model(name: str, num_classes: int = 20, pretrained: str | None = None
     Args:
         name: ``tscd_mit_b0`` .. ``tscd_mit_b5`` (TSCD uses ``tscd_mit_b1``).
         num_classes: foreground classes C.
-        pretrained: local path of encoder weights (SegFormer ImageNet MiT checkpoint or ours).
+        pretrained: local path (file or folder) of encoder weights: SegFormer, Hugging Face or mmsegmentation
+            ImageNet MiT weights, or ours (see :mod:`tscd.models.weights`).
         checkpoint_path: local path of a full TSCDNet checkpoint (loaded after ``pretrained``, strictly).
         **kwargs: encoder options (``strides`` (default (4, 2, 2, 1)), ``drop_path_rate`` (0.1), ``drop_rate``,
             ``attn_drop_rate``, ``qkv_bias``) and :class:`TSCDNet` options (``pooling``, ``decoder_dim``,

@@ -14,7 +14,8 @@ Architecture (per stage i = 1..4, dims C_i, heads h_i, reduction sr_i, depth d_i
 * ``norm{i}``: LayerNorm (eps 1e-6) at the end of the stage; the output is reshaped to NCHW.
 
 State-dict keys equal those of SegFormer's released ImageNet MiT checkpoints (``mit_b*.pth``); ``head.*`` of
-those files (the ImageNet classifier) is dropped by :func:`checkpoint_filter_fn`.
+those files (the ImageNet classifier) is dropped by :func:`checkpoint_filter_fn`, which also reads Hugging Face
+and mmsegmentation MiT weights (:mod:`tscd.models.weights`).
 
 Attention maps (SPEC.md 2): a block can return the raw, unscaled, pre-softmax logits ``q k^T`` of shape
 ``(B, heads, N_kv, N_kv)``: the query axis is average-pooled with an ``sr x sr`` window (so that it matches the
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
-from tscd.models._checkpoint import load_weights, strip_prefixes, unwrap_state_dict
+from tscd.models.weights import convert_state_dict, read_mit_weights
 
 logger = logging.getLogger(__name__)
 
@@ -376,32 +377,37 @@ def _init_weights(m: nn.Module) -> None:
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Map a checkpoint's state dict onto :class:`MixVisionTransformer` keys.
+    """Map a checkpoint's contents onto :class:`MixVisionTransformer` keys, whatever its format.
 
-    Accepts SegFormer's ImageNet MiT checkpoints (``mit_b*.pth``: MixVisionTransformer keys, possibly wrapped in
-    ``state_dict``/``model``; the ImageNet classifier ``head.*`` is dropped) and our own checkpoints: a bare
-    encoder, or a full :class:`~tscd.models.tscd_net.TSCDNet` whose ``encoder.*`` keys are taken. ``module.``
-    (DDP) and ``_orig_mod.`` (torch.compile) prefixes are stripped. Keys are not renamed otherwise: the result is
-    loaded strictly, so anything else is reported as missing or unexpected.
+    Accepts the formats of :mod:`tscd.models.weights`, recognised from keys and shapes: SegFormer's ImageNet MiT
+    checkpoints (``mit_b*.pth``) and our own (a bare encoder, or a full :class:`~tscd.models.tscd_net.TSCDNet`
+    whose ``encoder.*`` keys are taken), Hugging Face transformers' SegFormer (``segformer.encoder.*``; key and
+    value projections are concatenated into ``kv``) and mmsegmentation's MiT (``layers.{i}.{0,1,2}``, bare or under
+    ``backbone.``). Wrappers (``state_dict``/``model``) and ``module.``/``_orig_mod.`` prefixes are removed; the
+    ImageNet classifier and segmentation heads are dropped.
+
+    Raises:
+        ValueError: unknown format, or keys that are not part of an encoder in the format found.
     """
-    sd = strip_prefixes(unwrap_state_dict(state_dict))
-    for prefix in ("encoder.", "backbone."):
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            break
-    return {k: v for k, v in sd.items() if not k.startswith("head.")}
+    return convert_state_dict(state_dict).state_dict
 
 
 def load_pretrained(model: MixVisionTransformer, path: str) -> None:
-    """Load encoder weights from a local file (see :func:`checkpoint_filter_fn`), strictly.
+    """Load encoder weights from a local file or folder in any format of :mod:`tscd.models.weights`, strictly.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        RuntimeError: the file cannot be read as a torch checkpoint (corrupt, truncated, not a checkpoint).
-        ValueError: the weights do not fit the architecture (lists missing / unexpected / mis-shaped keys).
+        FileNotFoundError: ``path`` does not exist, or a folder holds no weight file.
+        RuntimeError: the file cannot be read (corrupt, truncated, not a checkpoint), or it is a pickle that needs
+            arbitrary unpickling (refused; nothing in it is run).
+        ValueError: unknown format, or the weights do not fit the architecture (lists missing / unexpected /
+            mis-shaped keys and the format recognised).
     """
-    load_weights(model, path, filter_fn=checkpoint_filter_fn, what=f"MiT encoder ({_describe(model)})")
-    logger.info("loaded MiT encoder weights from %s", path)
+    weights = read_mit_weights(path)
+    try:
+        weights.load_into(model, what=f"MiT encoder ({_describe(model)})")
+    except ValueError as e:
+        raise ValueError(f"{weights.source!r}: {e}") from None
+    logger.info("loaded MiT encoder weights from %s: %s", weights.source, weights.describe())
 
 
 def _describe(model: MixVisionTransformer) -> str:
@@ -413,8 +419,9 @@ def create_backbone(name: str, pretrained: str | None = None, **kwargs) -> MixVi
 
     Args:
         name: variant name.
-        pretrained: local path of encoder weights (SegFormer's ``mit_b*.pth`` or ours); ``None`` = random init
-            with a warning. Nothing is ever downloaded.
+        pretrained: local path of encoder weights: SegFormer's ``mit_b*.pth``, a Hugging Face download
+            (``model.safetensors``, ``pytorch_model.bin`` or their folder), an mmsegmentation MiT checkpoint, or
+            ours (see :mod:`tscd.models.weights`); ``None`` = random init with a warning. Nothing is downloaded.
         **kwargs: overrides of :class:`MixVisionTransformer` arguments (e.g. ``strides=(4, 2, 2, 1)``).
 
     Raises:
@@ -430,5 +437,6 @@ def create_backbone(name: str, pretrained: str | None = None, **kwargs) -> MixVi
         load_pretrained(model, pretrained)
     else:
         logger.warning("%s: NO PRETRAINED WEIGHTS given; the encoder is RANDOMLY INITIALISED. Fine for tests and "
-                       "demos, not for real training: pass the local path of SegFormer's %s.pth.", name, name)
+                       "demos, not for real training: pass the local path of ImageNet MiT weights (SegFormer's %s.pth, "
+                       "or a Hugging Face / mmsegmentation download; see the README).", name, name)
     return model
