@@ -120,6 +120,7 @@ class TrainConfig:
     run_dir: str = "runs/tscd"
     tensorboard: bool = True
     image_iters: int = 0  #: log CAM / pseudo-label / prediction images every N iterations (0: at validation)
+    plots: bool = True  #: at the end, write <run_dir>/val_grid.png and curves.png (matplotlib)
 
 
 @dataclass
