@@ -101,3 +101,36 @@ def test_curves_png_plots_every_loss_term_lr_and_miou(tmp_path, monkeypatch):
     assert {"segmentation head", "CAM label", "pseudo label"} <= set(labels)
     with pytest.raises(ValueError, match="empty history"):
         viz.save_curves(tmp_path / "d.png", [], val)
+
+
+TINY = """
+data: {dataset: demo, root: null, train_split: train, val_split: val, crop_size: 48, scale_range: [0.9, 1.1],
+       batch_size: 2, num_workers: 0, demo_num_train: 8, demo_num_val: 3, demo_size: 48}
+model: {name: tscd_mit_tiny, decoder_dim: 16}
+pseudo: {cam_scales: [1.0], refine_iters: 2}
+loss: {scd_samples: 4}
+optim: {lr: 1.0e-3, warmup_iters: 1}
+train: {max_iters: 3, cam_iters: 1, log_iters: 1, val_iters: 2, ckpt_iters: 100, tensorboard: false}
+"""
+
+
+@pytest.mark.parametrize("plots", [True, False])
+def test_tscd_train_writes_and_prints_the_pictures(tmp_path, capsys, plots):
+    from tscd.cli import main
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--run-dir", str(run), f"train.plots={str(plots).lower()}"]) == 0
+    out = capsys.readouterr().out
+    grid, curves = run / "val_grid.png", run / "curves.png"
+    if not plots:
+        assert not grid.exists() and not curves.exists() and "picture" not in out
+        return
+    assert f"picture (grid): {grid}" in out and f"picture (curves): {curves}" in out
+    with Image.open(grid) as g, Image.open(curves) as c:
+        assert g.format == c.format == "PNG"
+        assert g.size[0] == round(5 * 1.5 * 80) and g.size[1] > 3 * 1.5 * 80  # 3 val images, 5 columns
+        assert c.size == (13 * 80, round(3.6 * 80))
+    # the validations at iterations 2 and 3 are both in the log the curves read
+    assert [v["iteration"] for v in viz.read_val_log(run / "train.log")] == [2, 3]
