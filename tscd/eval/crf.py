@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from tscd.errors import UnavailableError
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,9 +45,9 @@ def get_dense_crf() -> Callable[..., Tensor]:
     try:
         from tscd.kernels import dense_crf
     except ImportError as err:
-        raise RuntimeError(f"CRF post-processing (--crf) needs tscd.kernels.dense_crf (the permutohedral dense CRF "
-                           f"of SPEC.md 6-7), which this tscd installation does not provide ({err}); update tscd, "
-                           f"or run without --crf") from None
+        raise UnavailableError(f"CRF post-processing (--crf) needs tscd.kernels.dense_crf (the permutohedral "
+                               f"dense CRF, docs/method.md), which this tscd installation does not provide ({err}); update tscd, "
+                               f"or run without --crf") from None
     return dense_crf
 
 

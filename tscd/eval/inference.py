@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tscd.config import Config, ConfigError, _apply, parse_override
+from tscd.errors import CheckpointError
 from tscd.models import MIT_CONFIGS, MODEL_CONFIGS, TSCD_STRIDES, MixVisionTransformer, TSCDNet, create_model
 from tscd.models._checkpoint import check_state_dict, strip_prefixes, unwrap_state_dict
 from tscd.models.cam import CAM_NORM_EPS
@@ -59,11 +60,11 @@ def _read(path: Path) -> dict:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
-            raise RuntimeError(f"checkpoint {str(path)!r} is unreadable or corrupt ({type(err).__name__}: {err}; "
+            raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or corrupt ({type(err).__name__}: {err}; "
                                f"with weights_only=True: {type(first).__name__})") from None
         logger.debug("%s needed torch.load(weights_only=False)", path)
     if not isinstance(obj, dict):
-        raise RuntimeError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict")
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict")
     return obj
 
 
