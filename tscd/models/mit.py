@@ -47,6 +47,8 @@ BLOCK_NORM_EPS: float = 1e-6
 AttnBlocks = Union[None, str, Sequence[tuple[int, int]]]
 
 #: MiT variants (SegFormer): dims and depths; heads (1, 2, 5, 8), sr (8, 4, 2, 1), MLP ratio 4 for all.
+#: Variants SegFormer released ImageNet weights for (``mit_b*.pth``).
+SEGFORMER_RELEASED: frozenset[str] = frozenset(f"mit_b{i}" for i in range(6))
 MIT_CONFIGS: dict[str, dict[str, tuple[int, ...]]] = {
     "mit_b0": {"embed_dims": (32, 64, 160, 256), "depths": (2, 2, 2, 2)},
     "mit_b1": {"embed_dims": (64, 128, 320, 512), "depths": (2, 2, 2, 2)},
@@ -428,7 +430,10 @@ def create_backbone(name: str, pretrained: str | None = None, **kwargs) -> MixVi
     model = MixVisionTransformer(**cfg)
     if pretrained is not None:
         load_pretrained(model, pretrained)
-    else:
+    elif name in SEGFORMER_RELEASED:
         logger.warning("%s: NO PRETRAINED WEIGHTS given; the encoder is RANDOMLY INITIALISED. Fine for tests and "
                        "demos, not for real training: pass the local path of SegFormer's %s.pth.", name, name)
+    else:  # a test-size variant: no released weights exist for it
+        logger.warning("%s: the encoder is RANDOMLY INITIALISED (a test-size variant without released weights; "
+                       "use mit_b0 .. mit_b5 with SegFormer's ImageNet weights for real training).", name)
     return model
