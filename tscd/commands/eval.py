@@ -47,8 +47,14 @@ def default_out_dir(checkpoint: str | Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from tscd.eval.crf import CRFParams
-    from tscd.eval.evaluator import OUTPUT_TITLES, OUTPUTS, build_eval_dataset, evaluate, protocol_settings, \
-        rank_and_world
+    from tscd.eval.evaluator import (
+        OUTPUT_TITLES,
+        OUTPUTS,
+        build_eval_dataset,
+        evaluate,
+        protocol_settings,
+        rank_and_world,
+    )
     from tscd.eval.inference import load_model, resolve_device
     from tscd.eval.outputs import format_table, unique_stem, write_results
 

@@ -8,8 +8,8 @@ and differ between samples, epochs and seeds, but not with the number of workers
 Bad files: cheap checks (the image exists, the mask exists, the class vector is present, of the
 right length and not empty when training) run at construction; decoding checks (corrupt image,
 mask size, mask values, class vector vs mask) run when an item is loaded. Each raises an error that
-names the file. With ``skip_bad=True`` (config ``data.skip_bad: true``) a bad sample is instead logged as a warning and counted in
-``num_skipped``: at construction it is dropped; when loading, the next index is loaded instead
+names the file. With ``skip_bad=True`` (config ``data.skip_bad: true``) a bad sample is instead logged as a
+warning and counted in ``num_skipped``: at construction it is dropped; when loading, the next index is loaded instead
 (counts made inside DataLoader workers stay in those workers; the warnings reach the log).
 """
 from __future__ import annotations
