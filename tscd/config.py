@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Dataset and loader (SPEC.md 5)."""
+    """Dataset and loader (docs/method.md 5)."""
 
     dataset: str = "voc"  #: voc | coco | custom | demo
     root: str | None = None  #: dataset root (demo: None generates the data in memory)
@@ -44,7 +44,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Network (SPEC.md 2)."""
+    """Network (docs/method.md 2)."""
 
     name: str = "tscd_mit_b1"  #: tscd_mit_b0 .. tscd_mit_b5
     pretrained: str | None = None  #: local path of SegFormer ImageNet MiT weights (mit_b1.pth); None: random init
@@ -56,7 +56,7 @@ class ModelConfig:
 
 @dataclass
 class PseudoLabelConfig:
-    """Multi-scale CAMs and their VARM refinement (SPEC.md 3, 4.1)."""
+    """Multi-scale CAMs and their VARM refinement (docs/method.md 3, 4.1)."""
 
     cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5)
     bkg_high: float = 0.55  #: background score of the "high" refinement
@@ -70,7 +70,7 @@ class PseudoLabelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights and options (SPEC.md 4)."""
+    """Loss weights and options (docs/method.md 4)."""
 
     cls: float = 1.0
     seg: float = 0.1
@@ -89,7 +89,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with poly schedule and warm-up (SPEC.md 4.7)."""
+    """AdamW with poly schedule and warm-up (docs/method.md 4.7)."""
 
     lr: float = 6e-5
     weight_decay: float = 0.01

@@ -1,4 +1,4 @@
-"""Loading a trained checkpoint and running single- and multi-scale (+ flip) inference (SPEC.md 6).
+"""Loading a trained checkpoint and running single- and multi-scale (+ flip) inference (docs/method.md 6).
 
 Multi-scale + flip test (AFA's ``test_msc_flip.py``): the image is resized so that its long side is ``resize_long``
 (512); for each scale s the batch is resized bilinearly to ``(int(s*h), int(s*w))`` and run *together with its
@@ -28,7 +28,7 @@ from tscd.models.cam import CAM_NORM_EPS
 
 logger = logging.getLogger(__name__)
 
-#: AFA's test scales for the segmentation head (SPEC.md 6).
+#: AFA's test scales for the segmentation head (docs/method.md 6).
 DEFAULT_SEG_SCALES: tuple[float, ...] = (1.0, 0.5, 0.75)
 #: Long side of the resized test image.
 DEFAULT_RESIZE_LONG: int = 512

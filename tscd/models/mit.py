@@ -1,6 +1,6 @@
 """Mix Transformer (MiT), the SegFormer encoder, with configurable stage strides and attention maps.
 
-Written from the SegFormer paper (Xie et al., NeurIPS 2021) and SPEC.md 2; timm's ``pvt_v2.py`` served as a
+Written from the SegFormer paper (Xie et al., NeurIPS 2021) and docs/method.md 2; timm's ``pvt_v2.py`` served as a
 style reference only. Building blocks (``DropPath``, ``trunc_normal_``) come from timm.
 
 Architecture (per stage i = 1..4, dims C_i, heads h_i, reduction sr_i, depth d_i):
@@ -16,7 +16,7 @@ Architecture (per stage i = 1..4, dims C_i, heads h_i, reduction sr_i, depth d_i
 State-dict keys equal those of SegFormer's released ImageNet MiT checkpoints (``mit_b*.pth``); ``head.*`` of
 those files (the ImageNet classifier) is dropped by :func:`checkpoint_filter_fn`.
 
-Attention maps (SPEC.md 2): a block can return the raw, unscaled, pre-softmax logits ``q k^T`` of shape
+Attention maps (docs/method.md 2): a block can return the raw, unscaled, pre-softmax logits ``q k^T`` of shape
 ``(B, heads, N_kv, N_kv)``: the query axis is average-pooled with an ``sr x sr`` window (so that it matches the
 key grid), which is the identity where ``sr = 1`` (stage 4). They are computed only when asked; otherwise the
 block uses ``F.scaled_dot_product_attention``.
@@ -37,9 +37,9 @@ from tscd.models._checkpoint import load_weights, strip_prefixes, unwrap_state_d
 
 logger = logging.getLogger(__name__)
 
-#: LayerNorm eps of the patch embeddings and of the key/value reduction (SPEC.md 2).
+#: LayerNorm eps of the patch embeddings and of the key/value reduction (docs/method.md 2).
 PATCH_NORM_EPS: float = 1e-5
-#: LayerNorm eps of the blocks' norm1/norm2 and of the stage norms (SPEC.md 2).
+#: LayerNorm eps of the blocks' norm1/norm2 and of the stage norms (docs/method.md 2).
 BLOCK_NORM_EPS: float = 1e-6
 
 #: Which blocks return attention maps: ``None`` (none), ``"all"``, or ``(stage, block)`` pairs, 0-based, negative
