@@ -281,3 +281,19 @@ def test_no_spec_md_in_the_repository():
         if "SPEC.md" in path.read_text(errors="replace"):
             found.append(str(path.relative_to(ROOT)))
     assert not found, f"cite docs/method.md instead of SPEC.md in: {found}"
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--checkpoint", "{tmp}/none.pt"],
+    ["infer", "--checkpoint", "{tmp}/none.pt", "{tmp}", "--out", "{tmp}/o"],
+    ["pseudo-labels", "--checkpoint", "{tmp}/none.pt", "--out", "{tmp}/o"],
+    ["data", "voc", "--root", "{tmp}/nope"],
+    ["bench", "no_such_op"],
+    ["train", "--config", "{tmp}/none.yaml"],
+])
+def test_every_command_reports_user_errors_in_one_line(argv, tmp_path, capsys):
+    rc = main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith(f"tscd {argv[0]}: error: ")]
+    assert len(lines) == 1, err
