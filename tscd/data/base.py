@@ -213,28 +213,32 @@ class SegmentationDataset(Dataset):
         raise DataError(f"{self.source}: {MAX_SKIP_TRIES} consecutive bad samples from index {index}; "
                         "giving up (check the data with `tscd data check`)")
 
-    def check_masks(self, indices: Sequence[int] | None = None) -> list[tuple[int, str]]:
+    def check_masks(self, indices: Sequence[int] | None = None, workers: int = 4) -> list[tuple[int, str]]:
         """Decode and validate the masks of ``indices`` (default: all) without decoding the images: what evaluation
-        needs, cheaply, before a run starts. An entry without a mask is an error too.
+        needs, cheaply, before a run starts (``workers`` threads). An entry without a mask is an error too.
 
         Returns:
             (index, message) of each bad entry, the message naming the file.
         """
+        from concurrent.futures import ThreadPoolExecutor
+
         from PIL import Image
 
-        errors = []
-        for i in range(len(self)) if indices is None else indices:
+        def check(i: int) -> tuple[int, str] | None:
             s = self.samples[i]
             if s.mask_path is None:
-                errors.append((i, f"{self.source}: image {s.name!r} has no mask; evaluation needs masks"))
-                continue
+                return i, f"{self.source}: image {s.name!r} has no mask; evaluation needs masks"
             try:
                 with Image.open(s.image_path) as im:  # the header only
                     size = (im.height, im.width)
                 load_mask(s.mask_path, self.num_classes, image_size=size)
             except (DataError, OSError, SyntaxError) as exc:
-                errors.append((i, str(exc)))
-        return errors
+                return i, str(exc)
+            return None
+
+        indices = list(range(len(self)) if indices is None else indices)
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(indices)))) as pool:  # PNG decoding drops the GIL
+            return [r for r in pool.map(check, indices) if r is not None]
 
     def drop(self, indices: Sequence[int]) -> None:
         """Remove the entries at ``indices`` (e.g. bad masks found by :meth:`check_masks`)."""

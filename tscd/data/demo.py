@@ -184,7 +184,7 @@ class DemoDataset(SegmentationDataset):
     def name_of(self, index: int) -> str:
         return demo_name(self.split, index)
 
-    def check_masks(self, indices=None) -> list[tuple[int, str]]:
+    def check_masks(self, indices=None, workers: int = 4) -> list[tuple[int, str]]:
         """Generated masks are always valid."""
         return []
 
