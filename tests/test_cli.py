@@ -297,3 +297,20 @@ def test_every_command_reports_user_errors_in_one_line(argv, tmp_path, capsys):
     assert rc == 2 and "Traceback" not in err
     lines = [ln for ln in err.strip().splitlines() if ln.startswith(f"tscd {argv[0]}: error: ")]
     assert len(lines) == 1, err
+
+
+def test_data_error_during_training_is_one_line_and_logged(tiny, tmp_path, capsys):
+    """A file that passes the start-up checks but does not decode: one line, exit 2, and the line is in train.log."""
+    from tscd.data.demo import write_demo
+
+    root = tmp_path / "demo"
+    write_demo(root, num_train=2, num_val=2, size=64)
+    for img in (root / "JPEGImages").glob("demo_train_*.png"):
+        img.write_bytes(b"not a png")
+    run = tmp_path / "run"
+    rc = main(["train", "--config", str(tiny), "--run-dir", str(run), f"data.root={root}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    line = next(ln for ln in err.splitlines() if ln.startswith("tscd train: error: "))
+    assert "demo_train_0000" in line
+    assert line in (run / "train.log").read_text()

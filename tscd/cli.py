@@ -54,6 +54,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 
+def _to_log_files(line: str) -> None:
+    """Record a user error in the log files (e.g. a run's train.log), which the console line does not reach."""
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (line,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
     """Take the config overrides out of a command's arguments.
 
@@ -153,5 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         message = str(err).strip() or type(err).__name__
-        print(f"tscd {args.command}: error: {' '.join(message.splitlines())}", file=sys.stderr)
+        line = f"tscd {args.command}: error: {' '.join(message.splitlines())}"
+        print(line, file=sys.stderr)
+        _to_log_files(line)
         return 2
