@@ -104,16 +104,17 @@ def remove_stale_tmp(run_dir: str | Path) -> list[Path]:
     return removed
 
 
-def find_resumable(run_dir: str | Path, map_location="cpu") -> tuple[Path, dict] | None:
+def find_resumable(run_dir: str | Path, map_location="cpu", quarantine: bool = False) -> tuple[Path, dict] | None:
     """The newest checkpoint of ``run_dir`` that loads and holds a trainer state, as (path, state); None if the run
     has no checkpoint. Unreadable ones (truncated, corrupt, not a trainer checkpoint) are skipped with a warning
-    that names the file and the reason.
+    that names the file and the reason; with ``quarantine`` the skipped files newer than the one resumed from are
+    renamed ``<name>.corrupt`` (kept for inspection, no longer counted by ``keep_ckpts`` or found by a resume).
 
     Raises:
         RuntimeError: the run has checkpoints but none of them loads (lists them and why).
     """
     found = list_checkpoints(run_dir)
-    skipped = []
+    skipped, bad = [], []
     for _, path in reversed(found):
         try:
             state = load_checkpoint(path, map_location=map_location)
@@ -123,9 +124,17 @@ def find_resumable(run_dir: str | Path, map_location="cpu") -> tuple[Path, dict]
         except (RuntimeError, OSError) as err:
             logger.warning("resume: skipping %s: %s", path, err)
             skipped.append(f"{path.name}: {err}")
+            bad.append(path)
             continue
         if skipped:
             logger.warning("resume: skipped %d unreadable newer checkpoint(s); resuming from %s", len(skipped), path)
+        if quarantine:
+            for b in bad:
+                try:
+                    b.rename(b.with_name(b.name + ".corrupt"))
+                    logger.warning("resume: renamed %s to %s.corrupt", b, b.name)
+                except OSError:
+                    pass
         return path, state
     if skipped:
         raise CheckpointError(f"resume: none of the {len(skipped)} checkpoint(s) in {Path(run_dir) / 'checkpoints'} "

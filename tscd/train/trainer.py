@@ -266,7 +266,7 @@ class Trainer:
         if resume == "never":
             return
         if resume == "auto":  # the newest checkpoint that loads; corrupt / truncated ones are skipped and named
-            found = ckpt.find_resumable(self.run_dir, map_location=self.device)
+            found = ckpt.find_resumable(self.run_dir, map_location=self.device, quarantine=self.dist.is_main)
             if found is None:
                 return
             path, state = found
