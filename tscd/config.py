@@ -365,6 +365,9 @@ RANGES: dict[str, Range] = {
     "train.keep_ckpts": _ONE,
     "train.seed": _NONNEG,
     "train.image_iters": Range(0, meaning="0: log images at validation"),
+    # keys being added on other branches (skipped while absent)
+    "data.pad_value": Range(0, 255, meaning="RGB on the 0..255 scale"),
+    "train.accum_steps": _ONE,
 }
 #: Tuple keys that must not be empty.
 NON_EMPTY: tuple[str, ...] = ("pseudo.cam_scales", "pseudo.dilations")
@@ -382,6 +385,8 @@ def check_ranges(cfg: Config) -> None:
         if where in NON_EMPTY and not values:
             raise ConfigError(f"config: `{where}` must not be empty")
         for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue  # a name (e.g. data.pad_value: black) is checked where it is resolved
             if not rng.contains(v):
                 what = f"every value of `{where}`" if isinstance(value, (tuple, list)) else f"`{where}`"
                 hint = f" ({rng.meaning})" if rng.meaning else ""
