@@ -321,3 +321,19 @@ def test_data_error_during_training_is_one_line_and_logged(tiny, tmp_path, capsy
     line = next(ln for ln in err.splitlines() if ln.startswith("tscd train: error: "))
     assert "demo_train_0000" in line
     assert line in (run / "train.log").read_text()
+
+
+def test_console_logging_follows_sys_stderr(monkeypatch, capsys):
+    """A stream replaced and closed after set-up (as test harnesses do) must not break later log records."""
+    import io
+
+    from tscd.cli import setup_logging
+
+    old = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", old)
+    setup_logging()
+    old.close()
+    monkeypatch.undo()
+    logging.getLogger("tscd.test").warning("after the swap")
+    err = capsys.readouterr().err
+    assert "after the swap" in err and "Logging error" not in err

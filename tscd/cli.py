@@ -92,9 +92,22 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
     return rest, overrides, notes
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (not the stream current at set-up, which may
+    have been replaced and closed since, e.g. by a test harness capturing output)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(verbose: bool = False, log_file: str | None = None) -> None:
     """Console (and optional file) logging for CLI runs; library code only uses module loggers."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [_StderrHandler()]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(
