@@ -1,4 +1,4 @@
-// correlation (SCD loss, SPEC.md 4.2): the per-pair math, written once and shared by the CPU
+// correlation (SCD loss, docs/method.md 4.2): the per-pair math, written once and shared by the CPU
 // (csrc/cpu/correlation_cpu.cpp) and CUDA (csrc/cuda/correlation_cuda.cu) kernels; the .cpp/.cu files
 // add only tiling, loops and launches.
 //

@@ -1,4 +1,4 @@
-// permutohedral (SPEC.md 4.5, 6): the lattice math of Adams, Baek & Davis (2010), "Fast High-Dimensional
+// permutohedral (docs/method.md 4.5, 6): the lattice math of Adams, Baek & Davis (2010), "Fast High-Dimensional
 // Filtering Using the Permutohedral Lattice", written once and shared by the CPU (csrc/cpu/permutohedral_cpu.cpp)
 // and CUDA (csrc/cuda/permutohedral_cuda.cu) kernels. The .cpp/.cu files add the hash tables, loops and launches.
 //

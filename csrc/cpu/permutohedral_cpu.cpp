@@ -246,7 +246,7 @@ at::Tensor permutohedral_cpu(const char* op, const at::Tensor& values, const at:
   return out;
 }
 
-// Mean-field dense CRF (SPEC.md 6): the lattice of each kernel and image is built once for all iterations.
+// Mean-field dense CRF (docs/method.md 6): the lattice of each kernel and image is built once for all iterations.
 at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::ArrayRef<double> weights,
                          int64_t num_iter) {
   const char* op = "dense_crf";

@@ -1,4 +1,4 @@
-"""The vectorised random walk against a naive loop implementation of SPEC.md 6 / AFA's propagation."""
+"""The vectorised random walk against a naive loop implementation of docs/method.md 6 / AFA's propagation."""
 import pytest
 import torch
 import torch.nn.functional as F

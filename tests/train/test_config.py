@@ -63,3 +63,75 @@ def test_bare_off_means_off(tmp_path):
     p.write_text("data:\n  dataset: demo\ntrain:\n  amp: off\nloss:\n  er_mode: off\n")
     cfg = load_config(p, ["train.amp=off"])
     assert cfg.train.amp == "off" and cfg.loss.er_mode == "off"
+
+
+# -- ranges of numeric keys (issue 14, item 3) ---------------------------------------------------------------------
+
+#: interval keys: is 0 legal (it means "only at the end" / "none"), while negative values never are
+INTERVAL_KEYS = {"train.max_iters": False, "train.cam_iters": True, "train.log_iters": False,
+                 "train.val_iters": True, "train.ckpt_iters": True, "train.keep_ckpts": False,
+                 "train.image_iters": True, "optim.warmup_iters": True, "pseudo.refine_iters": True}
+
+
+@pytest.mark.parametrize("key", sorted(INTERVAL_KEYS))
+@pytest.mark.parametrize("value", [0, -1, -1000])
+def test_interval_keys_zero_and_negative(key, value):
+    text = f"{key}={value}"
+    if value == 0 and INTERVAL_KEYS[key]:
+        section, name = key.split(".")
+        assert getattr(getattr(load_config(ROOT / "configs" / "demo.yaml", [text]), section), name) == 0
+    else:
+        with pytest.raises(ConfigError, match=rf"`{key}` must be >= [01]( \(.*\))?; got {value}$"):
+            load_config(ROOT / "configs" / "demo.yaml", [text])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("optim.lr=0", r"`optim.lr` must be > 0; got 0.0"),
+    ("optim.lr=.nan", r"`optim.lr` must be > 0; got nan"),
+    ("loss.seg=-0.1", r"`loss.seg` must be >= 0; got -0.1"),
+    ("loss.scd_scale=1.5", r"`loss.scd_scale` must be in \(0, 1\]; got 1.5"),
+    ("pseudo.bkg_high=1.2", r"`pseudo.bkg_high` must be in \[0, 1\]"),
+    ("pseudo.cam_scales=[1.0, 0]", r"every value of `pseudo.cam_scales` must be > 0; got \(1.0, 0.0\)"),
+    ("pseudo.cam_scales=[]", r"`pseudo.cam_scales` must not be empty"),
+    ("pseudo.dilations=[1, 0]", r"every value of `pseudo.dilations` must be >= 1"),
+    ("optim.betas=[0.9, 1.0]", r"every value of `optim.betas` must be in \[0, 1\)"),
+    ("data.num_workers=-1", r"`data.num_workers` must be >= 0"),
+    ("data.val_num=0", r"`data.val_num` must be >= 1 \(null validates on every image\); got 0"),
+    ("data.scale_range=[2.0, 0.5]", r"low <= high"),
+    ("pseudo.bkg_low=0.6", r"`pseudo.bkg_low` \(0.6\) must be <= `pseudo.bkg_high` \(0.55\)"),
+    ("model.drop_path_rate=1.0", r"`model.drop_path_rate` must be in \[0, 1\)"),
+])
+def test_numeric_ranges(text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs" / "demo.yaml", [text])
+
+
+def test_every_numeric_key_has_a_range():
+    """A numeric key added to the dataclasses without an entry in RANGES would skip validation."""
+    import dataclasses
+    import typing
+
+    from tscd.config import RANGES, Config
+
+    def numeric(tp) -> bool:
+        args = typing.get_args(tp)
+        return tp in (int, float) or any(numeric(a) for a in args if a is not type(None) and a is not Ellipsis)
+
+    missing = []
+    for sec in dataclasses.fields(Config):
+        for name, tp in typing.get_type_hints(sec.default_factory).items():
+            if numeric(tp) and f"{sec.name}.{name}" not in RANGES:
+                missing.append(f"{sec.name}.{name}")
+    assert not missing, f"numeric config keys without a range in tscd.config.RANGES: {missing}"
+
+
+def test_fit_max_iters_scales_the_warm_up():
+    from tscd.config import fit_max_iters, validate
+
+    cfg = load_config(ROOT / "configs" / "voc.yaml", check=False)
+    notes = fit_max_iters(cfg, 100)
+    validate(cfg)
+    assert (cfg.train.max_iters, cfg.train.cam_iters, cfg.optim.warmup_iters) == (100, 10, 7)
+    assert len(notes) == 2 and "`train.cam_iters` 2000 > 100" in notes[0] and "to 10" in notes[0]
+    cfg = load_config(ROOT / "configs" / "voc.yaml", check=False)
+    assert fit_max_iters(cfg, 5000) == [] and cfg.train.cam_iters == 2000  # fits: unchanged

@@ -1,4 +1,4 @@
-"""Datasets, transforms and loaders (SPEC.md 5): PASCAL VOC, COCO 2014, custom folders, a generated demo set.
+"""Datasets, transforms and loaders (docs/method.md 5): PASCAL VOC, COCO 2014, custom folders, a generated demo set.
 
 The interface the trainer and evaluator rely on
 -----------------------------------------------

@@ -1,4 +1,4 @@
-"""Training and evaluation transforms (SPEC.md 5), and (de)normalisation.
+"""Training and evaluation transforms (docs/method.md 5), and (de)normalisation.
 
 A transform maps ``(img uint8 (H, W, 3), label uint8 (H, W) or None, rng)`` to
 ``(img float32 (3, h, w), label int64 (h, w) or None, img_box int64 (4,))``. All randomness comes
@@ -33,7 +33,7 @@ def normalize(img: np.ndarray) -> torch.Tensor:
 
 
 def denormalize(img: torch.Tensor) -> torch.Tensor:
-    """Undo :func:`normalize`: normalised image -> float image in [0, 1] (for VARM/PAR, SPEC.md 3).
+    """Undo :func:`normalize`: normalised image -> float image in [0, 1] (for VARM/PAR, docs/method.md 3).
 
     Args:
         img: float tensor (3, H, W) or (B, 3, H, W), any device, ImageNet-normalised.
@@ -69,7 +69,7 @@ class EvalTransform:
 
 
 class TrainTransform:
-    """Training augmentation of SPEC.md 5: rescale, flip, pad, crop, normalise.
+    """Training augmentation of docs/method.md 5: rescale, flip, pad, crop, normalise.
 
     Steps, in order: rescale by ``r ~ U(scale_range)`` (bilinear image, nearest label; output size
     ``round(r * H), round(r * W)``, at least 1); horizontal flip with probability ``flip_prob``;

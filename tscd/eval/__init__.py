@@ -1,4 +1,4 @@
-"""Evaluation and inference (SPEC.md 6): metrics, multi-scale inference, random walk, CRF, outputs.
+"""Evaluation and inference (docs/method.md 6): metrics, multi-scale inference, random walk, CRF, outputs.
 
 * :mod:`tscd.eval.metrics`: :class:`ConfusionMatrix` (on the device, reduced over ranks) and the mIoU convention.
 * :mod:`tscd.eval.inference`: :func:`load_model` (a checkpoint -> TSCDNet), :func:`forward_multi_scale`.

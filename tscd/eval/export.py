@@ -1,4 +1,4 @@
-"""Exporting the refined pseudo labels of a split as palette PNGs (``tscd pseudo-labels``), SPEC.md 3.
+"""Exporting the refined pseudo labels of a split as palette PNGs (``tscd pseudo-labels``), docs/method.md 3.
 
 For users who train a second-stage segmenter (e.g. DeepLab) on TSCD's pseudo labels. Each image, at its native size:
 multi-scale CAM (:func:`tscd.models.multi_scale_cam`, scales of ``pseudo.cam_scales``) with the image-level labels,

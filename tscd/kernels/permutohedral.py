@@ -1,5 +1,5 @@
-"""permutohedral: Gaussian filtering on a permutohedral lattice, the CRF energy loss (SPEC.md 4.5) and
-mean-field dense-CRF inference (SPEC.md 6).
+"""permutohedral: Gaussian filtering on a permutohedral lattice, the CRF energy loss (docs/method.md 4.5) and
+mean-field dense-CRF inference (docs/method.md 6).
 
 The filter computes, for values V (B, K, N) and features f (B, D, N) (each feature divided by its sigma),
 
@@ -130,7 +130,7 @@ def _check_image(op: str, name: str, image: torch.Tensor, batched_only: bool) ->
 def dense_energy_loss(images: torch.Tensor, probs: torch.Tensor, roi: torch.Tensor, label: torch.Tensor, *,
                       sigma_rgb: float = 15.0, sigma_xy: float = 100.0, scale: float = 0.5, weight: float = 1e-7,
                       backend: str = "auto") -> torch.Tensor:
-    """CRF energy ("reg") loss of Tang et al., SPEC.md 4.5, on the inputs' device (no host sync on GPU).
+    """CRF energy ("reg") loss of Tang et al., docs/method.md 4.5, on the inputs' device (no host sync on GPU).
 
     At ``scale`` (0.5): image, ROI and label resized nearest, ``probs`` bilinear (S). Then
     Gate = max(ROI - max_k S, 0), 1 on ignored (255) pixels; S <- S * ROI; AS = W S (features
@@ -142,7 +142,7 @@ def dense_energy_loss(images: torch.Tensor, probs: torch.Tensor, roi: torch.Tens
         probs: (B, K, H, W) float softmax probabilities, same device; the gradient flows here.
         roi: (B, H, W) 1 inside the image box, 0 outside (any dtype).
         label: (B, H, W) integer (pseudo) labels; 255 = ignore.
-        sigma_rgb, sigma_xy, scale, weight: SPEC.md 4.5 defaults 15, 100, 0.5, 1e-7.
+        sigma_rgb, sigma_xy, scale, weight: docs/method.md 4.5 defaults 15, 100, 0.5, 1e-7.
         backend: ``"auto"``, ``"cuda"``, ``"cpp"`` or ``"torch"`` (exact, at most 16384 points after scaling).
 
     Returns:
@@ -186,7 +186,7 @@ def dense_energy_loss(images: torch.Tensor, probs: torch.Tensor, roi: torch.Tens
 def dense_crf(image: torch.Tensor, probs: torch.Tensor, *, num_iter: int = 10, gauss_sxy: float = 3.0,
               gauss_compat: float = 3.0, bilateral_sxy: float = 64.0, bilateral_srgb: float = 5.0,
               bilateral_compat: float = 4.0, backend: str = "auto") -> torch.Tensor:
-    """Mean-field inference of a fully-connected CRF (Kraehenbuehl & Koltun 2011), the model of SPEC.md 6.
+    """Mean-field inference of a fully-connected CRF (Kraehenbuehl & Koltun 2011), the model of docs/method.md 6.
 
     U = -log(clip(p, 1e-5)); Q = softmax(-U); ``num_iter`` times Q = softmax(-U + sum_k w_k N_k(Q)) with
     N_k(Q) = D^-1/2 K_k D^-1/2 Q, D = diag(K_k 1), a Gaussian kernel on (x, y)/gauss_sxy (w = gauss_compat)
@@ -196,7 +196,7 @@ def dense_crf(image: torch.Tensor, probs: torch.Tensor, *, num_iter: int = 10, g
     Args:
         image: (3, H, W) or (B, 3, H, W) uint8 or float image, 0..255, same device as ``probs``.
         probs: (B, K, H, W) float class probabilities (softmax), K >= 1.
-        num_iter: mean-field iterations (>= 0). Other arguments: SPEC.md 6 defaults.
+        num_iter: mean-field iterations (>= 0). Other arguments: docs/method.md 6 defaults.
         backend: ``"auto"``, ``"cuda"``, ``"cpp"`` or ``"torch"`` (exact, H*W <= 16384).
 
     Returns:

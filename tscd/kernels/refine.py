@@ -1,4 +1,4 @@
-"""refine: VARM (TSCD) and PAR (AFA) pixel-adaptive refinement of class maps, SPEC.md 4.1.
+"""refine: VARM (TSCD) and PAR (AFA) pixel-adaptive refinement of class maps, docs/method.md 4.1.
 
 For every pixel p of an image I (3 channels, [0, 1]) and its n = 8 * len(dilations) neighbours
 q_o = clamp(p + d * o) (3x3 offsets without the centre, dilation-major, replicate border):
@@ -63,7 +63,7 @@ def refine(image: torch.Tensor, cam: torch.Tensor, *, dilations: Sequence[int] =
            num_iter: int = 10, mode: str = "varm", rgb_scale: float | None = None, aux_weight: float = 0.01,
            pos_scale: float = 0.3, num_channels: Sequence[int] | torch.Tensor | None = None,
            backend: str = "auto") -> torch.Tensor:
-    """Refine class maps with image-guided propagation (VARM or PAR), SPEC.md 4.1.
+    """Refine class maps with image-guided propagation (VARM or PAR), docs/method.md 4.1.
 
     Several maps of one image share its weights: to refine both background thresholds of the
     pseudo labels, concatenate them along K and make one call for the whole batch. Images with

@@ -1,4 +1,4 @@
-"""Multi-scale class activation maps for pseudo labels (SPEC.md 3).
+"""Multi-scale class activation maps for pseudo labels (docs/method.md 3).
 
 For each scale s: resize the batch bilinearly (``align_corners=False``) to ``(int(s*h), int(s*w))`` (scale 1 is
 used as is), compute the CAMs of the image and of its horizontal flip, upsample them to ``(h, w)`` (bilinear,
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from tscd.models.tscd_net import _unwrap
 
-#: Added to the per-map maximum before dividing (SPEC.md 3).
+#: Added to the per-map maximum before dividing (docs/method.md 3).
 CAM_NORM_EPS: float = 1e-5
 
 

@@ -1,6 +1,6 @@
 """Mix Transformer (MiT), the SegFormer encoder, with configurable stage strides and attention maps.
 
-Written from the SegFormer paper (Xie et al., NeurIPS 2021) and SPEC.md 2; timm's ``pvt_v2.py`` served as a
+Written from the SegFormer paper (Xie et al., NeurIPS 2021) and docs/method.md 2; timm's ``pvt_v2.py`` served as a
 style reference only. Building blocks (``DropPath``, ``trunc_normal_``) come from timm.
 
 Architecture (per stage i = 1..4, dims C_i, heads h_i, reduction sr_i, depth d_i):
@@ -17,7 +17,7 @@ State-dict keys equal those of SegFormer's released ImageNet MiT checkpoints (``
 those files (the ImageNet classifier) is dropped by :func:`checkpoint_filter_fn`, which also reads Hugging Face
 and mmsegmentation MiT weights (:mod:`tscd.models.weights`).
 
-Attention maps (SPEC.md 2): a block can return the raw, unscaled, pre-softmax logits ``q k^T`` of shape
+Attention maps (docs/method.md 2): a block can return the raw, unscaled, pre-softmax logits ``q k^T`` of shape
 ``(B, heads, N_kv, N_kv)``: the query axis is average-pooled with an ``sr x sr`` window (so that it matches the
 key grid), which is the identity where ``sr = 1`` (stage 4). They are computed only when asked; otherwise the
 block uses ``F.scaled_dot_product_attention``.
@@ -38,9 +38,9 @@ from tscd.models.weights import convert_state_dict, read_mit_weights
 
 logger = logging.getLogger(__name__)
 
-#: LayerNorm eps of the patch embeddings and of the key/value reduction (SPEC.md 2).
+#: LayerNorm eps of the patch embeddings and of the key/value reduction (docs/method.md 2).
 PATCH_NORM_EPS: float = 1e-5
-#: LayerNorm eps of the blocks' norm1/norm2 and of the stage norms (SPEC.md 2).
+#: LayerNorm eps of the blocks' norm1/norm2 and of the stage norms (docs/method.md 2).
 BLOCK_NORM_EPS: float = 1e-6
 
 #: Which blocks return attention maps: ``None`` (none), ``"all"``, or ``(stage, block)`` pairs, 0-based, negative
@@ -48,6 +48,8 @@ BLOCK_NORM_EPS: float = 1e-6
 AttnBlocks = Union[None, str, Sequence[tuple[int, int]]]
 
 #: MiT variants (SegFormer): dims and depths; heads (1, 2, 5, 8), sr (8, 4, 2, 1), MLP ratio 4 for all.
+#: Variants SegFormer released ImageNet weights for (``mit_b*.pth``).
+SEGFORMER_RELEASED: frozenset[str] = frozenset(f"mit_b{i}" for i in range(6))
 MIT_CONFIGS: dict[str, dict[str, tuple[int, ...]]] = {
     "mit_b0": {"embed_dims": (32, 64, 160, 256), "depths": (2, 2, 2, 2)},
     "mit_b1": {"embed_dims": (64, 128, 320, 512), "depths": (2, 2, 2, 2)},
@@ -435,8 +437,11 @@ def create_backbone(name: str, pretrained: str | None = None, **kwargs) -> MixVi
     model = MixVisionTransformer(**cfg)
     if pretrained is not None:
         load_pretrained(model, pretrained)
-    else:
+    elif name in SEGFORMER_RELEASED:
         logger.warning("%s: NO PRETRAINED WEIGHTS given; the encoder is RANDOMLY INITIALISED. Fine for tests and "
                        "demos, not for real training: pass the local path of ImageNet MiT weights (SegFormer's %s.pth, "
                        "or a Hugging Face / mmsegmentation download; see the README).", name, name)
+    else:  # a test-size variant: no released weights exist for it
+        logger.warning("%s: the encoder is RANDOMLY INITIALISED (a test-size variant without released weights; "
+                       "use mit_b0 .. mit_b5 with SegFormer's ImageNet weights for real training).", name)
     return model

@@ -1,4 +1,4 @@
-"""SegFormer's all-MLP decode head, written from the SegFormer paper (Xie et al., NeurIPS 2021) and SPEC.md 1.
+"""SegFormer's all-MLP decode head, written from the SegFormer paper (Xie et al., NeurIPS 2021) and docs/method.md 1.
 
 Every encoder stage is projected to ``embed_dim`` channels by a per-pixel linear layer, resized to the
 stage-1 (1/4) grid bilinearly (``align_corners=False``), the four maps are concatenated (deepest first), fused

@@ -1,4 +1,4 @@
-"""The TSCD network (SPEC.md 1-2): MiT encoder, GMP classifier / CAM, SegFormer decoder, attention affinity head.
+"""The TSCD network (docs/method.md 1-2): MiT encoder, GMP classifier / CAM, SegFormer decoder, attention affinity head.
 
 Entry points, each explicit about what it runs:
 
@@ -27,7 +27,7 @@ from tscd.models.segformer_head import SegFormerHead
 
 logger = logging.getLogger(__name__)
 
-#: Learning-rate multipliers of the parameter groups (SPEC.md 2).
+#: Learning-rate multipliers of the parameter groups (docs/method.md 2).
 LR_MULT: dict[str, float] = {"encoder": 1.0, "encoder_norm": 0.0, "heads": 10.0, "decoder": 10.0}
 
 
@@ -168,7 +168,7 @@ def _unwrap(model: nn.Module, caller: str = "param_groups") -> nn.Module:
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.01) -> list[dict]:
-    """AdamW parameter groups (SPEC.md 2).
+    """AdamW parameter groups (docs/method.md 2).
 
     * ``encoder``: encoder weights, ``lr``, ``weight_decay``;
     * ``encoder_norm``: the encoder's LayerNorm parameters, lr 0 and weight decay 0 (frozen by the optimizer;
@@ -181,7 +181,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.01) -> lis
 
     Args:
         model: a :class:`TSCDNet`, possibly wrapped by DDP or torch.compile.
-        lr: base learning rate (6e-5 in SPEC.md 4.7).
+        lr: base learning rate (6e-5 in docs/method.md 4.7).
         weight_decay: AdamW weight decay of all groups but ``encoder_norm``.
 
     Raises:

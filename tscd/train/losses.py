@@ -1,4 +1,4 @@
-"""TSCD's loss terms (SPEC.md 4), other than the fused ops (SCD: tscd.kernels.correlation_loss; CRF energy:
+"""TSCD's loss terms (docs/method.md 4), other than the fused ops (SCD: tscd.kernels.correlation_loss; CRF energy:
 tscd.kernels.dense_energy_loss)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from tscd.constants import IGNORE_INDEX
 
 
 def cls_loss(cls_logits: torch.Tensor, cls_label: torch.Tensor) -> torch.Tensor:
-    """Multilabel soft-margin loss (mean BCE-with-logits) over the C classes (SPEC.md 4.4)."""
+    """Multilabel soft-margin loss (mean BCE-with-logits) over the C classes (docs/method.md 4.4)."""
     return F.multilabel_soft_margin_loss(cls_logits, cls_label)
 
 
@@ -32,7 +32,7 @@ def seg_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 
 
 def affinity_label(label: torch.Tensor, size: tuple[int, int], radius: int = 8) -> torch.Tensor:
-    """Pairwise affinity targets on the stage-4 grid (SPEC.md 4.3), vectorised.
+    """Pairwise affinity targets on the stage-4 grid (docs/method.md 4.3), vectorised.
 
     The label is nearest-resized to ``size`` and flattened; pair (u, v) is 1 for the same label,
     0 for different labels, 255 if either is 255 or their Chebyshev distance exceeds ``radius``.
@@ -51,7 +51,7 @@ def affinity_label(label: torch.Tensor, size: tuple[int, int], radius: int = 8) 
 
 
 def affinity_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """0.5 * sum_{y=1} (1 - P) / (n1 + 1) + 0.5 * sum_{y=0} P / (n0 + 1), counts over the batch (SPEC.md 4.3).
+    """0.5 * sum_{y=1} (1 - P) / (n1 + 1) + 0.5 * sum_{y=0} P / (n0 + 1), counts over the batch (docs/method.md 4.3).
 
     Args:
         pred: (B, N, N) predicted affinity in [0, 1]. target: (B, N, N) uint8 from :func:`affinity_label`.
@@ -62,7 +62,7 @@ def affinity_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def equivariance_loss(cam1: torch.Tensor, cam2: torch.Tensor) -> torch.Tensor:
-    """``er: grad`` (an extension, SPEC.md 4.6): mean |down(cam1) - cam2| over all C channels, with gradient.
+    """``er: grad`` (an extension, docs/method.md 4.6): mean |down(cam1) - cam2| over all C channels, with gradient.
 
     cam1: (B, C, h1, w1) CAM of view 1; cam2: (B, C, h2, w2) CAM of the downscaled view 2.
     """

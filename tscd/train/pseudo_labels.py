@@ -1,4 +1,4 @@
-"""Pseudo labels from multi-scale CAMs refined with VARM (or PAR), SPEC.md 3.
+"""Pseudo labels from multi-scale CAMs refined with VARM (or PAR), docs/method.md 3.
 
 The reference refines each image twice (background scores 0.55 and 0.35), one call at a time. Here
 both thresholds of every image go through one batched ``refine`` call: the weights depend on the
@@ -29,7 +29,7 @@ def refine_cams_with_bkg(image01: torch.Tensor, cams: torch.Tensor, cls_label: t
                          img_box: torch.Tensor | None = None, *, bkg_high: float = 0.55, bkg_low: float = 0.35,
                          scale: float = 0.5, mode: str = "varm", num_iter: int = 10,
                          dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), backend: str = "auto") -> torch.Tensor:
-    """VARM-refined pseudo labels with two background thresholds (SPEC.md 3).
+    """VARM-refined pseudo labels with two background thresholds (docs/method.md 3).
 
     Args:
         image01: (B, 3, H, W) de-normalised images in [0, 1].

@@ -1,10 +1,11 @@
-"""The TSCD training loop (SPEC.md 1, 3, 4, 4.7): one process, or several with torchrun + DDP.
+"""The TSCD training loop (docs/method.md): one process, or several with torchrun + DDP.
 
 Per iteration t (1-based):
     t <= cam_iters: L = L_cls (the other terms are not computed at all).
     t >  cam_iters: multi-scale CAMs (no grad) -> VARM pseudo labels (both thresholds, one batched call)
                     -> L = L_cls + w_seg L_seg + w_reg L_reg + w_aff L_aff + w_scd L_scd (+ w_er L_er)
-A term whose weight is 0 is not computed.
+A term whose weight is 0 is not computed. Validation scores with :func:`tscd.eval.evaluator.evaluate` under the
+``native`` protocol: the numbers ``tscd eval`` gives by default.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,19 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
-from tscd.config import Config, save_config
+from tscd.config import Config, ConfigError, save_config
 from tscd.constants import IMAGENET_MEAN, IMAGENET_STD
-from tscd.data import build_dataset, build_loader
-from tscd.eval.metrics import ConfusionMatrix
+from tscd.data import DataError, build_dataset, build_loader
+from tscd.errors import CheckpointError
 from tscd.models import create_model, multi_scale_cam, multi_scale_cam_reference, param_groups
 from tscd.train import checkpoint as ckpt
 from tscd.train.losses import affinity_label, affinity_loss, cls_loss, equivariance_loss, seg_loss
-from tscd.train.pseudo_labels import box_mask, cam_to_label, refine_cams_with_bkg, refine_cams_with_bkg_sequential
+from tscd.train.pseudo_labels import box_mask, refine_cams_with_bkg, refine_cams_with_bkg_sequential
 from tscd.train.schedule import build_optimizer
 
 logger = logging.getLogger(__name__)
 
-VAL_BATCH = 16  #: validation scores up to this many consecutive images of one size together
+#: What training validation scores (``tscd eval`` scores these and ``aff`` by default, same protocol).
+VAL_OUTPUTS = ("seg", "cam", "pseudo")
+#: Iterations the ETA's rate is measured over.
+RATE_WINDOW = 50
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,7 +65,8 @@ def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={device_pref!r} but no CUDA GPU is visible")
+        raise ConfigError(f"config: train.device={device_pref!r} but no CUDA GPU is visible here; use "
+                          f"train.device=cpu (or auto)")
     if use_cuda:
         index = info.local_rank if world > 1 or ":" not in device_pref else int(device_pref.split(":")[1])
         device = torch.device("cuda", index)
@@ -70,6 +76,32 @@ def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
     return info, device
+
+
+def due(iteration: int, every: int, max_iters: int) -> bool:
+    """Whether a periodic action (log, validation, checkpoint) runs after ``iteration``: every ``every`` iterations
+    and after the last one; ``every == 0`` means only after the last one."""
+    return iteration == max_iters or (every > 0 and iteration % every == 0)
+
+
+class RecentRate:
+    """Seconds per iteration over the last ``window`` iterations (the ETA must follow the slower full-loss phase,
+    not average it with the warm-up)."""
+
+    def __init__(self, window: int = RATE_WINDOW) -> None:
+        self.marks: deque[tuple[float, int]] = deque(maxlen=window + 1)
+
+    def mark(self, iteration: int, now: float | None = None) -> None:
+        self.marks.append((time.time() if now is None else now, iteration))
+
+    def seconds_per_iter(self) -> float:
+        if len(self.marks) < 2:
+            return float("nan")
+        (t0, i0), (t1, i1) = self.marks[0], self.marks[-1]
+        return (t1 - t0) / max(i1 - i0, 1)
+
+    def eta(self, remaining: int) -> float:
+        return self.seconds_per_iter() * remaining
 
 
 class SkippingSampler(Sampler):
@@ -89,6 +121,16 @@ class SkippingSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.inner)
+
+
+def format_eta(seconds: float) -> str:
+    """``3725`` -> ``1:02:05``; days spelled out; ``?`` while unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(max(seconds, 0.0)))
+    days, rest = divmod(seconds, 86400)
+    text = f"{rest // 3600}:{rest // 60 % 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
 
 
 def denormalize01(img: torch.Tensor) -> torch.Tensor:
@@ -114,6 +156,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         self.amp = (cfg.train.amp == "bf16") or (cfg.train.amp == "auto" and self.device.type == "cuda")
         self._build_data()
+        self._check_val_masks()
         self._build_model()
         self.iteration = 0
         self.epoch = 0
@@ -124,6 +167,7 @@ class Trainer:
         self.writer = None
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_tmp(self.run_dir)
             save_config(cfg, self.run_dir / "config.yaml")
             if cfg.train.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
@@ -181,6 +225,22 @@ class Trainer:
             model = torch.compile(model)
         self.model = model
 
+    def _check_val_masks(self) -> None:
+        """Decode the masks validation will score now, not after the last iteration (a bad mask must not cost a
+        run). With ``data.skip_bad=true`` the bad images are dropped from validation, with a warning."""
+        d = self.cfg.data
+        total = len(self.val_set) if d.val_num is None else min(d.val_num, len(self.val_set))
+        errors = self.val_set.check_masks(range(total))
+        if not errors:
+            return
+        if not d.skip_bad:
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise DataError(f"validation split {d.val_split!r}: {errors[0][1]}{more}; fix the masks, or set "
+                            f"data.skip_bad=true to leave such images out of validation")
+        self.val_set.drop([i for i, _ in errors])
+        logger.warning("validation split %r: left out %d image(s) with bad masks: %s", d.val_split, len(errors),
+                       "; ".join(msg for _, msg in errors[:5]))
+
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
@@ -205,17 +265,18 @@ class Trainer:
     def _maybe_resume(self, resume: str) -> None:
         if resume == "never":
             return
-        if resume == "auto":
-            found = ckpt.list_checkpoints(self.run_dir)
-            if not found:
+        if resume == "auto":  # the newest checkpoint that loads; corrupt / truncated ones are skipped and named
+            found = ckpt.find_resumable(self.run_dir, map_location=self.device, quarantine=self.dist.is_main)
+            if found is None:
                 return
-            path = found[-1][1]
+            path, state = found
         else:
             path = Path(resume)
-        state = ckpt.load_checkpoint(path, map_location=self.device)
+            state = ckpt.load_checkpoint(path, map_location=self.device)
         if state.get("num_classes") != self.num_classes:
-            raise ValueError(f"checkpoint {path} has {state.get('num_classes')} classes; the dataset has "
-                             f"{self.num_classes}")
+            raise CheckpointError(f"checkpoint {path} has {state.get('num_classes')} classes; the dataset has "
+                                  f"{self.num_classes} (another run's checkpoint? use another --run-dir or "
+                                  f"--resume never)")
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -341,7 +402,8 @@ class Trainer:
 
         bar = tqdm(total=cfg.max_iters, initial=self.iteration, disable=not self.dist.is_main or None,
                    desc="train", dynamic_ncols=True)
-        t0, it0 = time.time(), self.iteration
+        self.rate = RecentRate()
+        self.rate.mark(self.iteration)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         batches = self._batches()
@@ -351,14 +413,15 @@ class Trainer:
             self.iteration += 1
             values = self.train_step(batch)
             values["lr"] = self.optimizer.param_groups[0]["lr"]
+            self.rate.mark(self.iteration)
             self.history.append({"iteration": self.iteration, **values})
             bar.update(1)
             bar.set_postfix(loss=f"{values['total']:.4f}", lr=f"{values['lr']:.2e}")
-            if self.iteration % cfg.log_iters == 0 or self.iteration == cfg.max_iters:
-                self._log(values, t0, it0)
+            if due(self.iteration, cfg.log_iters, cfg.max_iters):
+                self._log(values)
             if cfg.val_iters and self.iteration % cfg.val_iters == 0 and self.iteration < cfg.max_iters:
-                scores = self.validate()
-            if self.iteration % cfg.ckpt_iters == 0 or self.iteration == cfg.max_iters:
+                scores = self.validate()  # the last one runs after the loop
+            if due(self.iteration, cfg.ckpt_iters, cfg.max_iters):
                 self.save()
         bar.close()
         scores = self.validate()
@@ -366,73 +429,44 @@ class Trainer:
             (self.run_dir / "final_scores.json").write_text(json.dumps(scores, indent=2))
         return scores
 
-    def _log(self, values: dict, t0: float, it0: int) -> None:
+    def _log(self, values: dict) -> None:
+        """One log line: losses, the recent speed, the peak GPU memory (CUDA only: the CPU allocator keeps no
+        peak) and the ETA at the recent speed."""
         if not self.dist.is_main:
             return
-        done = self.iteration - it0
-        spi = (time.time() - t0) / max(done, 1)
-        eta = spi * (self.cfg.train.max_iters - self.iteration)
-        mem = (torch.cuda.max_memory_allocated(self.device) / 2**20) if self.device.type == "cuda" else float("nan")
+        rate = getattr(self, "rate", None) or RecentRate()
+        spi = rate.seconds_per_iter()
+        eta = rate.eta(self.cfg.train.max_iters - self.iteration)
+        mem = ""
+        if self.device.type == "cuda":
+            mem = f", peak {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB"
         parts = " ".join(f"{k}={v:.4f}" for k, v in values.items() if k not in ("lr",))
-        logger.info("iter %d/%d lr=%.3e %s | %.3f s/it, peak %.0f MiB, ETA %s", self.iteration,
-                    self.cfg.train.max_iters, values["lr"], parts, spi, mem, time.strftime("%H:%M:%S",
-                                                                                           time.gmtime(eta)))
+        logger.info("iter %d/%d lr=%.3e %s | %.3f s/it%s, ETA %s", self.iteration, self.cfg.train.max_iters,
+                    values["lr"], parts, spi, mem, format_eta(eta))
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(f"train/{k}", v, self.iteration)
 
     # -- validation ----------------------------------------------------------------------------
-    @torch.no_grad()
     def validate(self) -> dict:
-        """mIoU of the segmentation head, the CAM label and the VARM pseudo labels on the val split."""
-        self.model.eval()
-        n_cls = self.num_classes + 1
-        mats = {k: ConfusionMatrix(n_cls, self.device) for k in ("seg", "cam", "pseudo")}
-        total = len(self.val_set) if self.cfg.data.val_num is None else min(self.cfg.data.val_num, len(self.val_set))
-        indices = list(range(self.dist.rank, total, self.dist.world_size))
-        p = self.cfg.pseudo
+        """mIoU of the segmentation head, the CAM label and the VARM pseudo labels on the val split, scored by
+        :func:`tscd.eval.evaluator.evaluate` with the ``native`` protocol (what ``tscd eval`` reports by default)."""
+        from tscd.eval.evaluator import evaluate, protocol_settings  # here: tscd.eval imports tscd.train
 
-        def score(items: list[dict]) -> None:
-            img = torch.stack([it["img"] for it in items]).to(self.device)
-            label = torch.stack([it["label"] for it in items]).to(self.device)
-            cls_label = torch.stack([it["cls_label"] for it in items]).to(self.device)
-            H, W = img.shape[-2:]
-            with self._autocast():
-                out = self.net(img)
-            seg = F.interpolate(out.seg_logits.float(), size=(H, W), mode="bilinear", align_corners=False)
-            mats["seg"].update(seg.argmax(1), label)
-            with self._autocast():
-                cams = multi_scale_cam(self.net, img, p.cam_scales).float()
-            mats["cam"].update(cam_to_label(cams, cls_label, p.cam_bkg), label)
-            pseudo = refine_cams_with_bkg(denormalize01(img), cams, cls_label, None, bkg_high=p.bkg_high,
-                                          bkg_low=p.bkg_low, scale=p.refine_scale, mode=p.refine_mode,
-                                          num_iter=p.refine_iters, dilations=p.dilations,
-                                          backend=self.cfg.train.backend)
-            # pseudo labels hold 255 where uncertain: score those pixels as background
-            mats["pseudo"].update(pseudo.masked_fill(pseudo == 255, 0), label)
-
-        pending: list[dict] = []  # consecutive images of one size are scored as a batch
-        for i in indices:
-            item = self.val_set[i]
-            if "label" not in item:
-                raise ValueError(f"validation split {self.cfg.data.val_split!r} has no masks (item {item['name']})")
-            if pending and (item["img"].shape != pending[0]["img"].shape or len(pending) == VAL_BATCH):
-                score(pending)
-                pending = []
-            pending.append(item)
-        if pending:
-            score(pending)
-        names = list(self.val_set.class_names)
-        scores = {}
-        for k, m in mats.items():
-            m.all_reduce()
-            scores[k] = m.scores(names)
-        self.model.train()
+        settings = protocol_settings("native", self.cfg, self.device, self.cfg.data.val_split, outputs=VAL_OUTPUTS,
+                                     num_images=self.cfg.data.val_num)
+        settings.amp = self.amp
+        try:
+            report = evaluate(self.net, self.val_set, settings, self.device, progress=False)
+        finally:
+            self.model.train()
+        scores = report["results"]
         if self.dist.is_main:
-            logger.info("val @%d (%d images): mIoU seg %.2f | CAM %.2f | pseudo label %.2f", self.iteration, total,
-                        scores["seg"]["miou"], scores["cam"]["miou"], scores["pseudo"]["miou"])
+            logger.info("val @%d (%d images, protocol %s): mIoU seg %.2f | CAM %.2f | pseudo label %.2f",
+                        self.iteration, report["num_images"], report["protocol"], scores["seg"]["miou"],
+                        scores["cam"]["miou"], scores["pseudo"]["miou"])
             if self.writer is not None:
-                for k in mats:
+                for k in scores:
                     self.writer.add_scalar(f"val/miou_{k}", scores[k]["miou"], self.iteration)
                 self._log_images()
         return scores

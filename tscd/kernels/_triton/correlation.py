@@ -1,4 +1,4 @@
-"""Triton kernels of ``correlation_loss`` (the fused SCD core, SPEC.md 4.2); the math mirrors csrc/correlation.h.
+"""Triton kernels of ``correlation_loss`` (the fused SCD core, docs/method.md 4.2); the math mirrors csrc/correlation.h.
 
 One kernel serves the three passes. A program owns BLOCK_O "outer" points of one image and streams the
 "inner" points in tiles of BLOCK_I, computing the (BLOCK_O x BLOCK_I) tiles G = s_out . s_in^T and
