@@ -120,6 +120,9 @@ class TrainConfig:
     run_dir: str = "runs/tscd"
     tensorboard: bool = True
     image_iters: int = 0  #: log CAM / pseudo-label / prediction images every N iterations (0: at validation)
+    checkpointing: str = "off"  #: activation checkpointing: off | encoder (MiT blocks) | all (+ decoder, affinity)
+    memory: str = "default"  #: default | low: bf16 autocast, checkpointing all, micro-batches of one image
+    #: (gradient accumulation keeps the global batch); see tscd/train/memory.py
 
 
 @dataclass
@@ -270,6 +273,8 @@ def validate(cfg: Config) -> None:
     choice("loss.er_mode", cfg.loss.er_mode, ("off", "grad"))
     choice("train.amp", cfg.train.amp, ("auto", "bf16", "off"))
     choice("train.backend", cfg.train.backend, ("auto", "cuda", "triton", "cpp", "torch"))
+    choice("train.checkpointing", cfg.train.checkpointing, ("off", "encoder", "all"))
+    choice("train.memory", cfg.train.memory, ("default", "low"))
     for where, v in [("train.max_iters", cfg.train.max_iters), ("data.batch_size", cfg.data.batch_size),
                      ("data.crop_size", cfg.data.crop_size), ("loss.scd_samples", cfg.loss.scd_samples),
                      ("train.log_iters", cfg.train.log_iters), ("train.keep_ckpts", cfg.train.keep_ckpts)]:

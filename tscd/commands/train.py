@@ -4,6 +4,8 @@ One process by default; several GPUs or machines with torchrun, e.g.
     torchrun --nproc_per_node 4 -m tscd train --config configs/voc.yaml
 A run directory holds the resolved config, a log, TensorBoard scalars and checkpoints; running the
 same command again resumes from the newest checkpoint (``--resume never`` starts over).
+``--dry-run`` runs 3 iterations with all losses on and prints seconds per iteration and peak memory, writing
+nothing: whether a configuration fits a GPU, in a minute.
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_iters is not None:
         overrides.append(f"train.max_iters={args.max_iters}")
     cfg = load_config(args.config, overrides)
+    if getattr(args, "dry_run", False):
+        from tscd.train.memory import dry_run_main
+
+        return dry_run_main(cfg, args.verbose)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
@@ -75,5 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-iters", type=int, default=None, help="overrides train.max_iters")
     p.add_argument("--resume", default="auto",
                    help="auto (newest checkpoint of the run directory, if any), never, or a checkpoint path")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run 3 iterations (all losses on), print seconds per iteration and peak memory, write nothing")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. data.batch_size=4")
     p.set_defaults(func=run)
