@@ -137,3 +137,17 @@ def test_dry_run_low_memory_has_a_lower_peak(tiny_cfg):
     assert low.peak_bytes < default.peak_bytes
     with pytest.raises(ValueError, match="`iterations` must be >= 2"):
         dry_run(cfg, iterations=1)
+
+
+def test_shipped_low_memory_config_is_voc_in_low_memory_mode():
+    root = Path(__file__).resolve().parents[2] / "configs"
+    low = load_config(root / "voc_lowmem.yaml", ["data.root=/data/voc"])
+    voc = load_config(root / "voc.yaml", ["data.root=/data/voc"])
+    assert low.train.memory == "low" and voc.train.memory == "default"
+    resolved = resolve_memory_mode(low, world_size=1)
+    assert (resolved.train.amp, resolved.train.checkpointing) == ("bf16", "all")
+    low_d, voc_d = low.to_dict(), voc.to_dict()
+    for d in (low_d, voc_d):
+        d["train"].pop("memory")
+        d["train"].pop("run_dir")
+    assert low_d == voc_d  # otherwise the paper's setting
