@@ -125,10 +125,11 @@ def run_row(name: str, trainer: Trainer, batches: list[dict], device: torch.devi
     else:
         peak = sum(state.values()) + pm.peak_bytes
     emulated = len(micro_batches(trainer, batches[0])) > 1
+    tc = trainer.cfg.train
     row = {"path": name, "model": trainer.cfg.model.name, "crop": trainer.cfg.data.crop_size,
            "batch": trainer.cfg.data.batch_size, "amp": "bf16" if trainer.amp else "off",
-           "checkpointing": trainer.cfg.train.checkpointing,
-           "micro_batch": 1 if emulated else trainer.cfg.data.batch_size // getattr(trainer.cfg.train, "accum_steps", 1),
+           "checkpointing": tc.checkpointing,
+           "micro_batch": 1 if emulated else trainer.cfg.data.batch_size // getattr(tc, "accum_steps", 1),
            "accumulation": "emulated" if emulated else ("accum_steps" if trainer.cfg.train.memory == "low" else "-"),
            "s_per_it": statistics.median(times[1:] or times), "timed_iters": timed,
            "peak_mib": peak / MIB, "state_mib": sum(state.values()) / MIB,

@@ -187,8 +187,8 @@ def _summary_rows(data: dict) -> list[str]:
     for r in data["rows"]:
         if r.get("path") in ("fast", "default"):  # bench_train_step: the whole iteration vs reference-style
             mem = _ratio(r.get("mem_ratio"), inverse=True)
-            out.append(f"| train iteration | {dev} | {r['model']} crop {r['crop']} batch {r['batch']} | {r['path']} path | "
-                       f"{_fmt(r['s_per_it'])} s | {_fmt(r['speedup'])}x | {mem} |")
+            out.append(f"| train iteration | {dev} | {r['model']} crop {r['crop']} batch {r['batch']} | "
+                       f"{r['path']} path | {_fmt(r['s_per_it'])} s | {_fmt(r['speedup'])}x | {mem} |")
             continue
         if r.get("backend") in (None, "torch") or "speedup" not in r:
             continue

@@ -27,8 +27,8 @@ from tscd.data import build_dataset, build_loader
 from tscd.eval.metrics import ConfusionMatrix
 from tscd.models import create_model, multi_scale_cam, multi_scale_cam_reference, param_groups
 from tscd.train import checkpoint as ckpt
-from tscd.train.memory import resolve_memory_mode
 from tscd.train.losses import affinity_label, affinity_loss, cls_loss, equivariance_loss, seg_loss
+from tscd.train.memory import resolve_memory_mode
 from tscd.train.pseudo_labels import box_mask, cam_to_label, refine_cams_with_bkg, refine_cams_with_bkg_sequential
 from tscd.train.schedule import build_optimizer
 
