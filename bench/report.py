@@ -214,8 +214,12 @@ def memory_rows(all_data: list[dict]) -> list[str]:
                 continue
             out.append(f"| {dev} | {r['model']} crop {r['crop']}, global batch {r['batch']} | {r['path']} | "
                        f"{r.get('amp', '')} | {r.get('checkpointing', '')} | {r.get('micro_batch', '')} | "
-                       f"{peak:.0f} | {_fmt(r.get('mem_ratio'))}x {base} | {_fmt(r['s_per_it'])} |")
+                       f"{peak:.0f} | {_fmt(r.get('mem_ratio'))}x {base} | {_seconds(r['s_per_it'])} |")
     return out
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else _fmt(value)
 
 
 def _ratio(value, inverse: bool = False) -> str:
@@ -236,7 +240,10 @@ def _update_readme(readme: Path, summary: list[str], memory: list[str] | None = 
         body += ["Memory of one whole training iteration (all losses on) per configuration; peak = tensor bytes "
                  "(weights, gradients, optimizer state, activations; on the CPU from the allocator's events):", "",
                  "| device | setting | configuration | amp | checkpointing | micro-batch | peak MiB | memory | "
-                 "s / iteration |", "|---|---|---|---|---|---|---|---|---|", *memory, ""]
+                 "s / iteration |", "|---|---|---|---|---|---|---|---|---|", *memory, "",
+                 "The memory ratios carry over between devices (same method for every row); CPU times come from a "
+                 "shared machine (its load is on the results page) and CPU bf16 is slow, so the low-memory row's "
+                 "CPU time says nothing about a GPU.", ""]
     body += ["Full tables, plots and roofline notes: [bench/results/README.md](bench/results/README.md).", ""]
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
