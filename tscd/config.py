@@ -121,6 +121,9 @@ class TrainConfig:
     run_dir: str = "runs/tscd"
     tensorboard: bool = True
     image_iters: int = 0  #: log CAM / pseudo-label / prediction images every N iterations (0: at validation)
+    checkpointing: str = "off"  #: activation checkpointing: off | encoder (MiT blocks) | all (+ decoder, affinity)
+    memory: str = "default"  #: default | low: bf16 autocast, checkpointing all, micro-batches of one image
+    #: (gradient accumulation keeps the global batch); see tscd/train/memory.py
 
 
 @dataclass
@@ -273,6 +276,8 @@ def validate(cfg: Config) -> None:
     choice("loss.er_mode", cfg.loss.er_mode, ("off", "grad"))
     choice("train.amp", cfg.train.amp, ("auto", "bf16", "off"))
     choice("train.backend", cfg.train.backend, ("auto", "cuda", "triton", "cpp", "torch"))
+    choice("train.checkpointing", cfg.train.checkpointing, ("off", "encoder", "all"))
+    choice("train.memory", cfg.train.memory, ("default", "low"))
     if cfg.train.cam_iters > cfg.train.max_iters:
         raise ConfigError(f"config: `train.cam_iters` must be in [0, train.max_iters={cfg.train.max_iters}]; "
                           f"got {cfg.train.cam_iters} (`tscd train --max-iters N` scales it down for short runs)")

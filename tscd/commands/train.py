@@ -8,6 +8,8 @@ Config overrides ``section.key=value`` may stand anywhere on the line, e.g.
     tscd train --config configs/demo.yaml train.max_iters=200 --run-dir runs/demo data.batch_size=4
 ``--max-iters N`` shortens a run: a warm-up (``train.cam_iters``, ``optim.warmup_iters``) longer than N is scaled
 with the run length, with a warning. A start that fails (bad data, ...) removes the run directory it created.
+``--dry-run`` runs 3 iterations with all losses on and prints seconds per iteration and peak memory, writing
+nothing: whether a configuration fits a GPU, in a minute.
 """
 from __future__ import annotations
 
@@ -29,6 +31,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides, check=False)
     notes = fit_max_iters(cfg, args.max_iters) if args.max_iters is not None else []
     validate(cfg)
+    if getattr(args, "dry_run", False):
+        from tscd.train.memory import dry_run_main
+
+        for note in notes:
+            logger.warning("%s", note)
+        return dry_run_main(cfg, args.verbose)
     rank = int(os.environ.get("RANK", "0"))
     run_dir = Path(cfg.train.run_dir)
     created = rank == 0 and not run_dir.exists()
@@ -101,4 +109,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="overrides train.max_iters; longer warm-ups are scaled to fit, with a warning")
     p.add_argument("--resume", default="auto",
                    help="auto (newest readable checkpoint of the run directory, if any), never, or a checkpoint path")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run 3 iterations (all losses on), print seconds per iteration and peak memory, write nothing")
     p.set_defaults(func=run, overrides=[])

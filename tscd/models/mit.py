@@ -21,6 +21,12 @@ Attention maps (docs/method.md 2): a block can return the raw, unscaled, pre-sof
 ``(B, heads, N_kv, N_kv)``: the query axis is average-pooled with an ``sr x sr`` window (so that it matches the
 key grid), which is the identity where ``sr = 1`` (stage 4). They are computed only when asked; otherwise the
 block uses ``F.scaled_dot_product_attention``.
+
+Activation checkpointing: with ``grad_checkpointing = True`` every block that runs with gradients enabled is
+wrapped in :func:`torch.utils.checkpoint.checkpoint` (non-reentrant): only its input is kept and its internals
+are recomputed in the backward pass. Results and gradients are bit-identical to running without it; the
+recomputation replays the RNG state (drop-path, dropout). Checkpointed blocks still return their attention
+logits.
 """
 from __future__ import annotations
 
@@ -30,9 +36,11 @@ import math
 from collections.abc import Sequence
 from typing import Union
 
+import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from tscd.models.weights import convert_state_dict, read_mit_weights
 
@@ -256,6 +264,9 @@ class MixVisionTransformer(nn.Module):
         attn_drop_rate: dropout on attention probabilities (0 in MiT).
         drop_path_rate: stochastic depth rising linearly from 0 (first block) to this value (last block).
 
+    Attributes:
+        grad_checkpointing: activation checkpointing of the blocks (default False; see the module docstring).
+
     Stage i outputs (B, embed_dims[i], ceil(H / (strides[0] ... strides[i])), ...). For crop 512 and TSCD's
     strides with B1: (B,64,128,128), (B,128,64,64), (B,320,32,32), (B,512,32,32).
     """
@@ -289,7 +300,12 @@ class MixVisionTransformer(nn.Module):
             setattr(self, f"norm{i + 1}", nn.LayerNorm(dim, eps=BLOCK_NORM_EPS))
             cur += self.depths[i]
             prev = dim
+        self.grad_checkpointing = False
         self.apply(_init_weights)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn activation checkpointing of the transformer blocks on or off."""
+        self.grad_checkpointing = bool(enable)
 
     def stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         """(rows, cols) of each stage's output for an input of ``height x width``."""
@@ -346,11 +362,15 @@ class MixVisionTransformer(nn.Module):
         feats: list[Tensor] = []
         attns: list[Tensor] = []
         x = img
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for i in range(4):
             tokens, h, w = getattr(self, f"patch_embed{i + 1}")(x)
             for j, blk in enumerate(getattr(self, f"block{i + 1}")):
                 need = (i, j) in want
-                tokens, attn = blk(tokens, h, w, need)
+                if ckpt:  # keeps the block's input only; preserve_rng_state replays drop-path / dropout
+                    tokens, attn = checkpoint(blk, tokens, h, w, need, use_reentrant=False, preserve_rng_state=True)
+                else:
+                    tokens, attn = blk(tokens, h, w, need)
                 if need:
                     attns.append(attn)
             x = _tokens_to_map(getattr(self, f"norm{i + 1}")(tokens), h, w)

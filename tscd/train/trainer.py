@@ -30,6 +30,7 @@ from tscd.errors import CheckpointError
 from tscd.models import create_model, multi_scale_cam, multi_scale_cam_reference, param_groups
 from tscd.train import checkpoint as ckpt
 from tscd.train.losses import affinity_label, affinity_loss, cls_loss, equivariance_loss, seg_loss
+from tscd.train.memory import resolve_memory_mode
 from tscd.train.pseudo_labels import box_mask, refine_cams_with_bkg, refine_cams_with_bkg_sequential
 from tscd.train.schedule import build_optimizer
 
@@ -149,7 +150,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, resume: str = "auto") -> None:
-        self.cfg = cfg
+        self.cfg = cfg = resolve_memory_mode(cfg)  # train.memory=low sets amp, checkpointing, accum_steps
         self.dist, self.device = init_distributed(cfg.train.device)
         self.run_dir = Path(cfg.train.run_dir)
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
@@ -206,6 +207,7 @@ class Trainer:
                              symmetric_affinity=m.symmetric_affinity, drop_path_rate=m.drop_path_rate,
                              decoder_dim=m.decoder_dim)
         model.to(self.device)
+        model.set_checkpointing(self.cfg.train.checkpointing)
         if self.cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.dist.enabled and self.device.type == "cuda":
@@ -321,12 +323,13 @@ class Trainer:
                 img01, cams, cls_label, img_box, bkg_high=cfg.pseudo.bkg_high, bkg_low=cfg.pseudo.bkg_low,
                 scale=cfg.pseudo.refine_scale, mode=cfg.pseudo.refine_mode, num_iter=cfg.pseudo.refine_iters,
                 dilations=cfg.pseudo.dilations, backend=backend)
-            self._last = {"img01": img01[:1], "cam": cams[:1], "pseudo": pseudo[:1]}
+            # kept for TensorBoard images only, as copies (a view would keep the whole batch alive)
+            self._last = {"img01": img01[:1].clone(), "cam": cams[:1].clone(), "pseudo": pseudo[:1].clone()}
             with self._autocast():
                 out = self.model(img)
             terms["cls"] = cls_loss(out.cls_logits.float(), cls_label)
             seg_up = F.interpolate(out.seg_logits.float(), size=(H, W), mode="bilinear", align_corners=True)
-            self._last["pred"] = seg_up[:1].argmax(1)
+            self._last["pred"] = seg_up[:1].detach().argmax(1)
             if L.seg:
                 terms["seg"] = seg_loss(seg_up, pseudo)
             if L.aff:
@@ -365,6 +368,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # no gradients alive between iterations (memory)
         self.scheduler.step()
         values = {k: float(v.detach()) for k, v in terms.items()}
         values["total"] = float(total.detach())
