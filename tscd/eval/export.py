@@ -20,8 +20,8 @@ from tscd.constants import IGNORE_INDEX
 from tscd.data import denormalize
 from tscd.eval.metrics import ConfusionMatrix
 from tscd.eval.outputs import save_mask
-from tscd.models import multi_scale_cam
 from tscd.method.labels import refine_cams_with_bkg
+from tscd.models import multi_scale_cam
 
 logger = logging.getLogger(__name__)
 
