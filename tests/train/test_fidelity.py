@@ -11,6 +11,9 @@ from tscd.config import load_config
 from tscd.train import Trainer
 from tscd.train import trainer as trainer_mod
 
+#: the gradient tests replace optimizer.step to keep the weights; the LR scheduler warns about that
+pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+
 BASE = ["data.dataset=demo", "data.train_split=train", "data.val_split=val", "data.crop_size=48",
         "data.demo_size=40", "data.batch_size=4", "data.num_workers=0", "data.demo_num_train=8",
         "data.demo_num_val=2", "model.name=tscd_mit_tiny", "model.decoder_dim=16", "model.drop_path_rate=0.0",
