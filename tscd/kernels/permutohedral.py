@@ -15,7 +15,9 @@ factor c_D = 1 / (sqrt(D+1) (4 pi / 3)^(D/2)) is divided out; measured mass 1.00
 dimension), but its shape is not exactly Gaussian, so on image features (a 2-D manifold in 5-D) the
 unnormalised output is typically 0.7-0.85x the exact sum; the normalised variant (and dense-CRF, whose
 symmetric normalisation cancels any gain) is within about 1-2 %. Measured figures: tests/kernels/
-test_permutohedral.py and bench/results/permutohedral-*.md.
+test_permutohedral.py and bench/results/permutohedral-*.md. The CRF loss (``dense_energy_loss``) defaults to
+the gain of the field's lattice instead (``gain="field"``: ours x :func:`field_gain`, 1 / 1.417363 at D = 5),
+the one its official weight was tuned on; ``gain="exact"`` keeps this calibration.
 
 The self term: ``include_self=False`` subtracts exactly v_i (the exact W_ii = 1), not the lattice's own
 self weight, so on sparse point sets the lattice's excluded-self output keeps part of its self term.
