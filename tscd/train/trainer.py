@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Sampler
 from tscd.config import Config, save_config
 from tscd.constants import IGNORE_INDEX
 from tscd.data import build_dataset, build_loader
+from tscd.data.transforms import resolve_pad_value
 from tscd.eval.metrics import ConfusionMatrix
 from tscd.method.labels import (
     affinity_label,
@@ -159,7 +160,9 @@ class Trainer:
                     "pad_value": cfg.data.pad_value}
         if cfg.train.reference_style:
             official = {"amp": False, "cam_decoder": True, "crf_gain": "field", "pad_value": "black"}
-            changed = [f"{k}={settings[k]!r}" for k in official if settings[k] != official[k]]
+            same = {"pad_value": lambda a, b: resolve_pad_value(a) == resolve_pad_value(b)}
+            changed = [f"{k}={settings[k]!r}" for k in official
+                       if not same.get(k, lambda a, b: a == b)(settings[k], official[k])]
             if changed and self.dist.is_main:
                 logger.warning("train.reference_style: using the official %s instead of %s",
                                ", ".join(f"{k}={v!r}" for k, v in official.items()), ", ".join(changed))
