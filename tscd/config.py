@@ -32,8 +32,9 @@ class DataConfig:
     train_split: str = "train_aug"
     val_split: str = "val"
     crop_size: int = 512  #: random crop of the training images
-    scale_range: tuple[float, float] = (0.5, 2.0)  #: random rescale range
-    batch_size: int = 2  #: per process
+    scale_range: tuple[float, float] = (0.5, 2.0)  #: random rescale range (new size int(r * h): floor)
+    pad_value: str | tuple[float, float, float] = "black"  #: crop canvas: black (official raw 0) | mean | [r, g, b]
+    batch_size: int = 4  #: GLOBAL batch, split evenly across processes (official: 2 GPUs x 2 = 4)
     num_workers: int = 4
     val_num: int | None = None  #: validate on the first N images only (None: all)
     skip_bad: bool = False  #: skip unreadable files with a warning instead of failing
@@ -66,6 +67,8 @@ class PseudoLabelConfig:
     refine_iters: int = 10
     dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
     refine_scale: float = 0.5  #: refinement runs at this fraction of the crop size
+    cam_decoder: bool = True  #: run the decoder in the CAM passes (no grad, output discarded) so its BN running
+    #: statistics update as in the official code; false: decoder-free CAM passes (faster, different BN statistics)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class LossConfig:
     crf_sigma_rgb: float = 15.0
     crf_sigma_xy: float = 100.0
     crf_scale: float = 0.5
+    crf_gain: str = "field"  #: field (the rloss/Kraehenbuehl lattice gain `reg` was tuned on) | exact (Gaussian)
 
 
 @dataclass
@@ -104,20 +108,22 @@ class TrainConfig:
     """The loop."""
 
     max_iters: int = 20000
-    cam_iters: int = 2000  #: classification loss only up to this iteration
+    cam_iters: int = 2000  #: classification loss only while the 0-based iteration <= cam_iters (cam_iters + 1 its)
+    accum_steps: int = 1  #: micro-batches per process and iteration (gradient accumulation; 1: all at once)
     log_iters: int = 50
     val_iters: int = 2000  #: validate every N iterations (0: only at the end)
     ckpt_iters: int = 1000  #: checkpoint every N iterations (0: only at the end)
     keep_ckpts: int = 3  #: keep the last N checkpoints
     seed: int = 0
     device: str = "auto"  #: auto | cpu | cuda | cuda:N
-    amp: str = "auto"  #: auto (bf16 on GPU, off on CPU) | bf16 | off
+    amp: str = "off"  #: off (fp32, official) | bf16 (autocast, low-memory option) | auto (bf16 on GPU only)
     compile: bool = False  #: torch.compile the model
     channels_last: bool = False
     cudnn_benchmark: bool = False  #: off for reproducibility
     backend: str = "auto"  #: kernel backend of the fused ops (auto | cuda | triton | cpp | torch)
-    reference_style: bool = False  #: run as the official code does (benchmarks): full-model CAM passes,
-    #: one VARM call per image and threshold, torch backends, CRF loss on the host
+    reference_style: bool = False  #: the official iteration (benchmark baseline): full-model CAM passes, one VARM
+    #: call per image and threshold, torch backends, CRF loss on the host, and the official numerics (fp32, black
+    #: padding, field CRF gain, decoder BN updates in CAM passes) whatever the other keys say
     run_dir: str = "runs/tscd"
     tensorboard: bool = True
     image_iters: int = 0  #: log CAM / pseudo-label / prediction images every N iterations (0: at validation)
@@ -159,7 +165,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], where)
+        for alt in args[:-1]:  # several alternatives (e.g. a name or a list): the first that accepts the value
+            try:
+                return _coerce(value, alt, where)
+            except ConfigError:
+                pass
+        return _coerce(value, args[-1], where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config: `{where}` must be a list; got {value!r}")
@@ -278,6 +289,13 @@ def validate(cfg: Config) -> None:
     choice("train.backend", cfg.train.backend, ("auto", "cuda", "triton", "cpp", "torch"))
     choice("train.checkpointing", cfg.train.checkpointing, ("off", "encoder", "all"))
     choice("train.memory", cfg.train.memory, ("default", "low"))
+    choice("loss.crf_gain", cfg.loss.crf_gain, ("field", "exact"))
+    from tscd.data.transforms import resolve_pad_value
+
+    try:
+        resolve_pad_value(cfg.data.pad_value)
+    except ValueError as err:
+        raise ConfigError(f"config: `data.pad_value`: {err}") from None
     if cfg.train.cam_iters > cfg.train.max_iters:
         raise ConfigError(f"config: `train.cam_iters` must be in [0, train.max_iters={cfg.train.max_iters}]; "
                           f"got {cfg.train.cam_iters} (`tscd train --max-iters N` scales it down for short runs)")

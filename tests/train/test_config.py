@@ -15,13 +15,18 @@ def test_shipped_configs_load(name):
 
 def test_coco_inherits_voc():
     cfg = load_config(ROOT / "configs" / "coco.yaml")
+    assert cfg.data.batch_size == 4 and cfg.train.amp == "off" and cfg.data.pad_value == "black"
     assert cfg.data.dataset == "coco" and cfg.train.max_iters == 80000 and cfg.train.cam_iters == 5000
     assert cfg.model.name == "tscd_mit_b1" and cfg.data.crop_size == 512  # from voc.yaml
 
 
 def test_voc_matches_spec():
     cfg = load_config(ROOT / "configs" / "voc.yaml")
-    assert (cfg.data.crop_size, cfg.data.batch_size, cfg.train.max_iters, cfg.train.cam_iters) == (512, 2, 20000, 2000)
+    assert (cfg.data.crop_size, cfg.data.batch_size, cfg.train.max_iters, cfg.train.cam_iters) == (512, 4, 20000, 2000)
+    # the official numerics (docs/differences.md)
+    assert (cfg.train.amp, cfg.data.pad_value, cfg.pseudo.cam_decoder, cfg.loss.crf_gain) == ("off", "black", True,
+                                                                                               "field")
+    assert cfg.train.accum_steps == 1 and not cfg.train.reference_style
     assert (cfg.loss.seg, cfg.loss.reg, cfg.loss.aff, cfg.loss.scd) == (0.1, 0.01, 0.1, 0.1)
     assert cfg.optim.lr == 6e-5 and cfg.pseudo.bkg_high == 0.55 and cfg.pseudo.bkg_low == 0.35
 
@@ -135,3 +140,17 @@ def test_fit_max_iters_scales_the_warm_up():
     assert len(notes) == 2 and "`train.cam_iters` 2000 > 100" in notes[0] and "to 10" in notes[0]
     cfg = load_config(ROOT / "configs" / "voc.yaml", check=False)
     assert fit_max_iters(cfg, 5000) == [] and cfg.train.cam_iters == 2000  # fits: unchanged
+def test_new_fidelity_keys_from_yaml_and_command_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  dataset: demo\n  pad_value: [10, 20, 30]\ntrain:\n  accum_steps: 2\n")
+    cfg = load_config(p, ["loss.crf_gain=exact", "pseudo.cam_decoder=false"])
+    assert cfg.data.pad_value == (10.0, 20.0, 30.0) and cfg.train.accum_steps == 2
+    assert cfg.loss.crf_gain == "exact" and cfg.pseudo.cam_decoder is False
+    assert load_config(p, ["data.pad_value=mean"]).data.pad_value == "mean"
+    assert load_config(p, ["data.pad_value=[0, 0, 0]"]).data.pad_value == (0.0, 0.0, 0.0)
+    with pytest.raises(ConfigError, match="pad_value"):
+        load_config(p, ["data.pad_value=grey"])
+    with pytest.raises(ConfigError, match="crf_gain"):
+        load_config(p, ["loss.crf_gain=exactly"])
+    with pytest.raises(ConfigError, match="accum_steps"):
+        load_config(p, ["train.accum_steps=0"])

@@ -7,9 +7,9 @@ Evaluated outputs (keys of the results), each against the dataset's masks (255 i
 ``seg_ms``      segmentation head, multi-scale + flip (:func:`~tscd.eval.inference.forward_multi_scale`)
 ``seg_ms_crf``  ``seg_ms`` followed by the dense CRF (:mod:`tscd.eval.crf`)
 ``cam``         CAM label: multi-scale CAM, argmax over the image's classes, background where <= ``cam_bkg``
-``aff``         affinity-refined CAM (random walk, :mod:`tscd.eval.random_walk`, background 0.35)
-``pseudo``      the training pseudo labels (VARM, :func:`tscd.train.pseudo_labels.refine_cams_with_bkg`);
-                their uncertain pixels (255) are scored as background
+``aff``         affinity-refined CAM (random walk, :mod:`tscd.method.random_walk`, background 0.35)
+``pseudo``      the training pseudo labels (VARM, :func:`tscd.method.refine_cams_with_bkg`);
+                their uncertain pixels (255) are scored as background, as in training-time validation
 ==============  ===========================================================================================
 
 ``cam``, ``aff`` and ``pseudo`` use the image-level labels of the dataset (the weak supervision), as is standard.
@@ -46,8 +46,8 @@ from tscd.eval.crf import CRFParams, CRFRunner
 from tscd.eval.inference import DEFAULT_RESIZE_LONG, DEFAULT_SEG_SCALES, forward_multi_scale, resize_long
 from tscd.eval.metrics import ConfusionMatrix
 from tscd.eval.outputs import save_mask
-from tscd.eval.random_walk import RW_BKG, RW_POWER, RW_RADIUS, affinity_cam_label
-from tscd.train.pseudo_labels import cam_to_label, refine_cams_with_bkg
+from tscd.method.labels import cam_to_label, refine_cams_with_bkg
+from tscd.method.random_walk import RW_BKG, RW_POWER, RW_RADIUS, affinity_cam_label
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,9 @@ factor c_D = 1 / (sqrt(D+1) (4 pi / 3)^(D/2)) is divided out; measured mass 1.00
 dimension), but its shape is not exactly Gaussian, so on image features (a 2-D manifold in 5-D) the
 unnormalised output is typically 0.7-0.85x the exact sum; the normalised variant (and dense-CRF, whose
 symmetric normalisation cancels any gain) is within about 1-2 %. Measured figures: tests/kernels/
-test_permutohedral.py and bench/results/permutohedral-*.md.
+test_permutohedral.py and bench/results/permutohedral-*.md. The CRF loss (``dense_energy_loss``) defaults to
+the gain of the field's lattice instead (``gain="field"``: ours x :func:`field_gain`, 1 / 1.417363 at D = 5),
+the one its official weight was tuned on; ``gain="exact"`` keeps this calibration.
 
 The self term: ``include_self=False`` subtracts exactly v_i (the exact W_ii = 1), not the lattice's own
 self weight, so on sparse point sets the lattice's excluded-self output keeps part of its self term.
@@ -28,6 +30,8 @@ Gradients: w.r.t. ``values`` on every backend (the fused backward applies the tr
 blur directions in reverse order); w.r.t. ``features`` only with ``backend="torch"``.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -42,6 +46,24 @@ from tscd.kernels.reference.permutohedral import (
 OP = "permutohedral_filter"
 SUPPORTED_BACKENDS: tuple[str, ...] = ("cuda", "cpp", "torch")
 MAX_FEATURES = 8
+
+
+#: ``gain`` choices of :func:`dense_energy_loss`.
+CRF_GAINS: tuple[str, ...] = ("field", "exact")
+
+
+def field_gain(d: int = 5) -> float:
+    """The field's lattice gain relative to ours (exact-Gaussian calibration) for ``d`` feature dimensions.
+
+    The field's filter (rloss's ``bilateralfilter``, i.e. Kraehenbuehl's ``permutohedral.cpp``, which AFA and
+    TSCD train with) has our lattice's geometry, splat and slice, but blurs each of the d + 1 directions with
+    ``v + (n1 + n2) / 2`` (2x our normalised [1 2 1] / 4: 2^(d+1) in all) and scales the slice by
+    ``alpha = 1 / (1 + 2^-d)``, where we divide by ``c_d = 1 / (sqrt(d + 1) (4 pi / 3)^(d / 2))``. So
+    field / ours = 2^(d+1) alpha c_d; at d = 5: 2048 / (33 sqrt(6) (4 pi / 3)^2.5) = 1 / 1.417363.
+    """
+    alpha = 1.0 / (1.0 + 2.0 ** -d)
+    c_d = 1.0 / (math.sqrt(d + 1) * (4.0 * math.pi / 3.0) ** (d / 2))
+    return 2.0 ** (d + 1) * alpha * c_d
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -129,8 +151,16 @@ def _check_image(op: str, name: str, image: torch.Tensor, batched_only: bool) ->
 
 def dense_energy_loss(images: torch.Tensor, probs: torch.Tensor, roi: torch.Tensor, label: torch.Tensor, *,
                       sigma_rgb: float = 15.0, sigma_xy: float = 100.0, scale: float = 0.5, weight: float = 1e-7,
-                      backend: str = "auto") -> torch.Tensor:
+                      gain: str = "field", backend: str = "auto") -> torch.Tensor:
     """CRF energy ("reg") loss of Tang et al., docs/method.md 4.5, on the inputs' device (no host sync on GPU).
+
+    Gain: ``"field"`` (default) has the gain of the field's lattice (rloss / Kraehenbuehl), on which the
+    official weight 0.01 was tuned: our lattice's loss times :func:`field_gain` (= 1 / 1.417363 for the 5-D
+    features), exact in value and gradient, since the two lattices differ only by that constant. ``"exact"``
+    keeps the exact-Gaussian calibration (the lattice approximates sum_j exp(-|f_i - f_j|^2 / 2) S_j; on real
+    images the field's loss is 0.51-0.61x of that exact sum). With ``backend="torch"`` (the exact dense filter)
+    ``"field"`` applies the same constant to the exact sum, so it matches the lattice backends only as closely
+    as the lattice matches the exact Gaussian.
 
     At ``scale`` (0.5): image, ROI and label resized nearest, ``probs`` bilinear (S). Then
     Gate = max(ROI - max_k S, 0), 1 on ignored (255) pixels; S <- S * ROI; AS = W S (features
@@ -143,6 +173,7 @@ def dense_energy_loss(images: torch.Tensor, probs: torch.Tensor, roi: torch.Tens
         roi: (B, H, W) 1 inside the image box, 0 outside (any dtype).
         label: (B, H, W) integer (pseudo) labels; 255 = ignore.
         sigma_rgb, sigma_xy, scale, weight: docs/method.md 4.5 defaults 15, 100, 0.5, 1e-7.
+        gain: ``"field"`` (default, the official gain) or ``"exact"`` (exact-Gaussian calibration).
         backend: ``"auto"``, ``"cuda"``, ``"cpp"`` or ``"torch"`` (exact, at most 16384 points after scaling).
 
     Returns:
@@ -170,6 +201,8 @@ def dense_energy_loss(images: torch.Tensor, probs: torch.Tensor, roi: torch.Tens
     for name, v in (("sigma_rgb", sigma_rgb), ("sigma_xy", sigma_xy), ("scale", scale)):
         if not float(v) > 0:
             raise ValueError(f"{op}: `{name}` must be > 0; got {v!r}")
+    if gain not in CRF_GAINS:
+        raise ValueError(f"{op}: `gain` must be one of {', '.join(CRF_GAINS)}; got {gain!r}")
     h, w = int(size[0] * scale), int(size[1] * scale)
     if h < 1 or w < 1:
         raise ValueError(f"{op}: the input {size} is empty at scale {scale}")
@@ -179,7 +212,7 @@ def dense_energy_loss(images: torch.Tensor, probs: torch.Tensor, roi: torch.Tens
     dtype = _compute_dtype(probs.dtype)
     loss = dense_energy_loss_with(_filter_fn(name), images.detach().to(dtype), probs.to(dtype), roi, label,
                                   sigma_rgb=float(sigma_rgb), sigma_xy=float(sigma_xy), scale=float(scale),
-                                  weight=float(weight))
+                                  weight=float(weight) * (field_gain(5) if gain == "field" else 1.0))
     return loss.to(probs.dtype)
 
 

@@ -59,13 +59,20 @@ def checkpoint_keep_bn_stats(fn: Callable[..., object], module: nn.Module, *args
 
 
 class ConvBNReLU(nn.Module):
-    """1x1 conv (no bias) + BatchNorm2d + ReLU."""
+    """1x1 conv (no bias) + BatchNorm2d + ReLU.
+
+    Initialised as the official code's mmcv ``ConvModule``: conv weight Kaiming normal (fan_out, ReLU gain,
+    std = sqrt(2 / (out_channels * k * k))); BatchNorm weight 1, bias 0.
+    """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU(inplace=True)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.ones_(self.bn.weight)
+        nn.init.zeros_(self.bn.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C_in, h, w) -> (B, C_out, h, w)."""
@@ -74,6 +81,9 @@ class ConvBNReLU(nn.Module):
 
 class SegFormerHead(nn.Module):
     """All-MLP decoder.
+
+    Initialisation as the official code: the per-stage linear layers and the last conv keep PyTorch's default
+    init; the fuse conv is :class:`ConvBNReLU`'s (Kaiming normal, fan_out).
 
     Args:
         in_channels: channels of the encoder stages, shallowest first (e.g. (64, 128, 320, 512)).

@@ -69,8 +69,8 @@ class AffinityHead(nn.Module):
         super().__init__()
         self.symmetric = symmetric
         self.proj = nn.Conv2d(in_maps, 1, 1, bias=True)
+        # as the official code: weight Kaiming normal (a = sqrt(5), fan_out); bias keeps PyTorch's default init
         nn.init.kaiming_normal_(self.proj.weight, a=5 ** 0.5, mode="fan_out")
-        nn.init.zeros_(self.proj.bias)
 
     def forward(self, attns: list[Tensor]) -> Tensor:
         """[(B, heads, N, N)] -> (B, N, N) affinity in (0, 1)."""
