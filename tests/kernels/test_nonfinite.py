@@ -21,7 +21,7 @@ import torch
 from tests._utils import assert_close
 from tests.conftest import require_backend
 from tests.kernels._nonfinite_cases import OPS, make_case, num_cases, run_case
-from tscd.kernels import correlation_loss, dense_crf, dense_energy_loss, permutohedral_filter
+from tscd.kernels import correlation_loss, dense_crf, dense_energy_loss, permutohedral_filter, refine
 from tscd.kernels._ext import has_cpp
 
 REPO = Path(__file__).resolve().parents[2]
@@ -199,6 +199,20 @@ def test_energy_loss_rejects_bad_scalars(kw, match):
     with pytest.raises(ValueError, match=match):
         dense_energy_loss(torch.rand(1, 3, 6, 6) * 255, torch.softmax(torch.randn(1, 2, 6, 6), 1),
                           torch.ones(1, 6, 6), torch.zeros(1, 6, 6, dtype=torch.long), backend="torch", **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("num_iter", [0, 2])
+def test_refine_skipped_channels_are_zero_even_with_nan(backend, num_iter):
+    require_backend("refine_fwd", backend, "cpu", ("triton", "cpp", "torch"))
+    image = torch.rand(2, 3, 5, 6)
+    cam = torch.rand(2, 3, 5, 6)
+    cam[0, 2, 1, 1] = float("nan")  # channel 2 of image 0 is skipped
+    cam[1, 0, 2, 3] = float("inf")  # channel 0 of image 1 is used: NaN/inf spread in it
+    out = refine(image, cam, num_iter=num_iter, dilations=(1,), num_channels=[2, 3], backend=backend)
+    assert bool((out[0, 2] == 0).all())
+    assert bool(torch.isfinite(out[0, :2]).all()) and bool(torch.isfinite(out[1, 1:]).all())
+    assert not bool(torch.isfinite(out[1, 0]).all())
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
