@@ -148,6 +148,11 @@ def correlation_loss(teacher1: torch.Tensor, teacher2: torch.Tensor, student1: t
     Returns:
         0-d tensor in the student's dtype. Half inputs are computed in float32 by the fused backends.
 
+    Non-finite inputs: propagated like the reference, on every backend (no check, no host sync): a NaN or
+    +-inf read by a sample point makes its feature vector NaN after the normalisation, so the loss is NaN
+    (``max(G, 0)`` keeps NaN, as torch's clamp does); the gradients are the reference's (torch's clamp
+    passes no gradient through a NaN G, the other factors carry the NaN on).
+
     Raises:
         TypeError: a non-float tensor. ValueError: bad shapes, devices or arguments (e.g. more dense
         samples than pixels). RuntimeError: the requested backend cannot run here.

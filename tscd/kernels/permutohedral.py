@@ -28,6 +28,13 @@ Backends: ``cuda`` (GPU hash table, no host sync), ``cpp`` (OpenMP over images a
 kernel's lattice built once for all iterations.
 Gradients: w.r.t. ``values`` on every backend (the fused backward applies the transposed lattice: the
 blur directions in reverse order); w.r.t. ``features`` only with ``backend="torch"``.
+
+Non-finite inputs (the same on every backend, on the device, no host sync): a NaN or +-inf in
+``values[b, k]`` makes output channel (b, k) NaN; a NaN, +-inf or out-of-range (|f| > 2^20 standard
+deviations, MAX_FEATURE) feature of image b makes all of image b's outputs NaN; the gradient w.r.t. those
+channels' values is NaN too. The C++/CUDA lattice never builds an out-of-range key from such a point (it is
+embedded at the origin with NaN weights). ``dense_energy_loss`` inherits this (a NaN loss); ``dense_crf``, an
+inference op, raises ValueError instead.
 """
 from __future__ import annotations
 
@@ -38,8 +45,10 @@ import torch
 from tscd.kernels import _backend, _checks, _ext
 from tscd.kernels.reference.permutohedral import (
     MAX_DENSE_POINTS,
+    MAX_FEATURE,
     dense_crf_with,
     dense_energy_loss_with,
+    nonfinite_poison,
     permutohedral_filter_reference,
 )
 
@@ -93,6 +102,9 @@ def permutohedral_filter(values: torch.Tensor, features: torch.Tensor, *, normal
     Returns:
         (B, K, N) in ``values``' dtype (computed in float32, or float64 for float64 inputs).
 
+    Non-finite inputs: a NaN/inf value makes its output channel NaN; a NaN/inf feature, or one beyond
+    +-2^20 (``MAX_FEATURE``), makes its image's outputs NaN; every backend alike (see the module docstring).
+
     Raises:
         TypeError: a non-float tensor. ValueError: bad shapes or devices, too many points for the torch
         backend, or ``features`` requiring grad with a fused backend. RuntimeError: the backend cannot run here.
@@ -121,8 +133,8 @@ def _filter(name: str, values: torch.Tensor, features: torch.Tensor, normalize: 
         raise ValueError(f"{OP}: gradients w.r.t. `features` are implemented by backend='torch' only (got backend "
                          f"{name!r}); pass features.detach() (they are image data in TSCD) or use backend='torch'")
     dtype = _compute_dtype(values.dtype)
-    out = torch.ops.tscd.permutohedral_fwd(values.to(dtype).contiguous(), features.detach().to(dtype).contiguous(),
-                                           normalize, include_self)
+    v, f = values.to(dtype).contiguous(), features.detach().to(dtype).contiguous()
+    out = torch.ops.tscd.permutohedral_fwd(v, f, normalize, include_self) * nonfinite_poison(v, f)
     return out.to(values.dtype)
 
 
@@ -131,6 +143,13 @@ def _filter_fn(name: str):
         return _filter(name, values, features, normalize, include_self)
 
     return fn
+
+
+def _check_position_range(op: str, side: int, sxy: float, what: str) -> None:
+    """The position features (x, y) / sxy must stay within the lattice's range (host arithmetic only)."""
+    if (side - 1) / sxy > MAX_FEATURE:
+        raise ValueError(f"{op}: `{what}` = {sxy:g} is too small for a {side}-pixel side: the position features "
+                         f"reach {(side - 1) / sxy:.3g}, beyond the lattice's range 2^20")
 
 
 def _check_image(op: str, name: str, image: torch.Tensor, batched_only: bool) -> torch.Tensor:
@@ -179,8 +198,12 @@ def dense_energy_loss(images: torch.Tensor, probs: torch.Tensor, roi: torch.Tens
     Returns:
         A 0-d tensor in ``probs``' dtype.
 
+    Non-finite inputs: NaN or +-inf in ``images``, ``probs`` or ``roi`` give a NaN loss (and NaN gradients on
+    the affected images), on every backend, without a host sync; so do image values beyond +-2^20 * sigma_rgb.
+
     Raises:
-        TypeError / ValueError: bad dtypes, shapes or devices. RuntimeError: the backend cannot run here.
+        TypeError / ValueError: bad dtypes, shapes or devices, non-finite or non-positive sigmas or scale, a
+        non-finite weight. RuntimeError: the backend cannot run here.
     """
     op = "dense_energy_loss"
     images = _check_image(op, "images", images, batched_only=True)
@@ -199,13 +222,14 @@ def dense_energy_loss(images: torch.Tensor, probs: torch.Tensor, roi: torch.Tens
         if tuple(t.shape[-2:]) != size:
             raise ValueError(f"{op}: `{name}` must have the spatial size of `probs` {size}; got shape {tuple(t.shape)}")
     for name, v in (("sigma_rgb", sigma_rgb), ("sigma_xy", sigma_xy), ("scale", scale)):
-        if not float(v) > 0:
-            raise ValueError(f"{op}: `{name}` must be > 0; got {v!r}")
+        _checks.check_finite_scalar(op, name, v, positive=True)
+    _checks.check_finite_scalar(op, "weight", weight)
     if gain not in CRF_GAINS:
         raise ValueError(f"{op}: `gain` must be one of {', '.join(CRF_GAINS)}; got {gain!r}")
     h, w = int(size[0] * scale), int(size[1] * scale)
     if h < 1 or w < 1:
         raise ValueError(f"{op}: the input {size} is empty at scale {scale}")
+    _check_position_range(op, max(h, w), float(sigma_xy) * float(scale), "sigma_xy * scale")
     name = _backend.resolve_backend("permutohedral_fwd", backend, device, SUPPORTED_BACKENDS)
     if name == "torch":
         _check_dense_size(op, h * w, f"the scaled image's h*w ({h}x{w})")
@@ -235,8 +259,13 @@ def dense_crf(image: torch.Tensor, probs: torch.Tensor, *, num_iter: int = 10, g
     Returns:
         (B, K, H, W) marginals Q in ``probs``' dtype; ``Q.argmax(1)`` is the labelling.
 
+    Non-finite inputs: rejected. A NaN or +-inf in ``image`` or ``probs``, or image values beyond
+    +-2^20 * bilateral_srgb (the lattice's range), raise ValueError on every backend (this op checks its
+    inputs on the host: it is an inference op, not on the training hot path).
+
     Raises:
-        TypeError / ValueError: bad dtypes, shapes, devices or arguments. RuntimeError: the backend cannot run here.
+        TypeError / ValueError: bad dtypes, shapes, devices or arguments, non-finite inputs.
+        RuntimeError: the backend cannot run here.
     """
     op = "dense_crf"
     image = _check_image(op, "image", image, batched_only=False)
@@ -251,8 +280,21 @@ def dense_crf(image: torch.Tensor, probs: torch.Tensor, *, num_iter: int = 10, g
     if not isinstance(num_iter, int) or isinstance(num_iter, bool) or num_iter < 0:
         raise ValueError(f"{op}: `num_iter` must be an int >= 0; got {num_iter!r}")
     for name, v in (("gauss_sxy", gauss_sxy), ("bilateral_sxy", bilateral_sxy), ("bilateral_srgb", bilateral_srgb)):
-        if not float(v) > 0:
-            raise ValueError(f"{op}: `{name}` must be > 0; got {v!r}")
+        _checks.check_finite_scalar(op, name, v, positive=True)
+    for name, v in (("gauss_compat", gauss_compat), ("bilateral_compat", bilateral_compat)):
+        _checks.check_finite_scalar(op, name, v)
+    _checks.check_finite(op, "image", image)
+    _checks.check_finite(op, "probs", probs)
+    side = max(probs.shape[2], probs.shape[3])
+    if float(gauss_compat) != 0:
+        _check_position_range(op, side, float(gauss_sxy), "gauss_sxy")
+    if float(bilateral_compat) != 0:
+        _check_position_range(op, side, float(bilateral_sxy), "bilateral_sxy")
+        peak = float(image.abs().max()) if image.is_floating_point() else float(image.max())
+        if peak / float(bilateral_srgb) > MAX_FEATURE:
+            raise ValueError(f"{op}: `image` values up to {peak:g} give colour features |value| / bilateral_srgb = "
+                             f"{peak / float(bilateral_srgb):.3g}, beyond the lattice's range 2^20; image values are "
+                             "0..255")
     name = _backend.resolve_backend("permutohedral_fwd", backend, device, SUPPORTED_BACKENDS)
     if name == "torch":
         _check_dense_size(op, probs.shape[2] * probs.shape[3], "H*W")

@@ -72,7 +72,7 @@ def _correlation_pass_kernel(out_s_ptr, out_t_ptr, in_s_ptr, in_t_ptr, off_ptr, 
         else:
             fc = f + off_o[:, None]
         if CLAMP:
-            p = tl.maximum(g, 0.0)
+            p = tl.where(g < 0.0, 0.0, g)  # max(G, 0) that keeps NaN (tl.maximum may drop it)
         else:
             p = g
         valid = mask_o[:, None] & mask_i[None, :]

@@ -20,11 +20,29 @@ from tscd.constants import IGNORE_INDEX
 
 #: The exact dense filter refuses more points than this per image (N^2 affinities).
 MAX_DENSE_POINTS = 16384
+#: The lattice's range (csrc/permutohedral.h kMaxFeature): a feature beyond +-2^20 (in standard deviations) is
+#: treated like a non-finite one by every backend.
+MAX_FEATURE = 2.0 ** 20
 #: Rows of W materialised at once.
 _CHUNK = 2048
 
 #: A filter: (values (B, K, N), features (B, D, N), normalize, include_self) -> (B, K, N).
 FilterFn = Callable[[torch.Tensor, torch.Tensor, bool, bool], torch.Tensor]
+
+
+def nonfinite_poison(values: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """(B, K, 1): NaN for the output channels that a non-finite input makes undefined, 1 elsewhere.
+
+    Channel (b, k) is NaN when ``values[b, k]`` holds a NaN or +-inf, or when any feature of image b is NaN,
+    +-inf or beyond +-:data:`MAX_FEATURE`. Every backend multiplies its filter output by this, so all of them
+    return the same NaN pattern (and a NaN gradient w.r.t. those channels' values), on the device, without a
+    host sync.
+    """
+    bad_feat = ~(features.abs() <= MAX_FEATURE).all(dim=2).all(dim=1)  # (B,); NaN compares false
+    bad_val = ~torch.isfinite(values).all(dim=2)  # (B, K)
+    bad = bad_val | bad_feat.unsqueeze(1)
+    one = torch.ones((), dtype=values.dtype, device=values.device)
+    return torch.where(bad, torch.full_like(one, float("nan")), one).unsqueeze(2)
 
 
 def permutohedral_filter_reference(values: torch.Tensor, features: torch.Tensor, *, normalize: bool = False,
@@ -39,6 +57,7 @@ def permutohedral_filter_reference(values: torch.Tensor, features: torch.Tensor,
 
     Returns:
         (B, K, N). A normalised row whose sum is 0 (a lone point without its self term) gives 0.
+        Non-finite inputs: see :func:`nonfinite_poison` (those channels are NaN).
     """
     pos = features.transpose(1, 2)  # (B, N, D)
     N = pos.shape[1]
@@ -57,9 +76,9 @@ def permutohedral_filter_reference(values: torch.Tensor, features: torch.Tensor,
         out = torch.einsum("bij,bkj->bki", w, values)
         if normalize:
             den = w.sum(-1).unsqueeze(1)
-            out = torch.where(den > 1e-20, out / den.clamp_min(1e-20), torch.zeros_like(out))
+            out = torch.where(den <= 1e-20, out * 0, out / den.clamp_min(1e-20))  # NaN stays NaN
         rows.append(out)
-    return torch.cat(rows, dim=2)
+    return torch.cat(rows, dim=2) * nonfinite_poison(values, features)
 
 
 def _exact_filter(values: torch.Tensor, features: torch.Tensor, normalize: bool, include_self: bool) -> torch.Tensor:

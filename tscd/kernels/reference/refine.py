@@ -116,5 +116,5 @@ def refine_reference(image: torch.Tensor, cam: torch.Tensor, *, dilations: Seque
     if num_channels is not None:
         keep = torch.arange(cam.shape[1], device=cam.device).view(1, -1) < torch.as_tensor(
             list(num_channels), device=cam.device).view(-1, 1)
-        out = out * keep.view(cam.shape[0], cam.shape[1], 1, 1).to(out.dtype)
+        out = torch.where(keep.view(cam.shape[0], cam.shape[1], 1, 1), out, torch.zeros_like(out))  # NaN-free 0
     return out
