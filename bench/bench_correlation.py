@@ -1,4 +1,4 @@
-"""Benchmark of correlation_loss (SCD, SPEC.md 4.2 and 8): fused backends vs the torch reference.
+"""Benchmark of correlation_loss (SCD, docs/method.md 4.2 and 8): fused backends vs the torch reference.
 
 Inputs as in training with a 320 crop: teacher (Ct = 20) and student (Cs = 21) maps at 1/4 resolution,
 view 1 80x80, view 2 (x0.3) 24x24, batch 2. Sizes: S = 40, 80, 160 random points per side (N = S^2 per

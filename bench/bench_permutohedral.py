@@ -1,4 +1,4 @@
-"""Benchmark of the permutohedral op family (SPEC.md 4.5, 6, 8): the lattice filter against the exact dense
+"""Benchmark of the permutohedral op family (docs/method.md 4.5, 6, 8): the lattice filter against the exact dense
 Gaussian, the CRF energy loss per training iteration and dense-CRF inference.
 
     python bench/bench_permutohedral.py --device cpu --sizes 160,256 --out bench/results
@@ -8,7 +8,8 @@ Rows:
           lattice (cpp or cuda) vs the exact dense filter (torch), with the lattice's relative error vs exact
           (plain sum and normalised) measured first on the same inputs;
   loss    dense_energy_loss forward and forward+backward at image size S (grid S/2), K classes, batch B;
-  crf     dense_crf (10 iterations, SPEC.md 6 defaults) on one S x S image with K classes (lattice backends only).
+  crf     dense_crf (10 iterations, docs/method.md 6 defaults) on one S x S image with K classes (lattice
+          backends only).
 Inputs: a synthetic image with smooth shading, sharp edges and noise (natural images behave alike); random
 softmax probabilities. Results: bench/results/permutohedral-<device>.json and .md.
 """

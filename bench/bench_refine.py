@@ -1,4 +1,4 @@
-"""Benchmark refine (VARM): every available backend vs the torch reference (SPEC.md 8).
+"""Benchmark refine (VARM): every available backend vs the torch reference (docs/method.md 8).
 
 Sizes: H = W in {160, 256}, K in {2, 3, 21}, four refinements batched into one call (B = 4), as the
 pseudo labels need them (2 images x 2 background thresholds). Modes: ``fwd`` and ``fwd_bwd``

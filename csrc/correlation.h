@@ -1,4 +1,4 @@
-// correlation (SCD loss, SPEC.md 4.2): the per-pair math, written once and shared by the CPU
+// correlation (SCD loss, docs/method.md 4.2): the per-pair math, written once and shared by the CPU
 // (csrc/cpu/correlation_cpu.cpp) and CUDA (csrc/cuda/correlation_cuda.cu) kernels; the .cpp/.cu files
 // add only tiling, loops and launches.
 //
@@ -22,13 +22,15 @@
 namespace tscd {
 namespace correlation {
 
-// P(g): the clamped student correlation.
+// P(g): the clamped student correlation, NaN-propagating as torch's clamp (a NaN G stays NaN: a diverging
+// student must not be hidden by the clamp).
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t student_weight(acc_t g, bool clamp) {
-  return (clamp && !(g > acc_t(0))) ? acc_t(0) : g;
+  return (clamp && g < acc_t(0)) ? acc_t(0) : g;
 }
 
-// P'(g): 1 where the clamp lets the gradient through (g >= 0, torch's convention at 0), else 0.
+// P'(g): 1 where the clamp lets the gradient through (g >= 0, torch's convention at 0), else 0 (also for a NaN
+// G, as torch's clamp backward).
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t student_mask(acc_t g, bool clamp) {
   return (!clamp || g >= acc_t(0)) ? acc_t(1) : acc_t(0);
@@ -40,10 +42,11 @@ C10_HOST_DEVICE inline acc_t pair_value(acc_t g, acc_t f_plus_c, bool clamp) {
   return student_weight(g, clamp) * f_plus_c;
 }
 
-// One pair's gradient factors: *d = dLoss/dG_ij, *e = dLoss/dF_ij (= dLoss/dc_i share).
+// One pair's gradient factors: *d = dLoss/dG_ij, *e = dLoss/dF_ij (= dLoss/dc_i share). The clamp selects
+// (as torch's clamp backward), not multiplies: a clamped pair's d is 0 even when F + c is NaN or inf.
 template <typename acc_t>
 C10_HOST_DEVICE inline void pair_grads(acc_t g, acc_t f_plus_c, bool clamp, acc_t grad, acc_t* d, acc_t* e) {
-  *d = grad * student_mask(g, clamp) * f_plus_c;
+  *d = student_mask(g, clamp) != acc_t(0) ? grad * f_plus_c : acc_t(0);
   *e = grad * student_weight(g, clamp);
 }
 

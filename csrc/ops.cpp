@@ -31,7 +31,7 @@ int64_t openmp_max_threads() {
 TORCH_LIBRARY(tscd, m) {
   m.def("openmp_max_threads() -> int", &openmp_max_threads);
 
-  // refine: VARM / PAR (SPEC.md 4.1); mode 0 = varm, 1 = par. See csrc/refine.h for the math.
+  // refine: VARM / PAR (docs/method.md 4.1); mode 0 = varm, 1 = par. See csrc/refine.h for the math.
   m.def("refine_weights(Tensor image, int[] dilations, int mode, float rgb_scale, float aux_weight, "
         "Tensor? prior) -> Tensor");
   m.def("refine_fwd(Tensor image, Tensor cam, Tensor? num_channels, int[] dilations, int num_iter, int mode, "
@@ -39,7 +39,7 @@ TORCH_LIBRARY(tscd, m) {
   m.def("refine_bwd(Tensor grad_out, Tensor image, Tensor? num_channels, int[] dilations, int num_iter, int mode, "
         "float rgb_scale, float aux_weight, Tensor? prior) -> Tensor");
 
-  // correlation: the fused core of the SCD loss (SPEC.md 4.2) on sampled, normalised features
+  // correlation: the fused core of the SCD loss (docs/method.md 4.2) on sampled, normalised features
   // t1 (B,N1,Ct), t2 (B,N2,Ct), s1 (B,N1,Cs), s2 (B,N2,Cs), offset (B,N1). fwd: per-image
   // sum_ij P(s1_i.s2_j) * (t1_i.t2_j + offset_i) -> (B,); bwd: [ds1, ds2, dt1, dt2, doffset] (the teacher
   // grads are zeros unless teacher_grad). See csrc/correlation.h for the math.
@@ -47,12 +47,12 @@ TORCH_LIBRARY(tscd, m) {
   m.def("correlation_bwd(Tensor grad, Tensor t1, Tensor t2, Tensor s1, Tensor s2, Tensor offset, bool clamp_student, "
         "bool teacher_grad) -> Tensor[]");
 
-  // permutohedral: Gaussian filtering on a permutohedral lattice (SPEC.md 4.5, 6); values (B, K, N), features
+  // permutohedral: Gaussian filtering on a permutohedral lattice (docs/method.md 4.5, 6); values (B, K, N), features
   // (B, D, N) in std-1 units. bwd: the gradient w.r.t. values (the transposed lattice). See csrc/permutohedral.h.
   m.def("permutohedral_fwd(Tensor values, Tensor features, bool normalize, bool include_self) -> Tensor");
   m.def("permutohedral_bwd(Tensor grad_out, Tensor features, bool normalize, bool include_self) -> Tensor");
-  // dense_crf: mean-field inference (SPEC.md 6) of unary energies (B, K, N) with one lattice per kernel (features
-  // (B, D_k, N), Potts weight w_k), built once for all iterations; returns the marginals Q (B, K, N).
+  // dense_crf: mean-field inference (docs/method.md 6) of unary energies (B, K, N) with one lattice per kernel
+  // (features (B, D_k, N), Potts weight w_k), built once for all iterations; returns the marginals Q (B, K, N).
   m.def("dense_crf_fwd(Tensor unary, Tensor[] features, float[] weights, int num_iter) -> Tensor");
 }
 

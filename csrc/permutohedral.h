@@ -1,4 +1,4 @@
-// permutohedral (SPEC.md 4.5, 6): the lattice math of Adams, Baek & Davis (2010), "Fast High-Dimensional
+// permutohedral (docs/method.md 4.5, 6): the lattice math of Adams, Baek & Davis (2010), "Fast High-Dimensional
 // Filtering Using the Permutohedral Lattice", written once and shared by the CPU (csrc/cpu/permutohedral_cpu.cpp)
 // and CUDA (csrc/cuda/permutohedral_cuda.cu) kernels. The .cpp/.cu files add the hash tables, loops and launches.
 //
@@ -33,6 +33,11 @@ namespace perm {
 
 constexpr int kMaxDim = 8;                 // at most 8 feature dimensions (we use 2 and 5)
 constexpr double kNormEps = 1e-20;         // normalised variant: a denominator below this gives 0
+// The lattice's range: a feature with |f| > kMaxFeature (or NaN, +-inf) is "invalid". Its point is embedded at
+// the origin (so every key and index stays in range: |elevated coordinate| <= 85 kMaxFeature < 2^31 for d <= 8)
+// and gets NaN barycentric weights, so every output that reads one of its vertices is NaN. The Python wrappers
+// (tscd/kernels/permutohedral.py) make the whole image's output NaN in that case.
+constexpr double kMaxFeature = 1048576.0;  // 2^20 standard deviations
 
 // sigma_L / sqrt((j+1)(j+2)): the factor of feature j before elevation.
 C10_HOST_DEVICE inline double feature_scale(int j, int d) {
@@ -42,17 +47,27 @@ C10_HOST_DEVICE inline double feature_scale(int j, int d) {
 // c_d (see the header comment): the lattice returns about c_d times the exact Gaussian sum.
 inline double lattice_gain(int d) { return 1.0 / (std::sqrt(double(d + 1)) * std::pow(4.0 * M_PI / 3.0, 0.5 * d)); }
 
+// True for a feature value the lattice can embed: finite and |v| <= kMaxFeature (false for NaN).
+template <typename acc_t>
+C10_HOST_DEVICE inline bool feature_in_range(acc_t v) {
+  return v <= acc_t(kMaxFeature) && v >= -acc_t(kMaxFeature);
+}
+
 // The d+1 vertices (keys, d ints each) and barycentric weights of the simplex that holds feature vector
 // f[0..d-1] (strided by f_stride). key: (d+1) x d ints, row r = vertex r; bary: d+1 weights (sum to 1).
+// Returns false for an invalid point (a feature out of range, see kMaxFeature): its keys are those of the origin,
+// its weights NaN. Every key and rank stays in range for any input.
 template <typename scalar_t, typename acc_t>
-C10_HOST_DEVICE inline void embed_point(const scalar_t* f, int64_t f_stride, int d, const acc_t* scale, int* key,
+C10_HOST_DEVICE inline bool embed_point(const scalar_t* f, int64_t f_stride, int d, const acc_t* scale, int* key,
                                         acc_t* bary) {
   const int d1 = d + 1;
+  bool valid = true;
+  for (int k = 0; k < d; ++k) valid = valid && feature_in_range(static_cast<acc_t>(f[k * f_stride]));
   acc_t x[kMaxDim + 1];
   // 2. elevate: x_k = sum_{j >= k} s_j - k s_{k-1}
   acc_t sm = 0;
   for (int k = d; k >= 1; --k) {
-    const acc_t s = static_cast<acc_t>(f[(k - 1) * f_stride]) * scale[k - 1];
+    const acc_t s = valid ? static_cast<acc_t>(f[(k - 1) * f_stride]) * scale[k - 1] : acc_t(0);
     x[k] = sm - acc_t(k) * s;
     sm += s;
   }
@@ -92,6 +107,9 @@ C10_HOST_DEVICE inline void embed_point(const scalar_t* f, int64_t f_stride, int
       rank[k] -= d1;
       rem0[k] -= d1;
     }
+    // exact arithmetic keeps |sum| <= d+1, so one step suffices; rounding at the far end of the range could
+    // leave a rank outside [0, d], which must never index b[] below
+    rank[k] = rank[k] < 0 ? 0 : (rank[k] > d ? d : rank[k]);
   }
   // barycentric weights
   acc_t b[kMaxDim + 2];
@@ -103,10 +121,12 @@ C10_HOST_DEVICE inline void embed_point(const scalar_t* f, int64_t f_stride, int
   }
   b[0] += acc_t(1) + b[d + 1];
   // vertex r = rem0 + canonical vertex r: coordinate of rank q gets r if q <= d - r, else r - (d+1)
+  const acc_t nan = static_cast<acc_t>(NAN);
   for (int r = 0; r <= d; ++r) {
-    bary[r] = b[r];
+    bary[r] = valid ? b[r] : nan;
     for (int k = 0; k < d; ++k) key[r * d + k] = rem0[k] + r - (rank[k] > d - r ? d1 : 0);
   }
+  return valid;
 }
 
 C10_HOST_DEVICE inline uint64_t hash_key(const int* key, int d) {
@@ -140,13 +160,20 @@ C10_HOST_DEVICE inline scalar_t blur_at(const scalar_t* src, int64_t m, int64_t 
   return scalar_t(0.5) * src[m] + scalar_t(0.25) * (a + c);
 }
 
+// num / den for the normalised variant; a denominator <= kNormEps gives 0 (num * 0: NaN stays NaN), a NaN
+// denominator gives NaN.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t normalise(acc_t num, acc_t den) {
+  return den <= acc_t(kNormEps) ? num * acc_t(0) : num / den;
+}
+
 // Post-processing of a sliced value: out = (lat - self * v) / den for the normalised variant, lat - self * v
 // otherwise (self = 1 when the self term is excluded; lat is already divided by c_d).
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t finish(acc_t lat, acc_t v, acc_t den, bool normalize, bool include_self) {
   const acc_t num = include_self ? lat : lat - v;
   if (!normalize) return num;
-  return den > acc_t(kNormEps) ? num / den : acc_t(0);
+  return normalise(num, den);
 }
 
 }  // namespace perm

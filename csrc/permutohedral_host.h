@@ -42,7 +42,7 @@ inline void check_crf_inputs(const char* op, const at::Tensor& unary, at::Tensor
   for (const at::Tensor& f : features) check_inputs(op, unary, f);
 }
 
-// Mean-field inference of SPEC.md 6 with `filter(k, values)` = K_k values (unnormalised, self term included),
+// Mean-field inference of docs/method.md 6 with `filter(k, values)` = K_k values (unnormalised, self term included),
 // written once for both devices; the same loop as tscd/kernels/reference/permutohedral.py::mean_field.
 //   Q = softmax(-U); num_iter times Q = softmax(-U + sum_k w_k n_k K_k (n_k Q)), n_k = (K_k 1)^-1/2
 template <typename Filter>

@@ -1,4 +1,4 @@
-// refine (VARM / PAR, SPEC.md 4.1): the per-pixel math, written once and shared by the CPU
+// refine (VARM / PAR, docs/method.md 4.1): the per-pixel math, written once and shared by the CPU
 // (csrc/cpu/refine_cpu.cpp) and CUDA (csrc/cuda/refine_cuda.cu) kernels, so the CPU tests exercise
 // the very code the GPU runs. The .cpp/.cu files add only loops/indexing and launches.
 //

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,15 +25,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Dataset and loader (SPEC.md 5)."""
+    """Dataset and loader (docs/method.md 5)."""
 
     dataset: str = "voc"  #: voc | coco | custom | demo
     root: str | None = None  #: dataset root (demo: None generates the data in memory)
     train_split: str = "train_aug"
     val_split: str = "val"
     crop_size: int = 512  #: random crop of the training images
-    scale_range: tuple[float, float] = (0.5, 2.0)  #: random rescale range
-    batch_size: int = 2  #: per process
+    scale_range: tuple[float, float] = (0.5, 2.0)  #: random rescale range (new size int(r * h): floor)
+    pad_value: str | tuple[float, float, float] = "black"  #: crop canvas: black (official raw 0) | mean | [r, g, b]
+    batch_size: int = 4  #: GLOBAL batch, split evenly across processes (official: 2 GPUs x 2 = 4)
     num_workers: int = 4
     val_num: int | None = None  #: validate on the first N images only (None: all)
     skip_bad: bool = False  #: skip unreadable files with a warning instead of failing
@@ -43,7 +45,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Network (SPEC.md 2)."""
+    """Network (docs/method.md 2)."""
 
     name: str = "tscd_mit_b1"  #: tscd_mit_b0 .. tscd_mit_b5
     pretrained: str | None = None  #: local path of SegFormer ImageNet MiT weights (mit_b1.pth); None: random init
@@ -55,7 +57,7 @@ class ModelConfig:
 
 @dataclass
 class PseudoLabelConfig:
-    """Multi-scale CAMs and their VARM refinement (SPEC.md 3, 4.1)."""
+    """Multi-scale CAMs and their VARM refinement (docs/method.md 3, 4.1)."""
 
     cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5)
     bkg_high: float = 0.55  #: background score of the "high" refinement
@@ -65,11 +67,13 @@ class PseudoLabelConfig:
     refine_iters: int = 10
     dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
     refine_scale: float = 0.5  #: refinement runs at this fraction of the crop size
+    cam_decoder: bool = True  #: run the decoder in the CAM passes (no grad, output discarded) so its BN running
+    #: statistics update as in the official code; false: decoder-free CAM passes (faster, different BN statistics)
 
 
 @dataclass
 class LossConfig:
-    """Loss weights and options (SPEC.md 4)."""
+    """Loss weights and options (docs/method.md 4)."""
 
     cls: float = 1.0
     seg: float = 0.1
@@ -84,11 +88,12 @@ class LossConfig:
     crf_sigma_rgb: float = 15.0
     crf_sigma_xy: float = 100.0
     crf_scale: float = 0.5
+    crf_gain: str = "field"  #: field (the rloss/Kraehenbuehl lattice gain `reg` was tuned on) | exact (Gaussian)
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with poly schedule and warm-up (SPEC.md 4.7)."""
+    """AdamW with poly schedule and warm-up (docs/method.md 4.7)."""
 
     lr: float = 6e-5
     weight_decay: float = 0.01
@@ -103,23 +108,28 @@ class TrainConfig:
     """The loop."""
 
     max_iters: int = 20000
-    cam_iters: int = 2000  #: classification loss only up to this iteration
+    cam_iters: int = 2000  #: classification loss only while the 0-based iteration <= cam_iters (cam_iters + 1 its)
+    accum_steps: int = 1  #: micro-batches per process and iteration (gradient accumulation; 1: all at once)
     log_iters: int = 50
     val_iters: int = 2000  #: validate every N iterations (0: only at the end)
-    ckpt_iters: int = 1000  #: checkpoint every N iterations
+    ckpt_iters: int = 1000  #: checkpoint every N iterations (0: only at the end)
     keep_ckpts: int = 3  #: keep the last N checkpoints
     seed: int = 0
     device: str = "auto"  #: auto | cpu | cuda | cuda:N
-    amp: str = "auto"  #: auto (bf16 on GPU, off on CPU) | bf16 | off
+    amp: str = "off"  #: off (fp32, official) | bf16 (autocast, low-memory option) | auto (bf16 on GPU only)
     compile: bool = False  #: torch.compile the model
     channels_last: bool = False
     cudnn_benchmark: bool = False  #: off for reproducibility
     backend: str = "auto"  #: kernel backend of the fused ops (auto | cuda | triton | cpp | torch)
-    reference_style: bool = False  #: run as the official code does (benchmarks): full-model CAM passes,
-    #: one VARM call per image and threshold, torch backends, CRF loss on the host
+    reference_style: bool = False  #: the official iteration (benchmark baseline): full-model CAM passes, one VARM
+    #: call per image and threshold, torch backends, CRF loss on the host, and the official numerics (fp32, black
+    #: padding, field CRF gain, decoder BN updates in CAM passes) whatever the other keys say
     run_dir: str = "runs/tscd"
     tensorboard: bool = True
     image_iters: int = 0  #: log CAM / pseudo-label / prediction images every N iterations (0: at validation)
+    checkpointing: str = "off"  #: activation checkpointing: off | encoder (MiT blocks) | all (+ decoder, affinity)
+    memory: str = "default"  #: default | low: bf16 autocast, checkpointing all, micro-batches of one image
+    #: (gradient accumulation keeps the global batch); see tscd/train/memory.py
     plots: bool = True  #: at the end, write <run_dir>/val_grid.png and curves.png (matplotlib)
 
 
@@ -156,7 +166,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], where)
+        for alt in args[:-1]:  # several alternatives (e.g. a name or a list): the first that accepts the value
+            try:
+                return _coerce(value, alt, where)
+            except ConfigError:
+                pass
+        return _coerce(value, args[-1], where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config: `{where}` must be a list; got {value!r}")
@@ -239,8 +254,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, name, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- ``base:`` file <- ``path`` <- ``overrides``."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, check: bool = True) -> Config:
+    """Defaults <- ``base:`` file <- ``path`` <- ``overrides``, then :func:`validate` (unless ``check`` is False)."""
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -255,12 +270,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for text in overrides or []:
         section, name, value = parse_override(text)
         _apply(cfg, {section: {name: value}}, f"override {text!r}")
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks with clear messages."""
+    """Range checks of every numeric key (:func:`check_ranges`) and cross-field checks, with clear messages."""
+    check_ranges(cfg)
     def choice(where: str, value: str, options: tuple[str, ...]) -> None:
         if value not in options:
             raise ConfigError(f"config: `{where}` must be one of {', '.join(options)}; got {value!r}")
@@ -271,18 +288,154 @@ def validate(cfg: Config) -> None:
     choice("loss.er_mode", cfg.loss.er_mode, ("off", "grad"))
     choice("train.amp", cfg.train.amp, ("auto", "bf16", "off"))
     choice("train.backend", cfg.train.backend, ("auto", "cuda", "triton", "cpp", "torch"))
-    for where, v in [("train.max_iters", cfg.train.max_iters), ("data.batch_size", cfg.data.batch_size),
-                     ("data.crop_size", cfg.data.crop_size), ("loss.scd_samples", cfg.loss.scd_samples),
-                     ("train.log_iters", cfg.train.log_iters), ("train.keep_ckpts", cfg.train.keep_ckpts)]:
-        if v < 1:
-            raise ConfigError(f"config: `{where}` must be >= 1; got {v}")
-    if cfg.train.cam_iters < 0 or cfg.train.cam_iters > cfg.train.max_iters:
+    choice("train.checkpointing", cfg.train.checkpointing, ("off", "encoder", "all"))
+    choice("train.memory", cfg.train.memory, ("default", "low"))
+    choice("loss.crf_gain", cfg.loss.crf_gain, ("field", "exact"))
+    from tscd.data.transforms import resolve_pad_value
+
+    try:
+        resolve_pad_value(cfg.data.pad_value)
+    except ValueError as err:
+        raise ConfigError(f"config: `data.pad_value`: {err}") from None
+    if cfg.train.cam_iters > cfg.train.max_iters:
         raise ConfigError(f"config: `train.cam_iters` must be in [0, train.max_iters={cfg.train.max_iters}]; "
-                          f"got {cfg.train.cam_iters}")
+                          f"got {cfg.train.cam_iters} (`tscd train --max-iters N` scales it down for short runs)")
+    if cfg.pseudo.bkg_low > cfg.pseudo.bkg_high:
+        raise ConfigError(f"config: `pseudo.bkg_low` ({cfg.pseudo.bkg_low}) must be <= `pseudo.bkg_high` "
+                          f"({cfg.pseudo.bkg_high})")
+    lo, hi = cfg.data.scale_range
+    if lo > hi:
+        raise ConfigError(f"config: `data.scale_range` must be [low, high] with low <= high; got {[lo, hi]}")
     if cfg.data.dataset in ("voc", "coco", "custom") and not cfg.data.root:
         raise ConfigError(f"config: `data.root` is required for dataset {cfg.data.dataset!r}")
-    if not 0 < cfg.loss.scd_scale <= 1:
-        raise ConfigError(f"config: `loss.scd_scale` must be in (0, 1]; got {cfg.loss.scd_scale}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Legal values of a numeric key: ``lo`` / ``hi`` bounds (None: unbounded), open or closed; ``meaning`` is
+    appended to the error message (e.g. what 0 means)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    meaning: str = ""
+
+    def contains(self, v: float) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        if self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        lo = "-inf" if self.lo is None else self.lo
+        return f"in {'(' if self.lo_open else '['}{lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+_POS = Range(0, lo_open=True)  # > 0
+_NONNEG = Range(0)  # >= 0
+_ONE = Range(1)  # >= 1
+_UNIT = Range(0, 1)  # [0, 1]
+_FRACTION = Range(0, 1, lo_open=True)  # (0, 1]
+
+#: The legal range of every numeric config key (tuples: of each element). ``tests/train/test_config.py`` checks that
+#: every int / float field of the dataclasses is listed here, so a new key cannot skip validation.
+RANGES: dict[str, Range] = {
+    "data.crop_size": Range(16),
+    "data.scale_range": _POS,
+    "data.batch_size": _ONE,
+    "data.num_workers": _NONNEG,
+    "data.val_num": Range(1, meaning="null validates on every image"),
+    "data.demo_num_train": _ONE,
+    "data.demo_num_val": _ONE,
+    "data.demo_size": Range(16),
+    "model.drop_path_rate": Range(0, 1, hi_open=True),
+    "model.decoder_dim": _ONE,
+    "pseudo.cam_scales": _POS,
+    "pseudo.bkg_high": _UNIT,
+    "pseudo.bkg_low": _UNIT,
+    "pseudo.cam_bkg": _UNIT,
+    "pseudo.refine_iters": Range(0, meaning="0 skips the propagation"),
+    "pseudo.dilations": _ONE,
+    "pseudo.refine_scale": _FRACTION,
+    "loss.cls": _NONNEG,
+    "loss.seg": _NONNEG,
+    "loss.reg": _NONNEG,
+    "loss.aff": _NONNEG,
+    "loss.scd": _NONNEG,
+    "loss.er": _NONNEG,
+    "loss.scd_samples": _ONE,
+    "loss.scd_scale": _FRACTION,
+    "loss.aff_radius": _ONE,
+    "loss.crf_sigma_rgb": _POS,
+    "loss.crf_sigma_xy": _POS,
+    "loss.crf_scale": _FRACTION,
+    "optim.lr": _POS,
+    "optim.weight_decay": _NONNEG,
+    "optim.betas": Range(0, 1, hi_open=True),
+    "optim.warmup_iters": Range(0, meaning="0: no warm-up"),
+    "optim.warmup_ratio": _UNIT,
+    "optim.power": _NONNEG,
+    "train.max_iters": _ONE,
+    "train.cam_iters": Range(0, meaning="0: no classification-only warm-up"),
+    "train.log_iters": _ONE,
+    "train.val_iters": Range(0, meaning="0: validate only at the end"),
+    "train.ckpt_iters": Range(0, meaning="0: checkpoint only at the end"),
+    "train.keep_ckpts": _ONE,
+    "train.seed": _NONNEG,
+    "train.image_iters": Range(0, meaning="0: log images at validation"),
+    # keys being added on other branches (skipped while absent)
+    "data.pad_value": Range(0, 255, meaning="RGB on the 0..255 scale"),
+    "train.accum_steps": _ONE,
+}
+#: Tuple keys that must not be empty.
+NON_EMPTY: tuple[str, ...] = ("pseudo.cam_scales", "pseudo.dilations")
+
+
+def check_ranges(cfg: Config) -> None:
+    """Check every key of :data:`RANGES` (and :data:`NON_EMPTY`); raises :class:`ConfigError` naming the key, its
+    legal range and the bad value. NaN and infinities are rejected everywhere."""
+    for where, rng in RANGES.items():
+        section, name = where.split(".")
+        value = getattr(getattr(cfg, section), name, None)
+        if value is None:
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if where in NON_EMPTY and not values:
+            raise ConfigError(f"config: `{where}` must not be empty")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue  # a name (e.g. data.pad_value: black) is checked where it is resolved
+            if not rng.contains(v):
+                what = f"every value of `{where}`" if isinstance(value, (tuple, list)) else f"`{where}`"
+                hint = f" ({rng.meaning})" if rng.meaning else ""
+                raise ConfigError(f"config: {what} must be {rng}{hint}; got {value!r}")
+
+
+def fit_max_iters(cfg: Config, max_iters: int) -> list[str]:
+    """Set ``train.max_iters`` (``tscd train --max-iters N``) and shorten what no longer fits, in proportion.
+
+    ``train.cam_iters`` (the classification-only warm-up) and ``optim.warmup_iters`` (the LR warm-up) larger than
+    ``max_iters`` are scaled by ``max_iters / old max_iters`` (so a 20k-iteration config run for 200 iterations
+    keeps a 10 % warm-up instead of failing validation). Returns one warning per adjusted key.
+    """
+    old = cfg.train.max_iters
+    cfg.train.max_iters = max_iters
+    notes = []
+    for section, key in (("train", "cam_iters"), ("optim", "warmup_iters")):
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if max_iters >= 1 and value > max_iters:
+            new = min(max_iters, value * max_iters // max(old, 1))
+            setattr(obj, key, new)
+            notes.append(f"--max-iters {max_iters}: `{section}.{key}` {value} > {max_iters}; scaled with the run "
+                         f"length ({old} -> {max_iters} iterations) to {new}")
+    return notes
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -218,7 +218,7 @@ void apply_all(const std::vector<Lattice<scalar_t>>& lattices, const std::vector
         for (int c = 0; c < kc; ++c) {
           for (int64_t i = 0; i < N; ++i) {
             const scalar_t g = v[c * N + i];
-            tmp[c * N + i] = normalize ? (db[i] > scalar_t(perm::kNormEps) ? g / db[i] : scalar_t(0)) : g;
+            tmp[c * N + i] = normalize ? perm::normalise<scalar_t>(g, db[i]) : g;
           }
         }
         filter_chunk<scalar_t>(lattices[b], tmp.data(), ot, kc, buf0, buf1, true, inv_gain);
@@ -246,7 +246,7 @@ at::Tensor permutohedral_cpu(const char* op, const at::Tensor& values, const at:
   return out;
 }
 
-// Mean-field dense CRF (SPEC.md 6): the lattice of each kernel and image is built once for all iterations.
+// Mean-field dense CRF (docs/method.md 6): the lattice of each kernel and image is built once for all iterations.
 at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::ArrayRef<double> weights,
                          int64_t num_iter) {
   const char* op = "dense_crf";

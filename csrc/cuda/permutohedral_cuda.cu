@@ -258,7 +258,7 @@ at::Tensor permutohedral_cuda(const char* op, const at::Tensor& values, const at
   return out;
 }
 
-// Mean-field dense CRF (SPEC.md 6): the lattice of each kernel is built once for all iterations.
+// Mean-field dense CRF (docs/method.md 6): the lattice of each kernel is built once for all iterations.
 at::Tensor dense_crf_cuda(const at::Tensor& unary, at::TensorList features, at::ArrayRef<double> weights,
                           int64_t num_iter) {
   const char* op = "dense_crf";

@@ -40,3 +40,22 @@ def test_bench_cli_rejects_unknown_op(capsys):
 
     with pytest.raises(SystemExit, match="unknown op"):
         main(["bench", "nonsense", "--no-report"])
+
+
+def test_report_renders_the_training_memory_table(tmp_path):
+    common = _load("bench._common")
+    report = _load("bench.report")
+    env = common.environment(torch.device("cpu"), 2)
+    rows = [{"path": p, "model": "tscd_mit_b1", "crop": 512, "batch": 4, "amp": amp, "checkpointing": ck,
+             "micro_batch": mb, "s_per_it": s, "peak_mib": mem, "mem_ratio": mem / 2000.0, "speedup": 60.0 / s}
+            for p, amp, ck, mb, s, mem in (("reference-style", "off", "off", 4, 60.0, 2000.0),
+                                           ("default", "off", "off", 4, 30.0, 1000.0),
+                                           ("low-memory", "bf16", "all", 1, 90.0, 400.0))]
+    common.write_results("train_step-tscd_mit_b1-512-b4", env, rows, [("path", "path")], tmp_path)
+    readme = tmp_path / "top_README.md"
+    readme.write_text("<!-- bench:begin -->\n<!-- bench:end -->\n")
+    assert report.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| default path | 30 s | 2x | 2x |" in text  # the ops table: default vs reference-style
+    assert "| low-memory | bf16 | all | 1 | 400 | 0.2x reference-style | 90 |" in text
+    assert "| reference-style | off | off | 4 | 2000 | 1x reference-style | 60 |" in text

@@ -31,7 +31,7 @@ def test_data_voc_and_check(tmp_path, capsys):
 
 
 def test_data_voc_missing_root_and_check_missing(tmp_path, capsys):
-    assert main(["data", "voc", "--root", str(tmp_path / "nope")]) == 1
+    assert main(["data", "voc", "--root", str(tmp_path / "nope")]) == 2  # a user error, as in every command
     assert "nope" in capsys.readouterr().err
     assert main(["data", "check", "--dataset", "voc", "--root", str(tmp_path / "nope")]) == 1
     assert "does not exist" in capsys.readouterr().out

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tscd.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
-from tscd.data.transforms import EvalTransform, TrainTransform, denormalize, normalize
+from tscd.data.transforms import EvalTransform, TrainTransform, denormalize, normalize, resolve_pad_value
 
 
 def _inputs(h=20, w=30, seed=0):
@@ -49,8 +49,9 @@ def test_train_transform_box_and_padding(h, w, crop):
         assert 0 <= top < bottom <= crop and 0 <= left < right <= crop
         inside = torch.zeros(crop, crop, dtype=torch.bool)
         inside[top:bottom, left:right] = True
-        # Padding: image exactly 0 after normalisation (mean pad), label ignore.
-        assert torch.all(out_img[:, ~inside] == 0)
+        # Padding: raw 0 (black, the official canvas) before normalisation, label ignore.
+        black = ((0.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).view(3, 1)
+        assert torch.allclose(out_img[:, ~inside], black.expand(3, int((~inside).sum())))
         assert torch.all(out_label[~inside] == IGNORE_INDEX)
         # Inside: real labels only (the source has no 255).
         assert torch.all(out_label[inside] < 4)
@@ -110,3 +111,54 @@ def test_train_transform_rejects_bad_arguments():
         TrainTransform(16, scale_range=(2.0, 1.0))
     with pytest.raises(ValueError, match="flip_prob"):
         TrainTransform(16, flip_prob=1.5)
+
+
+#: The official crop canvas after normalisation: raw 0 -> (-2.118, -2.036, -1.804).
+OFFICIAL_BLACK = (-123.675 / 58.395, -116.28 / 57.12, -103.53 / 57.375)
+
+
+def test_default_pad_is_official_black_on_a_real_crop():
+    """A training item of a dataset (default settings) whose image is smaller than the crop: every padded pixel
+    is the official (-2.118, -2.036, -1.804)."""
+    from tscd.data import build_dataset
+
+    ds = build_dataset("demo", "train", None, True, crop_size=64, scale_range=(0.5, 0.6), num_images=2, size=48)
+    item = ds[(0, 0, 0)]
+    out_img, box = item["img"], item["img_box"]
+    top, bottom, left, right = box.tolist()
+    inside = torch.zeros(64, 64, dtype=torch.bool)
+    inside[top:bottom, left:right] = True
+    assert (~inside).sum() > 0
+    pad = out_img[:, ~inside]
+    want = torch.tensor(OFFICIAL_BLACK).view(3, 1)
+    assert torch.allclose(pad, want.expand_as(pad), atol=1e-5)
+    assert abs(float(pad[0, 0]) + 2.118) < 1e-3 and abs(float(pad[2, 0]) + 1.804) < 1e-3
+
+
+def test_pad_value_mean_and_rgb():
+    img, _ = _inputs(8, 8)
+    for value, want in (("mean", torch.zeros(3)), ([255, 0, 10], (torch.tensor([255.0, 0, 10]) - torch.tensor(
+            IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD))):
+        out_img, _, box = TrainTransform(16, scale_range=(1.0, 1.0), img_pad_value=value)(
+            img, None, np.random.default_rng(0))
+        top, bottom, left, right = box.tolist()
+        corner = (0, 0) if top > 0 or left > 0 else (15, 15)
+        assert torch.allclose(out_img[:, corner[0], corner[1]], want, atol=1e-6), value
+    assert resolve_pad_value(None) == (0.0, 0.0, 0.0) and resolve_pad_value(7) == (7.0, 7.0, 7.0)
+    for bad in ("grey", [1, 2], [0, 0, 300]):
+        with pytest.raises(ValueError, match="pad_value"):
+            resolve_pad_value(bad)
+
+
+def test_rescale_size_is_floor_as_the_official_int():
+    """int(r * h), not round: a draw with fractional part >= 0.5 must floor."""
+    img, label = _inputs(41, 37)
+    tf = TrainTransform(200, scale_range=(0.5, 2.0), flip_prob=0.0)
+    seen_round_up = False
+    for seed in range(40):
+        r = float(np.random.default_rng(seed).uniform(0.5, 2.0))  # the transform's first draw
+        _, _, box = tf(img, label, np.random.default_rng(seed))
+        t, b, left, right = box.tolist()
+        assert (b - t, right - left) == (int(41 * r), int(37 * r)), (seed, r)
+        seen_round_up |= round(41 * r) != int(41 * r)
+    assert seen_round_up  # the case where round() and int() differ was exercised

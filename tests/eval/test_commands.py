@@ -30,20 +30,22 @@ def fake_dense_crf(image, probs, *, num_iter=10, gauss_sxy=3, gauss_compat=3, bi
 def test_eval_demo_writes_table_json_csv(checkpoint, tmp_path, capsys):
     out = tmp_path / "ev"
     rc = main(["eval", "--checkpoint", str(checkpoint), "--split", "val", "--out", str(out), "--resize-long", "64",
-               "--save-preds", *FAST])
+               "--save-preds", "--protocol", "ms", *FAST])
     assert rc == 0
     text = capsys.readouterr().out
     assert "mIoU" in text and "seg MS+flip" in text and "CAM+aff RW" in text and "disc" in text
-    report = json.loads((out / "results_val.json").read_text())
+    assert "protocol ms+custom" in text
+    report = json.loads((out / "results_val_ms-custom.json").read_text())
+    assert report["protocol"] == "ms+custom" and report["settings"]["resize_long"] == 64
     assert set(report["results"]) == {"seg", "seg_ms", "cam", "aff"}
     assert report["num_images"] == 3 and report["split"] == "val" and report["iteration"] == 7
     for scores in report["results"].values():
         assert 0.0 <= scores["miou"] <= 100.0
-    rows = list(csv.reader((out / "results_val.csv").open()))
+    rows = list(csv.reader((out / "results_val_ms-custom.csv").open()))
     assert rows[0] == ["metric", "seg", "seg_ms", "cam", "aff"] and rows[1][0] == "miou"
-    pngs = sorted(p.name for p in (out / "pred_val" / "seg_ms").iterdir())
+    pngs = sorted(p.name for p in (out / "pred_val_ms-custom" / "seg_ms").iterdir())
     assert pngs == [f"demo_val_{i:05d}.png" for i in range(3)]
-    assert Image.open(out / "pred_val" / "seg_ms" / pngs[0]).mode == "P"
+    assert Image.open(out / "pred_val_ms-custom" / "seg_ms" / pngs[0]).mode == "P"
 
 
 def test_eval_odd_sizes_train_outputs_and_crf(checkpoint, odd_root, tmp_path, monkeypatch):
@@ -51,13 +53,13 @@ def test_eval_odd_sizes_train_outputs_and_crf(checkpoint, odd_root, tmp_path, mo
     out = tmp_path / "ev"
     rc = main(["eval", "--checkpoint", str(checkpoint), "--dataset", "demo", "--root", str(odd_root), "--split",
                "val", "--out", str(out), "--resize-long", "96", "--crf", "--crf-workers", "2", "--save-preds",
-               "--outputs", "seg,seg_ms,cam,aff,pseudo", *FAST])
+               "--outputs", "seg,seg_ms,cam,aff,pseudo", "--protocol", "ms", *FAST])
     assert rc == 0
-    report = json.loads((out / "results_val.json").read_text())
+    report = json.loads((out / "results_val_ms-custom.json").read_text())
     assert list(report["results"]) == ["seg", "seg_ms", "seg_ms_crf", "cam", "aff", "pseudo"]
     for i, (h, w) in enumerate(ODD_SIZES):
         for o in report["results"]:
-            pred = np.asarray(Image.open(out / "pred_val" / o / f"odd_{i}.png"))
+            pred = np.asarray(Image.open(out / "pred_val_ms-custom" / o / f"odd_{i}.png"))
             assert pred.shape == (h, w), o
             if o == "seg_ms_crf":
                 assert (pred == 0).all()  # the stand-in's answer went through
@@ -69,7 +71,7 @@ def test_eval_crf_missing_is_a_clear_error(checkpoint, tmp_path, monkeypatch, ca
     monkeypatch.delattr(tscd.kernels, "dense_crf", raising=False)
     rc = main(["eval", "--checkpoint", str(checkpoint), "--out", str(tmp_path), "--crf", "--resize-long", "64"])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2
     assert "tscd.kernels.dense_crf" in err and "--crf" in err
 
 
@@ -89,7 +91,7 @@ def test_eval_cli_errors(case, checkpoint, tmp_path, capsys):
         extra, expect = ["--outputs", "seg,segms"], "--outputs"
     rc = main(["eval", "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), *extra])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2
     assert expect in err
     if case == "split":
         assert "--split" in err
@@ -115,7 +117,7 @@ def test_infer_folder_resumable(checkpoint, odd_root, tmp_path):
 
 
 def test_infer_errors(checkpoint, tmp_path, capsys):
-    assert main(["infer", "--checkpoint", str(checkpoint), str(tmp_path / "nope"), "--out", str(tmp_path)]) == 1
+    assert main(["infer", "--checkpoint", str(checkpoint), str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -131,3 +133,69 @@ def test_pseudo_labels_export(checkpoint, tmp_path, capsys):
     assert main(["pseudo-labels", "--checkpoint", str(checkpoint), "--split", "train", "--out", str(out),
                  "--num-images", "2"]) == 0
     assert "0 pseudo label(s) written, 2 already done" in capsys.readouterr().out
+
+
+def test_eval_never_overwrites_results_silently(checkpoint, tmp_path, capsys):
+    out = tmp_path / "ev"
+    args = ["eval", "--checkpoint", str(checkpoint), "--out", str(out), "--outputs", "seg,cam", "--num-images", "1"]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert main([*args, "--protocol", "ms", "--resize-long", "64", *FAST]) == 0
+    names = sorted(p.name for p in out.glob("*.json"))
+    assert names == ["results_val_ms-custom.json", "results_val_native.2.json", "results_val_native.json"]
+    assert main([*args, "--overwrite"]) == 0
+    assert len(list(out.glob("*.json"))) == 3
+    text = capsys.readouterr().out
+    assert text.count("protocol native:") == 3 and "protocol ms+custom:" in text
+    report = json.loads((out / "results_val_native.json").read_text())
+    assert report["settings"]["resize_long"] is None and report["settings"]["seg_scales"] == [1.0, 0.5, 0.75]
+
+
+def test_evaluate_native_protocol_is_training_validation(checkpoint):
+    """The native protocol scores what training validation always scored: seg at the native size, the CAM label of
+    multi_scale_cam at pseudo.cam_scales (+ flip); batching does not change the numbers."""
+    from tscd.data.demo import DemoDataset
+    from tscd.eval.evaluator import evaluate, protocol_settings
+    from tscd.eval.inference import load_model
+    from tscd.eval.metrics import ConfusionMatrix
+    from tscd.models import multi_scale_cam
+    from tscd.method import cam_to_label
+
+    loaded = load_model(checkpoint)
+    cfg, model = loaded.config, loaded.model
+    ds = DemoDataset("val", 3, 64)
+    settings = protocol_settings("native", cfg, outputs=("seg", "cam"))
+    assert settings.protocol == "native" and settings.resize_long is None and settings.batch_size > 1
+    got = evaluate(model, ds, settings, progress=False)["results"]
+    one = evaluate(model, ds, protocol_settings("native", cfg, outputs=("seg", "cam"), batch_size=1),
+                   progress=False)["results"]
+    mats = {k: ConfusionMatrix(ds.num_classes + 1) for k in ("seg", "cam")}
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[i]
+            img, label, cls = item["img"][None], item["label"][None], item["cls_label"][None]
+            out = model(img)
+            seg = torch.nn.functional.interpolate(out.seg_logits, size=img.shape[-2:], mode="bilinear",
+                                                  align_corners=False)
+            mats["seg"].update(seg.argmax(1), label)
+            cams = multi_scale_cam(model, img, cfg.pseudo.cam_scales)
+            mats["cam"].update(cam_to_label(cams, cls, cfg.pseudo.cam_bkg), label)
+    for k in ("seg", "cam"):
+        assert got[k]["miou"] == pytest.approx(mats[k].scores()["miou"], abs=1e-6), k
+        assert one[k]["miou"] == pytest.approx(got[k]["miou"], abs=1e-6), k
+    with pytest.raises(ValueError, match="unknown protocol 'official'"):
+        protocol_settings("official", cfg)
+
+
+@pytest.mark.parametrize("form", ["anywhere", "set"])
+def test_infer_and_pseudo_labels_take_overrides_anywhere(form, checkpoint, odd_root, tmp_path, capsys):
+    """The same grammar as train and eval: an override that does not fit the weights proves it was applied."""
+    bad = ["model.decoder_dim=48"] if form == "anywhere" else ["--set", "model.decoder_dim=48"]
+    rc = main(["infer", *bad, "--checkpoint", str(checkpoint), str(odd_root / "JPEGImages"), "--out",
+               str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "decoder" in err
+    assert ("deprecated" in err) == (form == "set")
+    rc = main(["pseudo-labels", "--checkpoint", str(checkpoint), *bad, "--out", str(tmp_path / "p"), "--split",
+               "train"])
+    assert rc == 2 and "decoder" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""ConfusionMatrix / segmentation_scores on hand-computed cases (SPEC.md 6)."""
+"""ConfusionMatrix / segmentation_scores on hand-computed cases (docs/method.md 6)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""correlation_loss (SCD, SPEC.md 4.2): the reference pinned by an independent transcription of the official
+"""correlation_loss (SCD, docs/method.md 4.2): the reference pinned by an independent transcription of the official
 code and hand-made cases, then every backend against the reference (value and gradients of the maps),
 gradcheck, opcheck, torch.compile, memory of the fused path, and error messages."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tscd.kernels.reference.correlation import (
 OP = "correlation_fwd"
 
 # ----------------------------------------------------------------------------------------------
-# An independent transcription of the official loss (STEGO-style helper, written here from SPEC.md 4.2):
+# An independent transcription of the official loss (STEGO-style helper, written here from docs/method.md 4.2):
 # (B, S, S, 2) coordinates, grid_sample with the permuted grid, 5-D correlation tensors.
 # ----------------------------------------------------------------------------------------------
 

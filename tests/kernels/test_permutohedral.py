@@ -1,4 +1,4 @@
-"""permutohedral (SPEC.md 4.5, 6): the exact dense reference pinned by hand, the lattice against it with stated
+"""permutohedral (docs/method.md 4.5, 6): the exact dense reference pinned by hand, the lattice against it with stated
 tolerances (smooth and edge-rich images), flags, channel counts, odd sizes, degenerate features, gradients,
 gradcheck, opcheck, torch.compile, the CRF energy loss against a direct computation, dense-CRF inference
 against an exact-kernel mean field and on a synthetic noisy-label image, errors, and CUDA-vs-cpp parity (GPU)."""
@@ -247,7 +247,7 @@ def test_torch_compile():
 
 
 # ----------------------------------------------------------------------------------------------
-# CRF energy loss (SPEC.md 4.5)
+# CRF energy loss (docs/method.md 4.5)
 # ----------------------------------------------------------------------------------------------
 
 def _loss_inputs(B=2, K=5, H=41, W=47, dtype=torch.float64):
@@ -261,7 +261,7 @@ def _loss_inputs(B=2, K=5, H=41, W=47, dtype=torch.float64):
 
 
 def _direct_loss_and_grad(img, probs, roi, label, sigma_rgb=15.0, sigma_xy=100.0, scale=0.5, weight=1e-7):
-    """SPEC.md 4.5 written out independently with a dense W: the value and the reference's gradient."""
+    """docs/method.md 4.5 written out independently with a dense W: the value and the reference's gradient."""
     probs = probs.detach().requires_grad_()
     img_s = F.interpolate(img, scale_factor=scale, mode="nearest")
     seg = F.interpolate(probs, scale_factor=scale, mode="bilinear", align_corners=False)
@@ -290,7 +290,7 @@ def _direct_loss_and_grad(img, probs, roi, label, sigma_rgb=15.0, sigma_xy=100.0
 def test_energy_loss_torch_matches_direct(size):
     img, logits, roi, label = _loss_inputs(H=size[0], W=size[1])
     probs = logits.softmax(1).requires_grad_()
-    loss = dense_energy_loss(img, probs, roi, label, backend="torch")
+    loss = dense_energy_loss(img, probs, roi, label, gain="exact", backend="torch")
     (grad,) = torch.autograd.grad(loss, probs)
     loss_d, grad_d = _direct_loss_and_grad(img, probs, roi, label)
     assert_close(loss, loss_d, rtol=1e-10, atol=0, name="loss")
@@ -335,7 +335,7 @@ def test_energy_loss_defaults_and_masking():
 
 
 # ----------------------------------------------------------------------------------------------
-# Dense CRF (SPEC.md 6)
+# Dense CRF (docs/method.md 6)
 # ----------------------------------------------------------------------------------------------
 
 def _noisy_label_scene(H=48, W=56, K=3, flip=0.35, seed=0):

@@ -1,4 +1,4 @@
-"""refine (VARM / PAR, SPEC.md 4.1): the reference pinned by hand-made cases and an independent
+"""refine (VARM / PAR, docs/method.md 4.1): the reference pinned by hand-made cases and an independent
 transcription of the official conv-based code, then every backend against the reference (forward
 and gradient), gradcheck, opcheck, torch.compile, and error messages."""
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tscd.kernels.refine import SUPPORTED_BACKENDS
 # ----------------------------------------------------------------------------------------------
 # An independent transcription of the official implementation style: one-hot dilated 3x3 convs on
 # a replicate-padded input build the 48 shifted copies (AFA's PAR.get_dilated_neighbors), written
-# here from SPEC.md 4.1 to pin the reference's numerics.
+# here from docs/method.md 4.1 to pin the reference's numerics.
 # ----------------------------------------------------------------------------------------------
 
 def _onehot_kernel() -> torch.Tensor:

@@ -46,7 +46,10 @@ def test_fast_path_calls(tscd_b0):
         multi_scale_cam(tscd_b0, images)
         assert calls == {"decoder": 0, "affinity_head": 0, "forward": 0}
         multi_scale_cam_reference(tscd_b0, images)
-        assert calls == {"decoder": 6, "affinity_head": 6, "forward": 6}  # 3 scales x (image, flip)
+        # the official structure: 3 scales, each one full forward of the image and its flip concatenated
+        assert calls == {"decoder": 3, "affinity_head": 3, "forward": 3}
+        multi_scale_cam(tscd_b0, images, decoder=True)  # eval mode: the decoder would change nothing, skipped
+        assert calls == {"decoder": 3, "affinity_head": 3, "forward": 3}
     finally:
         for h in hooks:
             h.remove()
@@ -74,3 +77,43 @@ def test_wrapped_model_and_errors(tscd_b0):
         multi_scale_cam(tscd_b0, images, scales=())
     with pytest.raises(TypeError, match="must be a TSCDNet"):
         multi_scale_cam(torch.nn.Linear(2, 2), images)
+
+
+def _bn_state(net):
+    bn = net.decoder.fuse.bn
+    return bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked)
+
+
+def _train_model(seed=0):
+    torch.manual_seed(seed)
+    from tscd.models import create_model
+
+    net = create_model("tscd_mit_tiny", num_classes=4, decoder_dim=16, drop_path_rate=0.0)
+    for m in net.modules():  # deterministic train mode: no dropout
+        if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d)):
+            m.p = 0.0
+    return net.train()
+
+
+def test_cam_passes_update_decoder_bn_as_the_official_full_forward():
+    """decoder=True (the trainer's default) changes the decoder's BN running statistics exactly as the official
+    full-network CAM passes (multi_scale_cam_reference in train mode): one update per scale, image + flip."""
+    images = torch.randn(2, 3, 48, 64)
+    fast_net, ref_net = _train_model(), _train_model()
+    before = _bn_state(fast_net)
+    fast = multi_scale_cam(fast_net, images, scales=(1.0, 0.5, 1.5), decoder=True)
+    ref = multi_scale_cam_reference(ref_net, images, scales=(1.0, 0.5, 1.5))
+    assert_close(fast, ref, rtol=1e-4, atol=1e-5, name="cams")
+    (m_f, v_f, n_f), (m_r, v_r, n_r) = _bn_state(fast_net), _bn_state(ref_net)
+    assert n_f == n_r == before[2] + 3
+    assert not torch.allclose(m_f, before[0])
+    assert_close(m_f, m_r, rtol=1e-4, atol=1e-6, name="running_mean")
+    assert_close(v_f, v_r, rtol=1e-4, atol=1e-6, name="running_var")
+
+
+def test_decoder_free_cam_passes_leave_bn_untouched():
+    net = _train_model()
+    before = _bn_state(net)
+    multi_scale_cam(net, torch.randn(2, 3, 48, 64), scales=(1.0, 0.5), decoder=False)
+    after = _bn_state(net)
+    assert after[2] == before[2] and torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])

@@ -10,7 +10,8 @@ B0 = {"dims": (32, 64, 160, 256), "depths": (2, 2, 2, 2), "sr": (8, 4, 2, 1)}
 
 
 def segformer_state_dict(dims, depths, sr, num_imagenet_classes=1000, random=True) -> dict:
-    """A state dict in the format of SegFormer's released ``mit_b*.pth``, built from SPEC.md 2 (not from our model).
+    """A state dict in the format of SegFormer's released ``mit_b*.pth``, built from docs/method.md 2 (not from our
+    model).
 
     ``random=False`` fills zeros (cheap; for tests that only look at keys and shapes).
     """

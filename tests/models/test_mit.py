@@ -38,7 +38,7 @@ def test_b0_shape_321x257(b0_tscd):
 
 
 def test_b1_strides_respected():
-    """SPEC.md 2 at crop 512 is x1 (B,64,128,128) ... x4 (B,512,32,32); same ratios at crop 128."""
+    """docs/method.md 2 at crop 512 is x1 (B,64,128,128) ... x4 (B,512,32,32); same ratios at crop 128."""
     model = create_backbone("mit_b1", strides=(4, 2, 2, 1)).eval()
     with torch.no_grad():
         feats = model(torch.randn(1, 3, 128, 128))

@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 from tests._utils import assert_close
 from tscd.eval.metrics import ConfusionMatrix
-from tscd.train.losses import affinity_label, affinity_loss, seg_loss
-from tscd.train.pseudo_labels import cam_to_label, refine_cams_with_bkg, refine_cams_with_bkg_sequential
+from tscd.method.labels import affinity_label, cam_to_label, refine_cams_with_bkg, refine_cams_with_bkg_sequential
+from tscd.train.losses import affinity_loss, seg_loss
 
 
 def test_seg_loss_no_foreground_is_finite():

@@ -41,12 +41,12 @@ def run(args: argparse.Namespace) -> int:
     ops = args.ops or [op for op, script in SCRIPTS.items() if (root / script).is_file()]
     unknown = [op for op in ops if op not in SCRIPTS]
     if unknown:
-        raise SystemExit(f"tscd bench: unknown op(s) {unknown}; choose from {', '.join(SCRIPTS)}")
+        raise ValueError(f"unknown op(s) {unknown}; choose from {', '.join(SCRIPTS)}")
     failed = []
     for op in ops:
         script = root / SCRIPTS[op]
         if not script.is_file():
-            raise SystemExit(f"tscd bench: {script} does not exist")
+            raise FileNotFoundError(f"{script} does not exist")
         cmd = [sys.executable, str(script), "--device", args.device]
         if args.sizes and op != "train_step":
             cmd += ["--sizes", args.sizes]

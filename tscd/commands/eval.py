@@ -1,23 +1,30 @@
-"""`tscd eval`: score a checkpoint the way the field reports it (SPEC.md 6).
+"""`tscd eval`: score a checkpoint with the evaluator training validation uses (tscd/eval/evaluator.py).
 
-    tscd eval --checkpoint runs/voc/checkpoints/ckpt_0020000.pt --split val --crf
+    tscd eval --checkpoint runs/voc/checkpoints/ckpt_0020000.pt                     native protocol (as training logs)
+    tscd eval --checkpoint runs/voc/checkpoints/ckpt_0020000.pt --protocol ms --crf  the field's MS + flip + CRF test
 
-scores, on the split's masks: the segmentation head single-scale (``seg``), multi-scale + flip (``seg_ms``) and,
-with ``--crf``, + dense CRF (``seg_ms_crf``); the CAM label (``cam``); the affinity-refined CAM (``aff``); and, on
-training splits, the VARM pseudo labels (``pseudo``). The model and the dataset come from the checkpoint's config
-(override with ``--dataset``, ``--root``, or ``section.key=value``). A table is printed and saved as
-``results_<split>.json`` / ``.csv`` in ``--out`` (default ``<run dir>/eval``); ``--save-preds`` also writes palette
-PNGs per output. mIoU convention: classes absent from both ground truth and prediction are excluded from the mean.
+Protocols: ``native`` (default) scores every image at its native size, the segmentation head single-scale (``seg``),
+the CAM label (``cam``), the affinity-refined CAM (``aff``) and the VARM pseudo labels (``pseudo``): the numbers
+training validation logs. ``ms`` resizes the long side to 512 and adds the multi-scale + flip head (``seg_ms``) and,
+with ``--crf``, + dense CRF (``seg_ms_crf``). ``--scales``, ``--cam-scales``, ``--no-flip``, ``--resize-long`` change
+a protocol (then reported as ``<protocol>+custom``). The model and the dataset come from the checkpoint's config
+(override with ``--dataset``, ``--root``, or ``section.key=value`` anywhere on the line). The table printed names the
+protocol; it is saved as ``results_<split>_<protocol>.json`` / ``.csv`` in ``--out`` (default ``<run dir>/eval``),
+numbered ``.2``, ``.3``, ... rather than overwriting an earlier result (``--overwrite`` replaces it). ``--save-preds``
+also writes palette PNGs per output. mIoU convention: classes absent from both ground truth and prediction are
+excluded from the mean.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
+from tscd.eval.evaluator import PROTOCOLS
+
 logger = logging.getLogger("tscd.eval")
+PROTOCOL_TEXT = PROTOCOLS
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
@@ -39,62 +46,65 @@ def default_out_dir(checkpoint: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tscd.data import DataError
     from tscd.eval.crf import CRFParams
-    from tscd.eval.evaluator import OUTPUT_TITLES, OUTPUTS, EvalSettings, build_eval_dataset, evaluate
+    from tscd.eval.evaluator import (
+        OUTPUT_TITLES,
+        OUTPUTS,
+        build_eval_dataset,
+        evaluate,
+        protocol_settings,
+        rank_and_world,
+    )
     from tscd.eval.inference import load_model, resolve_device
-    from tscd.eval.outputs import format_table, write_results
+    from tscd.eval.outputs import format_table, unique_stem, write_results
 
-    try:
-        device = resolve_device(args.device)
-        loaded = load_model(args.checkpoint, device, args.overrides or [])
-        cfg = loaded.config
-        split = args.split or cfg.data.val_split
-        if args.outputs:
-            outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
-            unknown = [o for o in outputs if o not in OUTPUTS]
-            if unknown:
-                raise ValueError(f"`--outputs`: unknown output(s) {unknown}; choose from {', '.join(OUTPUTS)}")
-        else:
-            outputs = ["seg", "seg_ms", "cam", "aff"]
-            if split.startswith("train"):
-                outputs.append("pseudo")
-        if args.crf and "seg_ms_crf" not in outputs:
-            outputs.append("seg_ms_crf")
-        dataset = build_eval_dataset(cfg, split, args.dataset, args.root, num_classes=loaded.num_classes)
-        p = cfg.pseudo
-        out_dir = Path(args.out) if args.out else default_out_dir(args.checkpoint)
-        settings = EvalSettings(
-            outputs=outputs, seg_scales=args.scales, cam_scales=args.cam_scales or p.cam_scales,
-            flip=not args.no_flip, resize_long=args.resize_long, cam_bkg=p.cam_bkg, crf=CRFParams(),
-            crf_workers=args.crf_workers, num_images=args.num_images,
-            pseudo=dict(bkg_high=p.bkg_high, bkg_low=p.bkg_low, scale=p.refine_scale, mode=p.refine_mode,
-                        num_iter=p.refine_iters, dilations=p.dilations, backend=cfg.train.backend),
-            pred_dir=out_dir / f"pred_{split}" if (args.save_preds or args.save_logits) else None,
-            save_outputs=None if args.save_preds else (), save_logits=args.save_logits)
-        start = time.time()
-        report = evaluate(loaded.model, dataset, settings, device)
-    except (FileNotFoundError, ValueError, RuntimeError, DataError) as err:
-        logger.error("%s", err)
-        return 1
+    device = resolve_device(args.device)
+    loaded = load_model(args.checkpoint, device, args.overrides or [])
+    cfg = loaded.config
+    split = args.split or cfg.data.val_split
+    changes = {}
+    if args.outputs:
+        outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
+        unknown = [o for o in outputs if o not in OUTPUTS]
+        if unknown or not outputs:
+            raise ValueError(f"`--outputs`: unknown output(s) {unknown}; choose from {', '.join(OUTPUTS)}")
+        changes["outputs"] = outputs
+    for flag, key in (("scales", "seg_scales"), ("cam_scales", "cam_scales"), ("resize_long", "resize_long")):
+        if getattr(args, flag) is not None:
+            changes[key] = getattr(args, flag)
+    if args.no_flip:
+        changes["flip"] = False
+    if args.resize_long is not None and args.resize_long < 0:
+        raise ValueError(f"`--resize-long` must be >= 0 (0 keeps the native size); got {args.resize_long}")
+    settings = protocol_settings(args.protocol, cfg, device, split, **changes)
+    if args.crf and "seg_ms_crf" not in settings.outputs:
+        settings.outputs = [*settings.outputs, "seg_ms_crf"]
+    dataset = build_eval_dataset(cfg, split, args.dataset, args.root, num_classes=loaded.num_classes)
+    out_dir = Path(args.out) if args.out else default_out_dir(args.checkpoint)
+    tag = settings.protocol.replace("+", "-")
+    settings.crf, settings.crf_workers, settings.num_images = CRFParams(), args.crf_workers, args.num_images
+    settings.pred_dir = out_dir / f"pred_{split}_{tag}" if (args.save_preds or args.save_logits) else None
+    settings.save_outputs = None if args.save_preds else ()
+    settings.save_logits = args.save_logits
+    start = time.time()
+    report = evaluate(loaded.model, dataset, settings, device)
     elapsed = time.time() - start
-    from tscd.eval.evaluator import rank_and_world
-
     if rank_and_world()[0] != 0:
         return 0
     report.update({
         "checkpoint": str(Path(args.checkpoint).resolve()), "iteration": loaded.iteration,
         "dataset": args.dataset or cfg.data.dataset, "split": split, "model": cfg.model.name,
-        "settings": {"seg_scales": list(settings.seg_scales), "cam_scales": list(settings.cam_scales),
-                     "flip": settings.flip, "resize_long": settings.resize_long, "cam_bkg": settings.cam_bkg,
-                     "random_walk": {"bkg": settings.rw_bkg, "radius": settings.rw_radius, "power": settings.rw_power},
-                     "crf": asdict(settings.crf) if "seg_ms_crf" in outputs else None},
+        "protocol_description": PROTOCOL_TEXT.get(args.protocol, ""), "settings": settings.describe(),
         "seconds": round(elapsed, 2),
         "convention": "mIoU over classes present in the ground truth or the prediction; 255 ignored; in %",
     })
-    json_path, csv_path = write_results(out_dir, report, stem=f"results_{split}")
+    stem = f"results_{split}_{tag}"
+    if not args.overwrite:
+        stem = unique_stem(out_dir, stem)
+    json_path, csv_path = write_results(out_dir, report, stem=stem)
     print(f"\n{cfg.model.name} @ iteration {loaded.iteration} on {report['dataset']}/{split} "
-          f"({report['num_images']} images, {elapsed:.1f} s):")
+          f"({report['num_images']} images, {elapsed:.1f} s), protocol {settings.protocol}: "
+          f"{PROTOCOL_TEXT.get(args.protocol, '')}")
     print(format_table(report["results"], OUTPUT_TITLES))
     print(f"(mIoU excludes classes absent from both ground truth and prediction; saved {json_path} and {csv_path})")
     return 0
@@ -108,21 +118,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=None, help="dataset name (default: the checkpoint's data.dataset)")
     p.add_argument("--root", default=None, help="dataset root (default: the checkpoint's data.root)")
     p.add_argument("--out", default=None, help="output folder (default: <run dir>/eval)")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default="native",
+                   help="native (default: native size, single-scale seg, as training validation logs) or ms "
+                        "(long side 512, multi-scale + flip seg: the field's test protocol)")
     p.add_argument("--outputs", default=None,
-                   help="comma-separated subset of seg,seg_ms,seg_ms_crf,cam,aff,pseudo "
-                        "(default: seg,seg_ms,cam,aff; + pseudo on train splits; + seg_ms_crf with --crf)")
-    p.add_argument("--scales", type=parse_scales, default=(1.0, 0.5, 0.75),
+                   help="comma-separated subset of seg,seg_ms,seg_ms_crf,cam,aff,pseudo (default: native "
+                        "seg,cam,aff,pseudo; ms seg,seg_ms,cam,aff, + pseudo on train splits; + seg_ms_crf with --crf)")
+    p.add_argument("--scales", type=parse_scales, default=None,
                    help="multi-scale test scales of the segmentation head (default AFA's 1,0.5,0.75)")
     p.add_argument("--cam-scales", type=parse_scales, default=None,
                    help="CAM scales (default: the config's pseudo.cam_scales)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flip in the multi-scale passes")
-    p.add_argument("--resize-long", type=int, default=512, help="long side of the test image; 0 keeps native size")
+    p.add_argument("--resize-long", type=int, default=None,
+                   help="long side of the test image; 0 keeps the native size (default: native 0, ms 512)")
     p.add_argument("--crf", action="store_true", help="also score multi-scale + flip + dense CRF")
     p.add_argument("--crf-workers", type=int, default=2, help="threads for CPU CRF jobs")
     p.add_argument("--save-preds", action="store_true", help="write palette PNGs of every output")
     p.add_argument("--save-logits", action="store_true", help="write 1/4-resolution float16 logits (.pt)")
     p.add_argument("--num-images", type=int, default=None, help="score the first N images only")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier result file of the same protocol")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="config overrides, e.g. data.demo_size=64")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, overrides=[])

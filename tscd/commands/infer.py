@@ -5,6 +5,8 @@
 writes ``masks/<name>.png`` (palette PNG: value = class index, VOC colours; COCO uses the same colour map), and
 optionally ``overlay/<name>.png`` (colours over the image) and ``cam/<name>.png`` (CAM heat map). Multi-scale + flip
 by default (``--scales 1 --no-flip`` for single scale), optional ``--crf``. Re-running skips finished images.
+Config overrides ``section.key=value`` may stand anywhere on the line (``--set section.key=value`` still works but
+is deprecated).
 """
 from __future__ import annotations
 
@@ -18,25 +20,20 @@ logger = logging.getLogger("tscd.infer")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tscd.data import DataError
     from tscd.eval.inference import load_model, resolve_device
     from tscd.eval.predict import collect_images, predict_images
 
-    try:
-        if args.batch_size < 1:
-            raise ValueError(f"`--batch-size` must be >= 1; got {args.batch_size}")
-        images = collect_images(args.inputs)
-        device = resolve_device(args.device)
-        loaded = load_model(args.checkpoint, device, args.overrides or [])
-        cam_scales = args.cam_scales or loaded.config.pseudo.cam_scales
-        stats = predict_images(loaded.model, images, Path(args.out), device=device, scales=args.scales,
-                               flip=not args.no_flip, resize_long_side=args.resize_long, crf=args.crf,
-                               crf_workers=args.crf_workers, overlay=args.overlay, cam=args.cam,
-                               cam_scales=cam_scales, save_logits=args.save_logits, batch_size=args.batch_size,
-                               overwrite=args.overwrite)
-    except (FileNotFoundError, ValueError, RuntimeError, DataError) as err:
-        logger.error("%s", err)
-        return 1
+    if args.batch_size < 1:
+        raise ValueError(f"`--batch-size` must be >= 1; got {args.batch_size}")
+    images = collect_images(args.inputs)
+    device = resolve_device(args.device)
+    loaded = load_model(args.checkpoint, device, args.overrides or [])
+    cam_scales = args.cam_scales or loaded.config.pseudo.cam_scales
+    stats = predict_images(loaded.model, images, Path(args.out), device=device, scales=args.scales,
+                           flip=not args.no_flip, resize_long_side=args.resize_long, crf=args.crf,
+                           crf_workers=args.crf_workers, overlay=args.overlay, cam=args.cam,
+                           cam_scales=cam_scales, save_logits=args.save_logits, batch_size=args.batch_size,
+                           overwrite=args.overwrite)
     print(f"{stats['written']} image(s) written, {stats['skipped']} already done, in {args.out}")
     return 0
 
@@ -59,6 +56,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images of equal size per forward")
     p.add_argument("--overwrite", action="store_true", help="recompute images whose outputs exist")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="section.key=value",
-                   help="config override (repeatable), e.g. --set model.decoder_dim=256")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, overrides=[])

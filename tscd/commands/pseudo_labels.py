@@ -2,7 +2,7 @@
 
     tscd pseudo-labels --checkpoint runs/voc/checkpoints/ckpt_0020000.pt --split train_aug --out pseudo/
 
-Multi-scale CAMs + VARM refinement with the image-level labels (SPEC.md 3), as in training, at each image's native
+Multi-scale CAMs + VARM refinement with the image-level labels (docs/method.md), as in training, at each image's native
 size: values 0 (background), 1..C and 255 (uncertain: ignore when training a second-stage segmenter). Settings come
 from the checkpoint's config (``pseudo.*``; override with ``section.key=value``). Re-running skips finished images.
 """
@@ -18,26 +18,21 @@ logger = logging.getLogger("tscd.pseudo_labels")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tscd.data import DataError
     from tscd.eval.evaluator import build_eval_dataset
     from tscd.eval.export import export_pseudo_labels
     from tscd.eval.inference import load_model, resolve_device
 
-    try:
-        device = resolve_device(args.device)
-        loaded = load_model(args.checkpoint, device, args.overrides or [])
-        cfg = loaded.config
-        split = args.split or cfg.data.train_split
-        dataset = build_eval_dataset(cfg, split, args.dataset, args.root, num_classes=loaded.num_classes)
-        p = cfg.pseudo
-        stats = export_pseudo_labels(
-            loaded.model, dataset, Path(args.out), cam_scales=args.cam_scales or p.cam_scales, device=device,
-            refine=dict(bkg_high=p.bkg_high, bkg_low=p.bkg_low, scale=p.refine_scale, mode=p.refine_mode,
-                        num_iter=p.refine_iters, dilations=p.dilations, backend=cfg.train.backend),
-            num_images=args.num_images, overwrite=args.overwrite)
-    except (FileNotFoundError, ValueError, RuntimeError, DataError) as err:
-        logger.error("%s", err)
-        return 1
+    device = resolve_device(args.device)
+    loaded = load_model(args.checkpoint, device, args.overrides or [])
+    cfg = loaded.config
+    split = args.split or cfg.data.train_split
+    dataset = build_eval_dataset(cfg, split, args.dataset, args.root, num_classes=loaded.num_classes)
+    p = cfg.pseudo
+    stats = export_pseudo_labels(
+        loaded.model, dataset, Path(args.out), cam_scales=args.cam_scales or p.cam_scales, device=device,
+        refine=dict(bkg_high=p.bkg_high, bkg_low=p.bkg_low, scale=p.refine_scale, mode=p.refine_mode,
+                    num_iter=p.refine_iters, dilations=p.dilations, backend=cfg.train.backend),
+        num_images=args.num_images, overwrite=args.overwrite)
     line = (f"{stats['written']} pseudo label(s) written, {stats['skipped']} already done, in {args.out}; "
             f"{100 * stats['ignored_fraction']:.1f} % of the new pixels are 255 (uncertain)")
     if stats["scores"] is not None:
@@ -58,5 +53,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", type=int, default=None, help="the first N images only")
     p.add_argument("--overwrite", action="store_true", help="recompute existing files")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, overrides=[])

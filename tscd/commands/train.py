@@ -3,7 +3,13 @@
 One process by default; several GPUs or machines with torchrun, e.g.
     torchrun --nproc_per_node 4 -m tscd train --config configs/voc.yaml
 A run directory holds the resolved config, a log, TensorBoard scalars and checkpoints; running the
-same command again resumes from the newest checkpoint (``--resume never`` starts over).
+same command again resumes from the newest readable checkpoint (``--resume never`` starts over).
+Config overrides ``section.key=value`` may stand anywhere on the line, e.g.
+    tscd train --config configs/demo.yaml train.max_iters=200 --run-dir runs/demo data.batch_size=4
+``--max-iters N`` shortens a run: a warm-up (``train.cam_iters``, ``optim.warmup_iters``) longer than N is scaled
+with the run length, with a warning. A start that fails (bad data, ...) removes the run directory it created.
+``--dry-run`` runs 3 iterations with all losses on and prints seconds per iteration and peak memory, writing
+nothing: whether a configuration fits a GPU, in a minute.
 """
 from __future__ import annotations
 
@@ -17,24 +23,40 @@ logger = logging.getLogger("tscd.train")
 
 def run(args: argparse.Namespace) -> int:
     from tscd.cli import setup_logging
-    from tscd.config import load_config
+    from tscd.config import fit_max_iters, load_config, validate
 
     overrides = list(args.overrides or [])
     if args.run_dir:
         overrides.append(f"train.run_dir={args.run_dir}")
-    if args.max_iters is not None:
-        overrides.append(f"train.max_iters={args.max_iters}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, check=False)
+    notes = fit_max_iters(cfg, args.max_iters) if args.max_iters is not None else []
+    validate(cfg)
+    if getattr(args, "dry_run", False):
+        from tscd.train.memory import dry_run_main
+
+        for note in notes:
+            logger.warning("%s", note)
+        return dry_run_main(cfg, args.verbose)
     rank = int(os.environ.get("RANK", "0"))
+    run_dir = Path(cfg.train.run_dir)
+    created = rank == 0 and not run_dir.exists()
     if rank == 0:
-        Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
-        setup_logging(args.verbose, log_file=str(Path(cfg.train.run_dir) / "train.log"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(args.verbose, log_file=str(run_dir / "train.log"))
     else:
         logging.getLogger().setLevel(logging.WARNING)
+    for note in notes:
+        logger.warning("%s", note)
 
     from tscd.train import Trainer
 
-    trainer = Trainer(cfg, resume=args.resume)
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+    except BaseException:
+        if created:
+            setup_logging(args.verbose)  # closes the log file
+            remove_failed_run_dir(run_dir)
+        raise
     try:
         scores = trainer.train()
     finally:
@@ -42,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         n = trainer.num_classes + 1
         print(f"\nvalidation mIoU after {trainer.iteration} iterations ({cfg.data.dataset}, {cfg.data.val_split}, "
-              f"{n} classes incl. background):")
+              f"{n} classes incl. background; protocol native, as `tscd eval` scores by default):")
         for key, title in (("seg", "segmentation head"), ("cam", "CAM label (bkg 0.45)"),
                            ("pseudo", "pseudo label (VARM)")):
             print(f"  {title:<24} {scores[key]['miou']:6.2f}")
@@ -52,6 +74,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"picture ({key}): {path}")
         print(f"run directory: {cfg.train.run_dir}")
     return 0
+
+
+def remove_failed_run_dir(run_dir: Path) -> None:
+    """Remove a run directory this command created when the run failed to start (nothing of value in it yet:
+    the log, the resolved config, empty TensorBoard files; never a checkpoint)."""
+    import shutil
+
+    if (run_dir / "checkpoints").exists():
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    logger.debug("removed %s (the run did not start)", run_dir)
 
 
 def chance_miou(trainer) -> float:
@@ -74,8 +107,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (configs/voc.yaml, coco.yaml, demo.yaml)")
     p.add_argument("--run-dir", default=None, help="run directory (overrides train.run_dir)")
-    p.add_argument("--max-iters", type=int, default=None, help="overrides train.max_iters")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help="overrides train.max_iters; longer warm-ups are scaled to fit, with a warning")
     p.add_argument("--resume", default="auto",
-                   help="auto (newest checkpoint of the run directory, if any), never, or a checkpoint path")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. data.batch_size=4")
-    p.set_defaults(func=run)
+                   help="auto (newest readable checkpoint of the run directory, if any), never, or a checkpoint path")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run 3 iterations (all losses on), print seconds per iteration and peak memory, write nothing")
+    p.set_defaults(func=run, overrides=[])

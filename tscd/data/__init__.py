@@ -1,4 +1,4 @@
-"""Datasets, transforms and loaders (SPEC.md 5): PASCAL VOC, COCO 2014, custom folders, a generated demo set.
+"""Datasets, transforms and loaders (docs/method.md 5): PASCAL VOC, COCO 2014, custom folders, a generated demo set.
 
 The interface the trainer and evaluator rely on
 -----------------------------------------------
@@ -17,8 +17,8 @@ key             type             meaning
                                  evaluation items the full image ``[0, H, 0, W]``
 ==============  ===============  ==========================================================================
 
-Training items are ``crop x crop`` (random rescale ``U(0.5, 2)``, horizontal flip, padding with the
-mean, i.e. 0 after normalisation, random crop); evaluation items keep their native size (batch 1).
+Training items are ``crop x crop`` (random rescale ``U(0.5, 2)``, horizontal flip, padding with raw
+0 (black, the official canvas; ``data.pad_value``), random crop); evaluation items keep their native size (batch 1).
 Datasets expose ``num_classes`` (C, foreground only), ``class_names`` (C + 1 names, ``"background"``
 first) and ``palette`` (768 ints for ``PIL.Image.putpalette``; index 255 is the ignore colour).
 

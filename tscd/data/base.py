@@ -8,8 +8,8 @@ and differ between samples, epochs and seeds, but not with the number of workers
 Bad files: cheap checks (the image exists, the mask exists, the class vector is present, of the
 right length and not empty when training) run at construction; decoding checks (corrupt image,
 mask size, mask values, class vector vs mask) run when an item is loaded. Each raises an error that
-names the file. With ``skip_bad=True`` a bad sample is instead logged as a warning and counted in
-``num_skipped``: at construction it is dropped; when loading, the next index is loaded instead
+names the file. With ``skip_bad=True`` (config ``data.skip_bad: true``) a bad sample is instead logged as a
+warning and counted in ``num_skipped``: at construction it is dropped; when loading, the next index is loaded instead
 (counts made inside DataLoader workers stay in those workers; the warnings reach the log).
 """
 from __future__ import annotations
@@ -29,6 +29,8 @@ from tscd.data.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
 
+#: How to skip bad samples, for messages (the config key, and the Python argument).
+SKIP_HINT = "set data.skip_bad=true (skip_bad=True in Python) to skip such samples with a warning"
 #: How many following indices ``__getitem__`` tries when ``skip_bad`` is set and an item fails.
 MAX_SKIP_TRIES = 10
 
@@ -104,7 +106,7 @@ class SegmentationDataset(Dataset):
     # ------------------------------------------------------------------ construction checks
     def _bad(self, message: str) -> None:
         if not self.skip_bad:
-            raise DataError(message + " (pass skip_bad=True to skip such samples with a warning)")
+            raise DataError(message + f" ({SKIP_HINT})")
         self.num_skipped += 1
         self.bad_messages.append(message)
         log.warning("skipping: %s", message)
@@ -210,6 +212,39 @@ class SegmentationDataset(Dataset):
                             self.name_of(i), exc, self.num_skipped)
         raise DataError(f"{self.source}: {MAX_SKIP_TRIES} consecutive bad samples from index {index}; "
                         "giving up (check the data with `tscd data check`)")
+
+    def check_masks(self, indices: Sequence[int] | None = None, workers: int = 4) -> list[tuple[int, str]]:
+        """Decode and validate the masks of ``indices`` (default: all) without decoding the images: what evaluation
+        needs, cheaply, before a run starts (``workers`` threads). An entry without a mask is an error too.
+
+        Returns:
+            (index, message) of each bad entry, the message naming the file.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from PIL import Image
+
+        def check(i: int) -> tuple[int, str] | None:
+            s = self.samples[i]
+            if s.mask_path is None:
+                return i, f"{self.source}: image {s.name!r} has no mask; evaluation needs masks"
+            try:
+                with Image.open(s.image_path) as im:  # the header only
+                    size = (im.height, im.width)
+                load_mask(s.mask_path, self.num_classes, image_size=size)
+            except (DataError, OSError, SyntaxError) as exc:
+                return i, str(exc)
+            return None
+
+        indices = list(range(len(self)) if indices is None else indices)
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(indices)))) as pool:  # PNG decoding drops the GIL
+            return [r for r in pool.map(check, indices) if r is not None]
+
+    def drop(self, indices: Sequence[int]) -> None:
+        """Remove the entries at ``indices`` (e.g. bad masks found by :meth:`check_masks`)."""
+        bad = set(int(i) for i in indices)
+        self.samples = [s for i, s in enumerate(self.samples) if i not in bad]
+        self.num_skipped += len(bad)
 
     def verify(self, indices: Sequence[int] | None = None) -> list[str]:
         """Decode and validate samples without raising; returns one error message per bad sample."""

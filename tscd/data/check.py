@@ -68,5 +68,5 @@ def check_dataset(name: str, root: str | os.PathLike, splits: Sequence[str] | No
                     f"decoded {len(indices)}: {len(errors)} bad")
         if empty:
             report.warn(f"split {split}: {empty} image(s) with an empty class vector (rejected for training unless "
-                        "skip_bad=True)")
+                        "data.skip_bad=true)")
     return report

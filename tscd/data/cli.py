@@ -14,7 +14,6 @@ import logging
 import os
 from typing import Callable
 
-from tscd.data.io import DataError
 from tscd.data.report import Report
 
 log = logging.getLogger(__name__)
@@ -26,14 +25,9 @@ def _finish(report: Report) -> int:
 
 
 def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn a missing path or bad file into one clear error line and exit code 1 (no traceback)."""
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except (FileNotFoundError, DataError) as exc:
-            log.error("%s", exc)
-            return 1
-    return wrapper
+    """A missing path or bad file (FileNotFoundError, DataError) reaches tscd.cli.main, which prints one clear error
+    line and exits 2 as every command does; a report with errors exits 1."""
+    return run
 
 
 def _run_voc(args: argparse.Namespace) -> int:

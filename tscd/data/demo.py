@@ -184,6 +184,14 @@ class DemoDataset(SegmentationDataset):
     def name_of(self, index: int) -> str:
         return demo_name(self.split, index)
 
+    def check_masks(self, indices=None, workers: int = 4) -> list[tuple[int, str]]:
+        """Generated masks are always valid."""
+        return []
+
+    def drop(self, indices) -> None:
+        if len(indices):
+            raise ValueError("DemoDataset: generated items cannot be dropped")
+
     def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         img, mask = generate_demo_image(demo_item_rng(self.seed, self.split, index), self.size)
         return img, mask, classes_in_mask(mask, self.num_classes)

@@ -1,4 +1,4 @@
-"""Training and evaluation transforms (SPEC.md 5), and (de)normalisation.
+"""Training and evaluation transforms (docs/method.md 5), and (de)normalisation.
 
 A transform maps ``(img uint8 (H, W, 3), label uint8 (H, W) or None, rng)`` to
 ``(img float32 (3, h, w), label int64 (h, w) or None, img_box int64 (4,))``. All randomness comes
@@ -7,8 +7,9 @@ so an item's augmentation does not depend on the worker that loads it.
 
 ``img_box = [top, bottom, left, right]`` marks the real image region inside the output:
 rows ``top:bottom`` and columns ``left:right`` (bottom and right exclusive, Python slice
-convention). Everything outside it is padding: the image there is 0 after normalisation (with the
-default pad value) and the label is 255.
+convention). Everything outside it is padding: the label there is 255 and the image is the pad colour,
+by default raw 0 (black) as in the official code, i.e. (-2.118, -2.036, -1.804) after normalisation
+(``pad_value="mean"`` gives 0 after normalisation instead).
 """
 from __future__ import annotations
 
@@ -25,6 +26,32 @@ TransformOutput = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 _MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
 _STD = np.asarray(IMAGENET_STD, dtype=np.float32)
 
+#: Named pad colours of the training crop canvas (0..255 scale, before normalisation).
+PAD_VALUES: dict[str, tuple[float, float, float]] = {"black": (0.0, 0.0, 0.0), "mean": tuple(IMAGENET_MEAN)}
+
+
+def resolve_pad_value(value: str | Sequence[float] | float | None) -> tuple[float, float, float]:
+    """The RGB pad colour (0..255 scale) of ``data.pad_value``: ``"black"`` (official, raw 0), ``"mean"`` (the
+    ImageNet mean, 0 after normalisation), one number, or ``[r, g, b]``. ``None`` means ``"black"``.
+
+    Raises:
+        ValueError: an unknown name, a wrong number of values, or values outside [0, 255].
+    """
+    if value is None:
+        value = "black"
+    if isinstance(value, str):
+        if value not in PAD_VALUES:
+            raise ValueError(f"pad_value: must be one of {', '.join(PAD_VALUES)} or [r, g, b] on the 0..255 scale; "
+                             f"got {value!r}")
+        return PAD_VALUES[value]
+    arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    if arr.size == 1:
+        arr = np.repeat(arr, 3)
+    if arr.size != 3 or not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 255:
+        raise ValueError(f"pad_value: must be black, mean, one number or [r, g, b] with values in [0, 255]; "
+                         f"got {value!r}")
+    return tuple(float(v) for v in arr)
+
 
 def normalize(img: np.ndarray) -> torch.Tensor:
     """uint8/float (H, W, 3) on the 0..255 scale -> float32 tensor (3, H, W) with ImageNet mean/std."""
@@ -33,7 +60,7 @@ def normalize(img: np.ndarray) -> torch.Tensor:
 
 
 def denormalize(img: torch.Tensor) -> torch.Tensor:
-    """Undo :func:`normalize`: normalised image -> float image in [0, 1] (for VARM/PAR, SPEC.md 3).
+    """Undo :func:`normalize`: normalised image -> float image in [0, 1] (for VARM/PAR, docs/method.md 3).
 
     Args:
         img: float tensor (3, H, W) or (B, 3, H, W), any device, ImageNet-normalised.
@@ -69,10 +96,11 @@ class EvalTransform:
 
 
 class TrainTransform:
-    """Training augmentation of SPEC.md 5: rescale, flip, pad, crop, normalise.
+    """Training augmentation of docs/method.md 5: rescale, flip, pad, crop, normalise.
 
     Steps, in order: rescale by ``r ~ U(scale_range)`` (bilinear image, nearest label; output size
-    ``round(r * H), round(r * W)``, at least 1); horizontal flip with probability ``flip_prob``;
+    ``int(r * H), int(r * W)`` (floor, as the official code), at least 1); horizontal flip with probability
+    ``flip_prob``;
     place the image at a random offset in a canvas of ``max(crop, h) x max(crop, w)`` filled with
     ``img_pad_value`` (image) and 255 (label); take a random ``crop x crop`` window; normalise.
 
@@ -80,12 +108,12 @@ class TrainTransform:
         crop_size: side of the square output (512 in the paper).
         scale_range: (low, high) of the uniform rescale factor.
         flip_prob: probability of a horizontal flip.
-        img_pad_value: RGB value (0..255 scale) of image padding. Default: the ImageNet mean, which is
-            exactly 0 after normalisation.
+        img_pad_value: colour of the image padding (:func:`resolve_pad_value`: ``"black"``, ``"mean"``, a
+            number or RGB on the 0..255 scale). Default: black (raw 0), the official canvas.
     """
 
     def __init__(self, crop_size: int = 512, scale_range: Sequence[float] = (0.5, 2.0), flip_prob: float = 0.5,
-                 img_pad_value: Sequence[float] | float | None = None) -> None:
+                 img_pad_value: str | Sequence[float] | float | None = None) -> None:
         if int(crop_size) < 1:
             raise ValueError(f"TrainTransform: `crop_size` must be a positive int; got {crop_size}")
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
@@ -96,11 +124,7 @@ class TrainTransform:
         self.crop_size = int(crop_size)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.flip_prob = float(flip_prob)
-        if img_pad_value is None:
-            pad = _MEAN.copy()
-        else:
-            pad = np.broadcast_to(np.asarray(img_pad_value, dtype=np.float32), (3,)).copy()
-        self.img_pad_value = pad
+        self.img_pad_value = np.asarray(resolve_pad_value(img_pad_value), dtype=np.float32)
 
     def __call__(self, img: np.ndarray, label: np.ndarray | None, rng: np.random.Generator) -> TransformOutput:
         """Augment one image (and its mask).
@@ -118,7 +142,7 @@ class TrainTransform:
         # 1. random rescale
         lo, hi = self.scale_range
         r = float(rng.uniform(lo, hi)) if hi > lo else lo
-        nh, nw = max(1, int(round(h * r))), max(1, int(round(w * r)))
+        nh, nw = max(1, int(h * r)), max(1, int(w * r))  # int(): floor, as the official code
         if (nh, nw) != (h, w):
             img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
             if label is not None:

@@ -200,7 +200,7 @@ def prepare_folder(root: str | os.PathLike, class_names: Sequence[str], *, image
     empty = sorted(n for n, c in labels.items() if not c)
     if empty:
         report.warn(f"{len(empty)} mask(s) contain no foreground class (first: {empty[:5]}); they are kept in the "
-                    "lists, and a training dataset rejects them unless skip_bad=True")
+                    "lists, and a training dataset rejects them unless data.skip_bad=true")
     # Split lists.
     official = root / "ImageSets" / "Segmentation"
     splits: dict[str, list[str]] = {}

@@ -1,4 +1,4 @@
-"""Dense-CRF post-processing of segmentation probabilities (SPEC.md 6), run in parallel.
+"""Dense-CRF post-processing of segmentation probabilities (docs/method.md 6), run in parallel.
 
 The CRF itself is :func:`tscd.kernels.dense_crf` (our permutohedral lattice; pydensecrf's DenseCRF2D model), imported
 lazily so that everything else works without it. Settings are the field's: 10 mean-field iterations, Gaussian kernel
@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
+
+from tscd.errors import UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +45,9 @@ def get_dense_crf() -> Callable[..., Tensor]:
     try:
         from tscd.kernels import dense_crf
     except ImportError as err:
-        raise RuntimeError(f"CRF post-processing (--crf) needs tscd.kernels.dense_crf (the permutohedral dense CRF "
-                           f"of SPEC.md 6-7), which this tscd installation does not provide ({err}); update tscd, "
-                           f"or run without --crf") from None
+        raise UnavailableError(f"CRF post-processing (--crf) needs tscd.kernels.dense_crf (the permutohedral "
+                               f"dense CRF, docs/method.md 6), which this tscd installation does not provide "
+                               f"({err}); update tscd, or run without --crf") from None
     return dense_crf
 
 

@@ -1,24 +1,34 @@
-"""Scoring a trained model the way papers in the field report it (SPEC.md 6).
+"""The one evaluator: training-time validation and ``tscd eval`` both score with :func:`evaluate` (docs/method.md).
 
 Evaluated outputs (keys of the results), each against the dataset's masks (255 ignored):
 
 ==============  ===========================================================================================
-``seg``         segmentation head, single scale (the resized image, no flip)
+``seg``         segmentation head, single scale (the test image, no flip)
 ``seg_ms``      segmentation head, multi-scale + flip (:func:`~tscd.eval.inference.forward_multi_scale`)
 ``seg_ms_crf``  ``seg_ms`` followed by the dense CRF (:mod:`tscd.eval.crf`)
 ``cam``         CAM label: multi-scale CAM, argmax over the image's classes, background where <= ``cam_bkg``
-``aff``         affinity-refined CAM (random walk, :mod:`tscd.eval.random_walk`, background 0.35)
-``pseudo``      the training pseudo labels (VARM, :func:`tscd.train.pseudo_labels.refine_cams_with_bkg`);
+``aff``         affinity-refined CAM (random walk, :mod:`tscd.method.random_walk`, background 0.35)
+``pseudo``      the training pseudo labels (VARM, :func:`tscd.method.refine_cams_with_bkg`);
                 their uncertain pixels (255) are scored as background, as in training-time validation
 ==============  ===========================================================================================
 
 ``cam``, ``aff`` and ``pseudo`` use the image-level labels of the dataset (the weak supervision), as is standard.
-Every output is computed on the image resized to ``resize_long`` (512) and upsampled bilinearly to the mask's size
-before the argmax; ``pseudo`` refines the upsampled CAM on the native image. Under ``torch.distributed`` every rank
-takes every world_size-th image and the confusion matrices are summed over ranks.
+
+Protocols (:data:`PROTOCOLS`, :func:`protocol_settings`) fix how the test image is presented:
+
+* ``native`` (the default of ``tscd eval``, and what training validation logs): every image at its native size;
+  ``seg`` single scale; the CAM at ``pseudo.cam_scales`` with flip; bf16 autocast when the run trained with it.
+* ``ms`` (the field's multi-scale test, AFA's ``test_msc_flip``): the long side resized to 512, ``seg_ms`` at scales
+  1, 0.5, 0.75 with flip (max over scales), optionally + dense CRF (``seg_ms_crf``); float32.
+
+Every output is upsampled bilinearly to the mask's size before the argmax; ``pseudo`` refines the upsampled CAM on
+the native image. Consecutive images of one size are scored together (``batch_size``). Under ``torch.distributed``
+every rank takes every world_size-th image and the confusion matrices are summed over ranks.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -36,8 +46,8 @@ from tscd.eval.crf import CRFParams, CRFRunner
 from tscd.eval.inference import DEFAULT_RESIZE_LONG, DEFAULT_SEG_SCALES, forward_multi_scale, resize_long
 from tscd.eval.metrics import ConfusionMatrix
 from tscd.eval.outputs import save_mask
-from tscd.eval.random_walk import RW_BKG, RW_POWER, RW_RADIUS, affinity_cam_label
-from tscd.train.pseudo_labels import cam_to_label, refine_cams_with_bkg
+from tscd.method.labels import cam_to_label, refine_cams_with_bkg
+from tscd.method.random_walk import RW_BKG, RW_POWER, RW_RADIUS, affinity_cam_label
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +56,22 @@ OUTPUTS: tuple[str, ...] = ("seg", "seg_ms", "seg_ms_crf", "cam", "aff", "pseudo
 #: Column titles of the results table.
 OUTPUT_TITLES: dict[str, str] = {"seg": "seg", "seg_ms": "seg MS+flip", "seg_ms_crf": "seg MS+flip+CRF",
                                  "cam": "CAM", "aff": "CAM+aff RW", "pseudo": "pseudo (VARM)"}
+#: Evaluation protocols (module docstring): name -> description.
+PROTOCOLS: dict[str, str] = {
+    "native": "native image size, seg single-scale, multi-scale+flip CAM (what training validation reports)",
+    "ms": "long side 512, seg multi-scale 1,0.5,0.75 + flip (the field's test protocol)",
+}
+#: Images of one size scored together by the ``native`` protocol.
+NATIVE_BATCH = 16
 
 
 @dataclass
 class EvalSettings:
-    """What :func:`evaluate` computes and how (defaults: SPEC.md 6).
+    """What :func:`evaluate` computes and how (defaults: the ``ms`` protocol; see :func:`protocol_settings`).
 
     Attributes:
+        protocol: name of the protocol these settings implement (reported with the numbers); ``custom`` if built
+            by hand, ``<name>+custom`` if a protocol's settings were changed.
         outputs: which of :data:`OUTPUTS` to score.
         seg_scales: multi-scale test scales of the segmentation head (AFA: 1, 0.5, 0.75).
         cam_scales: CAM scales (training config's ``pseudo.cam_scales``: 1, 0.5, 1.5).
@@ -68,8 +87,11 @@ class EvalSettings:
         save_logits: also write the (multi-scale if computed) 1/4-resolution logits as float16
             ``pred_dir/logits/<name>.pt`` (off by default: they are large on COCO).
         num_images: evaluate the first N images only.
+        batch_size: consecutive images of one size scored together (results equal up to float rounding).
+        amp: run the model under bf16 autocast.
     """
 
+    protocol: str = "custom"
     outputs: Sequence[str] = ("seg", "seg_ms", "cam", "aff")
     seg_scales: Sequence[float] = DEFAULT_SEG_SCALES
     cam_scales: Sequence[float] = (1.0, 0.5, 1.5)
@@ -87,6 +109,16 @@ class EvalSettings:
     save_outputs: Sequence[str] | None = None
     save_logits: bool = False
     num_images: int | None = None
+    batch_size: int = 1
+    amp: bool = False
+
+    def describe(self) -> dict:
+        """The settings as plain values, for result files."""
+        return {"protocol": self.protocol, "outputs": list(self.outputs), "seg_scales": list(self.seg_scales),
+                "cam_scales": list(self.cam_scales), "flip": self.flip, "resize_long": self.resize_long or None,
+                "cam_bkg": self.cam_bkg, "amp": "bf16" if self.amp else "off",
+                "random_walk": {"bkg": self.rw_bkg, "radius": self.rw_radius, "power": self.rw_power},
+                "crf": dataclasses.asdict(self.crf) if "seg_ms_crf" in self.outputs else None}
 
     def check(self) -> None:
         """Raises ValueError naming the bad setting."""
@@ -101,6 +133,56 @@ class EvalSettings:
                                  f"{list(scales)}")
         if self.resize_long is not None and self.resize_long < 0:
             raise ValueError(f"evaluate: `resize_long` must be >= 0; got {self.resize_long}")
+        if self.batch_size < 1:
+            raise ValueError(f"evaluate: `batch_size` must be >= 1; got {self.batch_size}")
+        if self.num_images is not None and self.num_images < 1:
+            raise ValueError(f"evaluate: `num_images` must be >= 1; got {self.num_images}")
+
+
+def protocol_settings(protocol: str, cfg, device: torch.device | str = "cpu", split: str = "val",
+                      **changes) -> EvalSettings:
+    """The :class:`EvalSettings` of a named protocol (:data:`PROTOCOLS`) for a training config.
+
+    Args:
+        protocol: ``native`` or ``ms``.
+        cfg: the :class:`tscd.config.Config` of the run (CAM scales, thresholds, VARM settings, ``train.amp``).
+        device: where the model runs (``native`` uses bf16 autocast on CUDA when ``train.amp`` does).
+        split: the split scored; default outputs add ``pseudo`` on training splits under ``ms``.
+        **changes: fields to set on top (``outputs``, ``num_images``, ...). Changing one of the fields that define
+            the protocol (``seg_scales``, ``cam_scales``, ``flip``, ``resize_long``, ``amp``) to another value
+            names the result ``<protocol>+custom``.
+
+    Raises:
+        ValueError: unknown protocol or field.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"evaluate: unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)} (`--protocol`)")
+    device = torch.device(device)
+    p = cfg.pseudo
+    base = dict(protocol=protocol, cam_scales=tuple(p.cam_scales), cam_bkg=p.cam_bkg, flip=True,
+                pseudo=dict(bkg_high=p.bkg_high, bkg_low=p.bkg_low, scale=p.refine_scale, mode=p.refine_mode,
+                            num_iter=p.refine_iters, dilations=tuple(p.dilations), backend=cfg.train.backend))
+    if protocol == "native":
+        amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
+        base.update(outputs=("seg", "cam", "aff", "pseudo"), seg_scales=DEFAULT_SEG_SCALES, resize_long=None,
+                    batch_size=NATIVE_BATCH, amp=amp)
+    else:
+        outputs = ("seg", "seg_ms", "cam", "aff") + (("pseudo",) if split.startswith("train") else ())
+        base.update(outputs=outputs, seg_scales=DEFAULT_SEG_SCALES, resize_long=DEFAULT_RESIZE_LONG, batch_size=1,
+                    amp=False)
+    fields = {f.name for f in dataclasses.fields(EvalSettings)}
+    unknown = sorted(set(changes) - fields)
+    if unknown:
+        raise ValueError(f"protocol_settings: unknown setting(s) {unknown}")
+    defining = ("seg_scales", "cam_scales", "flip", "resize_long", "amp")
+
+    def norm(v):
+        return tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else (v or None)
+
+    if any(k in changes and norm(changes[k]) != norm(base[k]) for k in defining):
+        base["protocol"] = f"{protocol}+custom"
+    base.update(changes)
+    return EvalSettings(**base)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -127,7 +209,7 @@ def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, settings
         progress: show a tqdm bar (quiet when not a TTY).
 
     Returns:
-        ``{"num_images": n, "results": {output: segmentation_scores}}`` (scores in %, from
+        ``{"num_images": n, "protocol": name, "results": {output: segmentation_scores}}`` (scores in %, from
         :func:`tscd.eval.metrics.segmentation_scores`).
 
     Raises:
@@ -150,54 +232,74 @@ def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, settings
     total = len(dataset) if settings.num_images is None else min(settings.num_images, len(dataset))
     indices = range(rank, total, world)
 
-    def record(output: str, pred: Tensor, label: Tensor, name: str) -> None:
+    def autocast():
+        if settings.amp:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def record(output: str, pred: Tensor, label: Tensor, batch_names: list[str]) -> None:
         mats[output].update(pred, label)
         if output in save:
-            save_mask(pred[0].to(torch.uint8).cpu().numpy(), pred_dir / output / f"{name}.png")
+            for k, name in enumerate(batch_names):
+                save_mask(pred[k].to(torch.uint8).cpu().numpy(), pred_dir / output / f"{name}.png")
 
-    try:
-        for i in tqdm(indices, desc="eval", disable=None if progress else True, dynamic_ncols=True):
-            item = dataset[i]
-            name = item.get("name", str(i))
-            if item.get("label") is None:
-                raise ValueError(f"evaluate: image {name!r} (item {i}) has no mask; evaluation needs masks")
-            img = item["img"].unsqueeze(0).to(device, non_blocking=True)
-            label = item["label"].unsqueeze(0).to(device, non_blocking=True)
-            cls_label = item["cls_label"].unsqueeze(0).to(device, non_blocking=True)
-            size = tuple(label.shape[-2:])
-            x = resize_long(img, settings.resize_long)
+    def score(items: list[dict]) -> None:
+        batch_names = [it["name"] for it in items]
+        img = torch.stack([it["img"] for it in items]).to(device, non_blocking=True)
+        label = torch.stack([it["label"] for it in items]).to(device, non_blocking=True)
+        cls_label = torch.stack([it["cls_label"] for it in items]).to(device, non_blocking=True)
+        size = tuple(label.shape[-2:])
+        x = resize_long(img, settings.resize_long)
+        with autocast():
             out = forward_multi_scale(model, x, seg_scales=settings.seg_scales if need_ms else None,
                                       cam_scales=settings.cam_scales if need_cam else None, flip=settings.flip)
 
-            def up(t: Tensor) -> Tensor:
-                return F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False)
+        def up(t: Tensor) -> Tensor:
+            t = t.float()
+            return t if tuple(t.shape[-2:]) == size else F.interpolate(t, size=size, mode="bilinear",
+                                                                        align_corners=False)
 
-            if "seg" in outputs:
-                record("seg", up(out.seg_logits).argmax(1), label, name)
-            if need_ms:
-                ms = up(out.seg_ms)
-                if "seg_ms" in outputs:
-                    record("seg_ms", ms.argmax(1), label, name)
-                if crf is not None:
-                    crf.submit(_image255(img), ms.softmax(1),
-                               lambda p, label=label, name=name: record("seg_ms_crf", p.argmax(1), label, name))
-            if pred_dir is not None and settings.save_logits:
-                logits = out.seg_ms if out.seg_ms is not None else out.seg_logits
+        if "seg" in outputs:
+            record("seg", up(out.seg_logits).argmax(1), label, batch_names)
+        if need_ms:
+            ms = up(out.seg_ms)
+            if "seg_ms" in outputs:
+                record("seg_ms", ms.argmax(1), label, batch_names)
+            if crf is not None:
+                for k, name in enumerate(batch_names):
+                    crf.submit(_image255(img[k:k + 1]), ms[k:k + 1].softmax(1),
+                               lambda p, lab=label[k:k + 1], name=name: record("seg_ms_crf", p.argmax(1), lab, [name]))
+        if pred_dir is not None and settings.save_logits:
+            logits = out.seg_ms if out.seg_ms is not None else out.seg_logits
+            for k, name in enumerate(batch_names):
                 path = pred_dir / "logits" / f"{name}.pt"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(logits[0].half().cpu(), path)
-            if need_cam:
-                cam_full = up(out.cam)
-                if "cam" in outputs:
-                    record("cam", cam_to_label(cam_full, cls_label, settings.cam_bkg), label, name)
-                if "aff" in outputs:
-                    record("aff", affinity_cam_label(out.cam, out.affinity, cls_label, size, bkg=settings.rw_bkg,
-                                                     radius=settings.rw_radius, power=settings.rw_power),
-                           label, name)
-                if "pseudo" in outputs:
-                    pseudo = refine_cams_with_bkg(denormalize(img.float()), cam_full, cls_label, None,
-                                                  **settings.pseudo)
-                    record("pseudo", pseudo.masked_fill(pseudo == IGNORE_INDEX, 0), label, name)
+                torch.save(logits[k].half().cpu(), path)
+        if need_cam:
+            cam_full = up(out.cam)
+            if "cam" in outputs:
+                record("cam", cam_to_label(cam_full, cls_label, settings.cam_bkg), label, batch_names)
+            if "aff" in outputs:
+                record("aff", affinity_cam_label(out.cam.float(), out.affinity.float(), cls_label, size,
+                                                 bkg=settings.rw_bkg, radius=settings.rw_radius,
+                                                 power=settings.rw_power), label, batch_names)
+            if "pseudo" in outputs:
+                pseudo = refine_cams_with_bkg(denormalize(img.float()), cam_full, cls_label, None, **settings.pseudo)
+                record("pseudo", pseudo.masked_fill(pseudo == IGNORE_INDEX, 0), label, batch_names)
+
+    try:
+        pending: list[dict] = []
+        for i in tqdm(indices, desc="eval", disable=None if progress else True, dynamic_ncols=True):
+            item = dataset[i]
+            item.setdefault("name", str(i))
+            if item.get("label") is None:
+                raise ValueError(f"evaluate: image {item['name']!r} (item {i}) has no mask; evaluation needs masks")
+            if pending and (item["img"].shape != pending[0]["img"].shape or len(pending) == settings.batch_size):
+                score(pending)
+                pending = []
+            pending.append(item)
+        if pending:
+            score(pending)
         if crf is not None:
             crf.close()
             crf = None
@@ -208,7 +310,7 @@ def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, settings
     for o in outputs:
         mats[o].all_reduce()
         results[o] = mats[o].scores(names)
-    return {"num_images": total, "results": results}
+    return {"num_images": total, "protocol": settings.protocol, "results": results}
 
 
 def build_eval_dataset(cfg, split: str, dataset: str | None = None, root: str | os.PathLike | None = None,

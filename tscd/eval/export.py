@@ -1,8 +1,8 @@
-"""Exporting the refined pseudo labels of a split as palette PNGs (``tscd pseudo-labels``), SPEC.md 3.
+"""Exporting the refined pseudo labels of a split as palette PNGs (``tscd pseudo-labels``), docs/method.md 3.
 
 For users who train a second-stage segmenter (e.g. DeepLab) on TSCD's pseudo labels. Each image, at its native size:
 multi-scale CAM (:func:`tscd.models.multi_scale_cam`, scales of ``pseudo.cam_scales``) with the image-level labels,
-then VARM refinement with two background thresholds (:func:`tscd.train.pseudo_labels.refine_cams_with_bkg`): values
+then VARM refinement with two background thresholds (:func:`tscd.method.refine_cams_with_bkg`): values
 0 (background), 1..C, and 255 where the refinement is uncertain. Written atomically to ``<out>/<name>.png``;
 existing files are skipped (resumable). If the split has masks, the labels are also scored (255 scored as
 background, as in training-time validation).
@@ -20,8 +20,8 @@ from tscd.constants import IGNORE_INDEX
 from tscd.data import denormalize
 from tscd.eval.metrics import ConfusionMatrix
 from tscd.eval.outputs import save_mask
+from tscd.method.labels import refine_cams_with_bkg
 from tscd.models import multi_scale_cam
-from tscd.train.pseudo_labels import refine_cams_with_bkg
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Loading a trained checkpoint and running single- and multi-scale (+ flip) inference (SPEC.md 6).
+"""Loading a trained checkpoint and running single- and multi-scale (+ flip) inference (docs/method.md 6).
 
 Multi-scale + flip test (AFA's ``test_msc_flip.py``): the image is resized so that its long side is ``resize_long``
 (512); for each scale s the batch is resized bilinearly to ``(int(s*h), int(s*w))`` and run *together with its
@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tscd.config import Config, ConfigError, _apply, parse_override
+from tscd.errors import CheckpointError
 from tscd.models import MIT_CONFIGS, MODEL_CONFIGS, TSCD_STRIDES, MixVisionTransformer, TSCDNet, create_model
 from tscd.models._checkpoint import check_state_dict, strip_prefixes, unwrap_state_dict
 from tscd.models.cam import CAM_NORM_EPS
 
 logger = logging.getLogger(__name__)
 
-#: AFA's test scales for the segmentation head (SPEC.md 6).
+#: AFA's test scales for the segmentation head (docs/method.md 6).
 DEFAULT_SEG_SCALES: tuple[float, ...] = (1.0, 0.5, 0.75)
 #: Long side of the resized test image.
 DEFAULT_RESIZE_LONG: int = 512
@@ -59,11 +60,11 @@ def _read(path: Path) -> dict:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
-            raise RuntimeError(f"checkpoint {str(path)!r} is unreadable or corrupt ({type(err).__name__}: {err}; "
+            raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or corrupt ({type(err).__name__}: {err}; "
                                f"with weights_only=True: {type(first).__name__})") from None
         logger.debug("%s needed torch.load(weights_only=False)", path)
     if not isinstance(obj, dict):
-        raise RuntimeError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict")
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict")
     return obj
 
 

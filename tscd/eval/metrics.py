@@ -1,4 +1,4 @@
-"""Segmentation metrics from a confusion matrix accumulated on the device (SPEC.md 6).
+"""Segmentation metrics from a confusion matrix accumulated on the device (docs/method.md 6).
 
 mIoU convention: IoU_c = TP / (TP + FP + FN); classes with TP + FP + FN = 0 (absent from both the
 ground truth and the prediction over the whole dataset) are excluded from the mean. Pixels labelled

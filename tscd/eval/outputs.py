@@ -19,7 +19,7 @@ from PIL import Image
 from tscd.data.classes import PALETTE
 from tscd.data.io import save_mask
 
-__all__ = ["cam_heatmap", "colour_overlay", "format_table", "save_mask", "save_rgb", "write_results"]
+__all__ = ["cam_heatmap", "colour_overlay", "format_table", "save_mask", "save_rgb", "unique_stem", "write_results"]
 
 
 def save_rgb(arr: np.ndarray, path: str | os.PathLike) -> None:
@@ -84,6 +84,22 @@ def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def unique_stem(out_dir: str | os.PathLike, stem: str) -> str:
+    """``stem`` if neither ``<stem>.json`` nor ``<stem>.csv`` exists in ``out_dir``, else the first free
+    ``<stem>.2``, ``<stem>.3``, ...: an earlier result is never overwritten silently."""
+    out_dir = Path(out_dir)
+
+    def taken(s: str) -> bool:
+        return (out_dir / f"{s}.json").exists() or (out_dir / f"{s}.csv").exists()
+
+    if not taken(stem):
+        return stem
+    n = 2
+    while taken(f"{stem}.{n}"):
+        n += 1
+    return f"{stem}.{n}"
 
 
 def write_results(out_dir: str | os.PathLike, report: dict, stem: str = "results") -> tuple[Path, Path]:

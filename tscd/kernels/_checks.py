@@ -1,6 +1,7 @@
 """Argument checks shared by every op: messages name the op, the argument, what was expected and got."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -65,3 +66,27 @@ def check_positive_ints(op: str, name: str, values: Sequence[int], *, allow_empt
     if any(v != orig or v <= 0 for v, orig in zip(out, values)) or (not out and not allow_empty):
         raise ValueError(f"{op}: `{name}` must be a non-empty sequence of positive ints; got {list(values)!r}")
     return out
+
+
+def check_finite_scalar(op: str, name: str, v: object, *, positive: bool = False) -> float:
+    """``float(v)``, checked to be finite (and > 0 with ``positive``)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: `{name}` must be a real number; got {v!r}") from None
+    if not math.isfinite(f) or (positive and not f > 0):
+        raise ValueError(f"{op}: `{name}` must be {'> 0 and ' if positive else ''}finite; got {v!r}")
+    return f
+
+
+def check_finite(op: str, name: str, t: torch.Tensor) -> None:
+    """Raise ValueError if ``t`` holds a NaN or +-inf, naming the first one.
+
+    This reads a flag back to the host (a device sync): for inference-time ops only (e.g. dense_crf); the
+    training ops propagate NaN on the device instead.
+    """
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        idx = tuple(int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(f"{op}: `{name}` must hold finite values; got {t[idx].item()} at index {idx} "
+                         f"({int((~finite).sum())} non-finite of {t.numel()})")

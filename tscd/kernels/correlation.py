@@ -1,4 +1,4 @@
-"""correlation_loss: the SCD (self-correspondence distillation) loss of TSCD, SPEC.md 4.2.
+"""correlation_loss: the SCD (self-correspondence distillation) loss of TSCD, docs/method.md 4.2.
 
 Sample N1 points of view 1 and N2 points of view 2 (random, given, or every pixel), read teacher and
 student maps there (bilinear, align_corners=True, border padding), L2-normalise every feature vector
@@ -51,7 +51,7 @@ def _positive_int(name: str, v: object) -> int:
 
 def _dense_features(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every teacher pixel as a sample; the student read at the same places (its bilinear, align_corners=True
-    resize to the teacher's size, which is what SPEC.md 4.2 does to the student anyway)."""
+    resize to the teacher's size, which is what docs/method.md 4.2 does to the student anyway)."""
     if student.shape[-2:] != teacher.shape[-2:]:
         student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=True)
     return teacher.flatten(2).transpose(1, 2), student.flatten(2).transpose(1, 2)
@@ -110,7 +110,7 @@ def correlation_loss(teacher1: torch.Tensor, teacher2: torch.Tensor, student1: t
                      generator: torch.Generator | None = None, clamp_student: bool = True,
                      center_teacher: bool = True, shift: float = 0.0, teacher_grad: bool = False,
                      backend: str = "auto") -> torch.Tensor:
-    """The SCD correlation-distillation loss between two views (SPEC.md 4.2).
+    """The SCD correlation-distillation loss between two views (docs/method.md 4.2).
 
     ``L = -mean_{b,i,j}[P(G_ij) * (F~_ij - shift)]`` with G the student and F~ the (centred) teacher
     correlation of L2-normalised features at the sample points; ``P(g) = max(g, 0)`` with
@@ -127,7 +127,7 @@ def correlation_loss(teacher1: torch.Tensor, teacher2: torch.Tensor, student1: t
           student of another size is read at those pixels (its bilinear, align_corners=True resize). With
           ``num_samples`` S: S * S distinct random pixels per image and view instead.
     ``matched=True`` uses view 1's points for view 2 too (geometrically aligned sampling; the views of
-    SPEC.md 4.2 share normalised coordinates): random and dense modes.
+    docs/method.md 4.2 share normalised coordinates): random and dense modes.
 
     Args:
         teacher1: (B, Ct, h1, w1) teacher maps of view 1 (CAMs), float, any device.
@@ -147,6 +147,11 @@ def correlation_loss(teacher1: torch.Tensor, teacher2: torch.Tensor, student1: t
 
     Returns:
         0-d tensor in the student's dtype. Half inputs are computed in float32 by the fused backends.
+
+    Non-finite inputs: propagated like the reference, on every backend (no check, no host sync): a NaN or
+    +-inf read by a sample point makes its feature vector NaN after the normalisation, so the loss is NaN
+    (``max(G, 0)`` keeps NaN, as torch's clamp does); the gradients are the reference's (torch's clamp
+    passes no gradient through a NaN G, the other factors carry the NaN on).
 
     Raises:
         TypeError: a non-float tensor. ValueError: bad shapes, devices or arguments (e.g. more dense

@@ -1,5 +1,5 @@
-"""permutohedral: Gaussian filtering on a permutohedral lattice, the CRF energy loss (SPEC.md 4.5) and
-mean-field dense-CRF inference (SPEC.md 6).
+"""permutohedral: Gaussian filtering on a permutohedral lattice, the CRF energy loss (docs/method.md 4.5) and
+mean-field dense-CRF inference (docs/method.md 6).
 
 The filter computes, for values V (B, K, N) and features f (B, D, N) (each feature divided by its sigma),
 
@@ -15,7 +15,9 @@ factor c_D = 1 / (sqrt(D+1) (4 pi / 3)^(D/2)) is divided out; measured mass 1.00
 dimension), but its shape is not exactly Gaussian, so on image features (a 2-D manifold in 5-D) the
 unnormalised output is typically 0.7-0.85x the exact sum; the normalised variant (and dense-CRF, whose
 symmetric normalisation cancels any gain) is within about 1-2 %. Measured figures: tests/kernels/
-test_permutohedral.py and bench/results/permutohedral-*.md.
+test_permutohedral.py and bench/results/permutohedral-*.md. The CRF loss (``dense_energy_loss``) defaults to
+the gain of the field's lattice instead (``gain="field"``: ours x :func:`field_gain`, 1 / 1.417363 at D = 5),
+the one its official weight was tuned on; ``gain="exact"`` keeps this calibration.
 
 The self term: ``include_self=False`` subtracts exactly v_i (the exact W_ii = 1), not the lattice's own
 self weight, so on sparse point sets the lattice's excluded-self output keeps part of its self term.
@@ -26,22 +28,51 @@ Backends: ``cuda`` (GPU hash table, no host sync), ``cpp`` (OpenMP over images a
 kernel's lattice built once for all iterations.
 Gradients: w.r.t. ``values`` on every backend (the fused backward applies the transposed lattice: the
 blur directions in reverse order); w.r.t. ``features`` only with ``backend="torch"``.
+
+Non-finite inputs (the same on every backend, on the device, no host sync): a NaN or +-inf in
+``values[b, k]`` makes output channel (b, k) NaN; a NaN, +-inf or out-of-range (|f| > 2^20 standard
+deviations, MAX_FEATURE) feature of image b makes all of image b's outputs NaN; the gradient w.r.t. those
+channels' values is NaN too. The C++/CUDA lattice never builds an out-of-range key from such a point (it is
+embedded at the origin with NaN weights). ``dense_energy_loss`` inherits this (a NaN loss); ``dense_crf``, an
+inference op, raises ValueError instead.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from tscd.kernels import _backend, _checks, _ext
 from tscd.kernels.reference.permutohedral import (
     MAX_DENSE_POINTS,
+    MAX_FEATURE,
     dense_crf_with,
     dense_energy_loss_with,
+    nonfinite_poison,
     permutohedral_filter_reference,
 )
 
 OP = "permutohedral_filter"
 SUPPORTED_BACKENDS: tuple[str, ...] = ("cuda", "cpp", "torch")
 MAX_FEATURES = 8
+
+
+#: ``gain`` choices of :func:`dense_energy_loss`.
+CRF_GAINS: tuple[str, ...] = ("field", "exact")
+
+
+def field_gain(d: int = 5) -> float:
+    """The field's lattice gain relative to ours (exact-Gaussian calibration) for ``d`` feature dimensions.
+
+    The field's filter (rloss's ``bilateralfilter``, i.e. Kraehenbuehl's ``permutohedral.cpp``, which AFA and
+    TSCD train with) has our lattice's geometry, splat and slice, but blurs each of the d + 1 directions with
+    ``v + (n1 + n2) / 2`` (2x our normalised [1 2 1] / 4: 2^(d+1) in all) and scales the slice by
+    ``alpha = 1 / (1 + 2^-d)``, where we divide by ``c_d = 1 / (sqrt(d + 1) (4 pi / 3)^(d / 2))``. So
+    field / ours = 2^(d+1) alpha c_d; at d = 5: 2048 / (33 sqrt(6) (4 pi / 3)^2.5) = 1 / 1.417363.
+    """
+    alpha = 1.0 / (1.0 + 2.0 ** -d)
+    c_d = 1.0 / (math.sqrt(d + 1) * (4.0 * math.pi / 3.0) ** (d / 2))
+    return 2.0 ** (d + 1) * alpha * c_d
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,6 +102,9 @@ def permutohedral_filter(values: torch.Tensor, features: torch.Tensor, *, normal
     Returns:
         (B, K, N) in ``values``' dtype (computed in float32, or float64 for float64 inputs).
 
+    Non-finite inputs: a NaN/inf value makes its output channel NaN; a NaN/inf feature, or one beyond
+    +-2^20 (``MAX_FEATURE``), makes its image's outputs NaN; every backend alike (see the module docstring).
+
     Raises:
         TypeError: a non-float tensor. ValueError: bad shapes or devices, too many points for the torch
         backend, or ``features`` requiring grad with a fused backend. RuntimeError: the backend cannot run here.
@@ -99,8 +133,8 @@ def _filter(name: str, values: torch.Tensor, features: torch.Tensor, normalize: 
         raise ValueError(f"{OP}: gradients w.r.t. `features` are implemented by backend='torch' only (got backend "
                          f"{name!r}); pass features.detach() (they are image data in TSCD) or use backend='torch'")
     dtype = _compute_dtype(values.dtype)
-    out = torch.ops.tscd.permutohedral_fwd(values.to(dtype).contiguous(), features.detach().to(dtype).contiguous(),
-                                           normalize, include_self)
+    v, f = values.to(dtype).contiguous(), features.detach().to(dtype).contiguous()
+    out = torch.ops.tscd.permutohedral_fwd(v, f, normalize, include_self) * nonfinite_poison(v, f)
     return out.to(values.dtype)
 
 
@@ -109,6 +143,13 @@ def _filter_fn(name: str):
         return _filter(name, values, features, normalize, include_self)
 
     return fn
+
+
+def _check_position_range(op: str, side: int, sxy: float, what: str) -> None:
+    """The position features (x, y) / sxy must stay within the lattice's range (host arithmetic only)."""
+    if (side - 1) / sxy > MAX_FEATURE:
+        raise ValueError(f"{op}: `{what}` = {sxy:g} is too small for a {side}-pixel side: the position features "
+                         f"reach {(side - 1) / sxy:.3g}, beyond the lattice's range 2^20")
 
 
 def _check_image(op: str, name: str, image: torch.Tensor, batched_only: bool) -> torch.Tensor:
@@ -129,8 +170,16 @@ def _check_image(op: str, name: str, image: torch.Tensor, batched_only: bool) ->
 
 def dense_energy_loss(images: torch.Tensor, probs: torch.Tensor, roi: torch.Tensor, label: torch.Tensor, *,
                       sigma_rgb: float = 15.0, sigma_xy: float = 100.0, scale: float = 0.5, weight: float = 1e-7,
-                      backend: str = "auto") -> torch.Tensor:
-    """CRF energy ("reg") loss of Tang et al., SPEC.md 4.5, on the inputs' device (no host sync on GPU).
+                      gain: str = "field", backend: str = "auto") -> torch.Tensor:
+    """CRF energy ("reg") loss of Tang et al., docs/method.md 4.5, on the inputs' device (no host sync on GPU).
+
+    Gain: ``"field"`` (default) has the gain of the field's lattice (rloss / Kraehenbuehl), on which the
+    official weight 0.01 was tuned: our lattice's loss times :func:`field_gain` (= 1 / 1.417363 for the 5-D
+    features), exact in value and gradient, since the two lattices differ only by that constant. ``"exact"``
+    keeps the exact-Gaussian calibration (the lattice approximates sum_j exp(-|f_i - f_j|^2 / 2) S_j; on real
+    images the field's loss is 0.51-0.61x of that exact sum). With ``backend="torch"`` (the exact dense filter)
+    ``"field"`` applies the same constant to the exact sum, so it matches the lattice backends only as closely
+    as the lattice matches the exact Gaussian.
 
     At ``scale`` (0.5): image, ROI and label resized nearest, ``probs`` bilinear (S). Then
     Gate = max(ROI - max_k S, 0), 1 on ignored (255) pixels; S <- S * ROI; AS = W S (features
@@ -142,14 +191,19 @@ def dense_energy_loss(images: torch.Tensor, probs: torch.Tensor, roi: torch.Tens
         probs: (B, K, H, W) float softmax probabilities, same device; the gradient flows here.
         roi: (B, H, W) 1 inside the image box, 0 outside (any dtype).
         label: (B, H, W) integer (pseudo) labels; 255 = ignore.
-        sigma_rgb, sigma_xy, scale, weight: SPEC.md 4.5 defaults 15, 100, 0.5, 1e-7.
+        sigma_rgb, sigma_xy, scale, weight: docs/method.md 4.5 defaults 15, 100, 0.5, 1e-7.
+        gain: ``"field"`` (default, the official gain) or ``"exact"`` (exact-Gaussian calibration).
         backend: ``"auto"``, ``"cuda"``, ``"cpp"`` or ``"torch"`` (exact, at most 16384 points after scaling).
 
     Returns:
         A 0-d tensor in ``probs``' dtype.
 
+    Non-finite inputs: NaN or +-inf in ``images``, ``probs`` or ``roi`` give a NaN loss (and NaN gradients on
+    the affected images), on every backend, without a host sync; so do image values beyond +-2^20 * sigma_rgb.
+
     Raises:
-        TypeError / ValueError: bad dtypes, shapes or devices. RuntimeError: the backend cannot run here.
+        TypeError / ValueError: bad dtypes, shapes or devices, non-finite or non-positive sigmas or scale, a
+        non-finite weight. RuntimeError: the backend cannot run here.
     """
     op = "dense_energy_loss"
     images = _check_image(op, "images", images, batched_only=True)
@@ -168,25 +222,28 @@ def dense_energy_loss(images: torch.Tensor, probs: torch.Tensor, roi: torch.Tens
         if tuple(t.shape[-2:]) != size:
             raise ValueError(f"{op}: `{name}` must have the spatial size of `probs` {size}; got shape {tuple(t.shape)}")
     for name, v in (("sigma_rgb", sigma_rgb), ("sigma_xy", sigma_xy), ("scale", scale)):
-        if not float(v) > 0:
-            raise ValueError(f"{op}: `{name}` must be > 0; got {v!r}")
+        _checks.check_finite_scalar(op, name, v, positive=True)
+    _checks.check_finite_scalar(op, "weight", weight)
+    if gain not in CRF_GAINS:
+        raise ValueError(f"{op}: `gain` must be one of {', '.join(CRF_GAINS)}; got {gain!r}")
     h, w = int(size[0] * scale), int(size[1] * scale)
     if h < 1 or w < 1:
         raise ValueError(f"{op}: the input {size} is empty at scale {scale}")
+    _check_position_range(op, max(h, w), float(sigma_xy) * float(scale), "sigma_xy * scale")
     name = _backend.resolve_backend("permutohedral_fwd", backend, device, SUPPORTED_BACKENDS)
     if name == "torch":
         _check_dense_size(op, h * w, f"the scaled image's h*w ({h}x{w})")
     dtype = _compute_dtype(probs.dtype)
     loss = dense_energy_loss_with(_filter_fn(name), images.detach().to(dtype), probs.to(dtype), roi, label,
                                   sigma_rgb=float(sigma_rgb), sigma_xy=float(sigma_xy), scale=float(scale),
-                                  weight=float(weight))
+                                  weight=float(weight) * (field_gain(5) if gain == "field" else 1.0))
     return loss.to(probs.dtype)
 
 
 def dense_crf(image: torch.Tensor, probs: torch.Tensor, *, num_iter: int = 10, gauss_sxy: float = 3.0,
               gauss_compat: float = 3.0, bilateral_sxy: float = 64.0, bilateral_srgb: float = 5.0,
               bilateral_compat: float = 4.0, backend: str = "auto") -> torch.Tensor:
-    """Mean-field inference of a fully-connected CRF (Kraehenbuehl & Koltun 2011), the model of SPEC.md 6.
+    """Mean-field inference of a fully-connected CRF (Kraehenbuehl & Koltun 2011), the model of docs/method.md 6.
 
     U = -log(clip(p, 1e-5)); Q = softmax(-U); ``num_iter`` times Q = softmax(-U + sum_k w_k N_k(Q)) with
     N_k(Q) = D^-1/2 K_k D^-1/2 Q, D = diag(K_k 1), a Gaussian kernel on (x, y)/gauss_sxy (w = gauss_compat)
@@ -196,14 +253,19 @@ def dense_crf(image: torch.Tensor, probs: torch.Tensor, *, num_iter: int = 10, g
     Args:
         image: (3, H, W) or (B, 3, H, W) uint8 or float image, 0..255, same device as ``probs``.
         probs: (B, K, H, W) float class probabilities (softmax), K >= 1.
-        num_iter: mean-field iterations (>= 0). Other arguments: SPEC.md 6 defaults.
+        num_iter: mean-field iterations (>= 0). Other arguments: docs/method.md 6 defaults.
         backend: ``"auto"``, ``"cuda"``, ``"cpp"`` or ``"torch"`` (exact, H*W <= 16384).
 
     Returns:
         (B, K, H, W) marginals Q in ``probs``' dtype; ``Q.argmax(1)`` is the labelling.
 
+    Non-finite inputs: rejected. A NaN or +-inf in ``image`` or ``probs``, or image values beyond
+    +-2^20 * bilateral_srgb (the lattice's range), raise ValueError on every backend (this op checks its
+    inputs on the host: it is an inference op, not on the training hot path).
+
     Raises:
-        TypeError / ValueError: bad dtypes, shapes, devices or arguments. RuntimeError: the backend cannot run here.
+        TypeError / ValueError: bad dtypes, shapes, devices or arguments, non-finite inputs.
+        RuntimeError: the backend cannot run here.
     """
     op = "dense_crf"
     image = _check_image(op, "image", image, batched_only=False)
@@ -218,8 +280,21 @@ def dense_crf(image: torch.Tensor, probs: torch.Tensor, *, num_iter: int = 10, g
     if not isinstance(num_iter, int) or isinstance(num_iter, bool) or num_iter < 0:
         raise ValueError(f"{op}: `num_iter` must be an int >= 0; got {num_iter!r}")
     for name, v in (("gauss_sxy", gauss_sxy), ("bilateral_sxy", bilateral_sxy), ("bilateral_srgb", bilateral_srgb)):
-        if not float(v) > 0:
-            raise ValueError(f"{op}: `{name}` must be > 0; got {v!r}")
+        _checks.check_finite_scalar(op, name, v, positive=True)
+    for name, v in (("gauss_compat", gauss_compat), ("bilateral_compat", bilateral_compat)):
+        _checks.check_finite_scalar(op, name, v)
+    _checks.check_finite(op, "image", image)
+    _checks.check_finite(op, "probs", probs)
+    side = max(probs.shape[2], probs.shape[3])
+    if float(gauss_compat) != 0:
+        _check_position_range(op, side, float(gauss_sxy), "gauss_sxy")
+    if float(bilateral_compat) != 0:
+        _check_position_range(op, side, float(bilateral_sxy), "bilateral_sxy")
+        peak = float(image.abs().max()) if image.is_floating_point() else float(image.max())
+        if peak / float(bilateral_srgb) > MAX_FEATURE:
+            raise ValueError(f"{op}: `image` values up to {peak:g} give colour features |value| / bilateral_srgb = "
+                             f"{peak / float(bilateral_srgb):.3g}, beyond the lattice's range 2^20; image values are "
+                             "0..255")
     name = _backend.resolve_backend("permutohedral_fwd", backend, device, SUPPORTED_BACKENDS)
     if name == "torch":
         _check_dense_size(op, probs.shape[2] * probs.shape[3], "H*W")

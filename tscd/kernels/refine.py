@@ -1,4 +1,4 @@
-"""refine: VARM (TSCD) and PAR (AFA) pixel-adaptive refinement of class maps, SPEC.md 4.1.
+"""refine: VARM (TSCD) and PAR (AFA) pixel-adaptive refinement of class maps, docs/method.md 4.1.
 
 For every pixel p of an image I (3 channels, [0, 1]) and its n = 8 * len(dilations) neighbours
 q_o = clamp(p + d * o) (3x3 offsets without the centre, dilation-major, replicate border):
@@ -63,7 +63,7 @@ def refine(image: torch.Tensor, cam: torch.Tensor, *, dilations: Sequence[int] =
            num_iter: int = 10, mode: str = "varm", rgb_scale: float | None = None, aux_weight: float = 0.01,
            pos_scale: float = 0.3, num_channels: Sequence[int] | torch.Tensor | None = None,
            backend: str = "auto") -> torch.Tensor:
-    """Refine class maps with image-guided propagation (VARM or PAR), SPEC.md 4.1.
+    """Refine class maps with image-guided propagation (VARM or PAR), docs/method.md 4.1.
 
     Several maps of one image share its weights: to refine both background thresholds of the
     pseudo labels, concatenate them along K and make one call for the whole batch. Images with
@@ -85,6 +85,12 @@ def refine(image: torch.Tensor, cam: torch.Tensor, *, dilations: Sequence[int] =
 
     Returns:
         (B, K, H, W) refined maps in ``cam``'s dtype. Inputs are made contiguous as needed.
+
+    Non-finite inputs: propagated as the reference does, on every backend (no check, no host sync): a NaN
+    or +-inf in ``image`` makes the weights of the pixels whose neighbourhood holds it NaN, and each step
+    spreads NaN from there to every channel; a NaN/inf in ``cam`` spreads through its own channel;
+    skipped channels (``num_channels``) are 0 regardless. No input value can make a kernel read out of bounds (the
+    neighbour indices depend on positions only).
 
     Raises:
         TypeError: a non-float tensor. ValueError: bad shapes, devices or arguments, or ``image``
@@ -113,7 +119,7 @@ def refine(image: torch.Tensor, cam: torch.Tensor, *, dilations: Sequence[int] =
     if maps.shape[-2:] != (H, W):
         maps = F.interpolate(maps, size=(H, W), mode="bilinear", align_corners=True)
     if num_iter == 0:
-        out = maps if nc is None else maps * _channel_mask(nc, K, dtype)
+        out = maps if nc is None else torch.where(_channel_mask(nc, K), maps, torch.zeros_like(maps))
         return out.to(out_dtype)
     img = image.detach().to(dtype).contiguous()
     maps = maps.contiguous()
@@ -163,9 +169,10 @@ def _num_channels_tensor(num_channels, B: int, K: int, device: torch.device) -> 
     return nc.to(device=device, dtype=torch.int64).contiguous()
 
 
-def _channel_mask(nc: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
+def _channel_mask(nc: torch.Tensor, K: int) -> torch.Tensor:
+    """(B, K, 1, 1) bool: the valid channels (skipped ones are returned as 0, even when they hold NaN)."""
     keep = torch.arange(K, device=nc.device).view(1, K) < nc.view(-1, 1)
-    return keep.view(nc.shape[0], K, 1, 1).to(dtype)
+    return keep.view(nc.shape[0], K, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Models: MiT encoder, SegFormer head, TSCD network, multi-scale CAMs (SPEC.md 1-3).
+"""Models: MiT encoder, SegFormer head, TSCD network, multi-scale CAMs (docs/method.md 1-3).
 
 Factory::
 
@@ -23,7 +23,7 @@ from tscd.models.tscd_net import AffinityHead, TSCDNet, TSCDOutput, param_groups
 
 logger = logging.getLogger(__name__)
 
-#: TSCD's encoder strides: stage 4 at 1/16 (SPEC.md 1).
+#: TSCD's encoder strides: stage 4 at 1/16 (docs/method.md 1).
 TSCD_STRIDES: tuple[int, int, int, int] = (4, 2, 2, 1)
 
 #: Model name -> encoder variant.

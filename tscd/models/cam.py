@@ -1,4 +1,4 @@
-"""Multi-scale class activation maps for pseudo labels (SPEC.md 3).
+"""Multi-scale class activation maps for pseudo labels (docs/method.md 3).
 
 For each scale s: resize the batch bilinearly (``align_corners=False``) to ``(int(s*h), int(s*w))`` (scale 1 is
 used as is), compute the CAMs of the image and of its horizontal flip, upsample them to ``(h, w)`` (bilinear,
@@ -7,14 +7,17 @@ scales. Finally, per image and class, subtract the spatial min and divide by (sp
 
 * :func:`multi_scale_cam` (fast path): one :meth:`~tscd.models.tscd_net.TSCDNet.forward_cam` call per scale
   with image and flip concatenated on the batch axis; encoder + classifier only.
-* :func:`multi_scale_cam_reference`: what the official code costs: per scale, the FULL training forward
-  (decoder and affinity head included, results discarded), separately for the image and for its flip.
+* :func:`multi_scale_cam_reference`: what the official code runs: per scale, the FULL training forward
+  (decoder and affinity head included, results discarded) of the image and its flip, concatenated.
 
-Mode: both use the model's current train/eval mode. The reference training loop computes pseudo-label CAMs
-with the model in train mode; on the CAM path only drop-path depends on the mode (no BatchNorm or dropout there),
-so CAMs in train mode are stochastic. Compare the two paths in eval mode. Unlike the reference, the fast path does
-not update the decoder's BatchNorm running statistics during CAM passes (the reference does, as a side effect of
-running the decoder in train mode on the extra scales and flips).
+Mode: both use the model's current train/eval mode. The official training loop computes pseudo-label CAMs
+with the model in train mode, so drop-path is active (CAMs in train mode are stochastic; compare the two paths
+in eval mode) and, because its CAM passes run the whole network, the decoder's BatchNorm running statistics are
+updated by every CAM pass (one pass per scale, image and flip concatenated on the batch axis). The fast path
+reproduces that side effect with ``decoder=True`` (the decoder runs on the encoder features of each pass under
+no_grad, its output is discarded; only in train mode, where it changes state); ``decoder=False`` skips it (the
+decoder-free fast option: cheaper, but validation and test then use BN statistics of the training forwards
+only). See docs/differences.md.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from torch import Tensor, nn
 
 from tscd.models.tscd_net import _unwrap
 
-#: Added to the per-map maximum before dividing (SPEC.md 3).
+#: Added to the per-map maximum before dividing (docs/method.md 3).
 CAM_NORM_EPS: float = 1e-5
 
 
@@ -52,7 +55,7 @@ def _normalise(cam: Tensor) -> Tensor:
 
 
 def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),
-                    flip: bool = True) -> Tensor:
+                    flip: bool = True, decoder: bool = False) -> Tensor:
     """Multi-scale (+ flip) CAMs, normalised to [0, 1], without gradients: the fast path.
 
     Args:
@@ -61,6 +64,9 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
         images: (B, 3, h, w) float, ImageNet-normalised, on the model's device.
         scales: resize factors; (1.0, 0.5, 1.5) in TSCD and AFA.
         flip: also use the horizontal flip (max-fused with the CAM).
+        decoder: in train mode, also run the decoder on each pass's features (output discarded) so that its
+            BatchNorm running statistics are updated as by the official full-network CAM passes (the trainer's
+            default, ``pseudo.cam_decoder``); ignored in eval mode, where it would change nothing.
 
     Returns:
         cam (B, C, h, w) float in [0, 1].
@@ -77,7 +83,13 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
             x = _resize(images, s)
             if flip:
                 x = torch.cat([x, x.flip(-1)], dim=0)
-            cam = F.interpolate(net.forward_cam(x), size=(h, w), mode="bilinear", align_corners=False)
+            if decoder and net.training:
+                feats = net.encoder.forward_features(x)[0]
+                net.decoder(feats)  # BatchNorm side effect only, as the official CAM passes
+                cam = net.classifier(feats[3])
+            else:
+                cam = net.forward_cam(x)
+            cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
             if flip:
                 cam = torch.maximum(cam[:b], cam[b:].flip(-1))
             cam = F.relu(cam)
@@ -87,11 +99,12 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
 
 def multi_scale_cam_reference(model: nn.Module, images: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),
                               flip: bool = True) -> Tensor:
-    """Reference-cost multi-scale CAMs: full training forward per scale, image and flip separately.
+    """Multi-scale CAMs as the official code computes them: per scale, one full training forward of the image
+    and its flip concatenated on the batch axis (decoder and affinity head included, their outputs discarded).
 
-    Same result as :func:`multi_scale_cam` (exactly, up to float rounding, in eval mode), at the cost of the
-    official implementation: the decoder and the affinity head run and their outputs are thrown away. Kept for
-    parity tests and benchmarks.
+    Same CAMs as :func:`multi_scale_cam` (exactly, up to float rounding, in eval mode) and, in train mode, the
+    same BatchNorm side effects as ``multi_scale_cam(..., decoder=True)``, at the cost of the official
+    implementation. Used by ``train.reference_style``, parity tests and benchmarks.
 
     Args:
         model: a TSCDNet whose ``forward(img)`` returns an output with a ``cam`` field.
@@ -106,12 +119,14 @@ def multi_scale_cam_reference(model: nn.Module, images: Tensor, scales: Sequence
     h, w = images.shape[-2:]
     cams = []
     with torch.no_grad():
+        b = images.shape[0]
         for s in scales:
             x = _resize(images, s)
+            if flip:
+                x = torch.cat([x, x.flip(-1)], dim=0)
             cam = F.interpolate(model(x).cam, size=(h, w), mode="bilinear", align_corners=False)
             if flip:
-                cam_flip = F.interpolate(model(x.flip(-1)).cam, size=(h, w), mode="bilinear", align_corners=False)
-                cam = torch.max(cam, cam_flip.flip(-1))
+                cam = torch.max(cam[:b], cam[b:].flip(-1))
             cams.append(F.relu(cam))
         cam = torch.stack(cams, dim=0).sum(dim=0)
         cam = cam + F.adaptive_max_pool2d(-cam, (1, 1))

@@ -1,6 +1,6 @@
 """Mix Transformer (MiT), the SegFormer encoder, with configurable stage strides and attention maps.
 
-Written from the SegFormer paper (Xie et al., NeurIPS 2021) and SPEC.md 2; timm's ``pvt_v2.py`` served as a
+Written from the SegFormer paper (Xie et al., NeurIPS 2021) and docs/method.md 2; timm's ``pvt_v2.py`` served as a
 style reference only. Building blocks (``DropPath``, ``trunc_normal_``) come from timm.
 
 Architecture (per stage i = 1..4, dims C_i, heads h_i, reduction sr_i, depth d_i):
@@ -17,10 +17,16 @@ State-dict keys equal those of SegFormer's released ImageNet MiT checkpoints (``
 those files (the ImageNet classifier) is dropped by :func:`checkpoint_filter_fn`, which also reads Hugging Face
 and mmsegmentation MiT weights (:mod:`tscd.models.weights`).
 
-Attention maps (SPEC.md 2): a block can return the raw, unscaled, pre-softmax logits ``q k^T`` of shape
+Attention maps (docs/method.md 2): a block can return the raw, unscaled, pre-softmax logits ``q k^T`` of shape
 ``(B, heads, N_kv, N_kv)``: the query axis is average-pooled with an ``sr x sr`` window (so that it matches the
 key grid), which is the identity where ``sr = 1`` (stage 4). They are computed only when asked; otherwise the
 block uses ``F.scaled_dot_product_attention``.
+
+Activation checkpointing: with ``grad_checkpointing = True`` every block that runs with gradients enabled is
+wrapped in :func:`torch.utils.checkpoint.checkpoint` (non-reentrant): only its input is kept and its internals
+are recomputed in the backward pass. Results and gradients are bit-identical to running without it; the
+recomputation replays the RNG state (drop-path, dropout). Checkpointed blocks still return their attention
+logits.
 """
 from __future__ import annotations
 
@@ -30,17 +36,19 @@ import math
 from collections.abc import Sequence
 from typing import Union
 
+import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from tscd.models.weights import convert_state_dict, read_mit_weights
 
 logger = logging.getLogger(__name__)
 
-#: LayerNorm eps of the patch embeddings and of the key/value reduction (SPEC.md 2).
+#: LayerNorm eps of the patch embeddings and of the key/value reduction (docs/method.md 2).
 PATCH_NORM_EPS: float = 1e-5
-#: LayerNorm eps of the blocks' norm1/norm2 and of the stage norms (SPEC.md 2).
+#: LayerNorm eps of the blocks' norm1/norm2 and of the stage norms (docs/method.md 2).
 BLOCK_NORM_EPS: float = 1e-6
 
 #: Which blocks return attention maps: ``None`` (none), ``"all"``, or ``(stage, block)`` pairs, 0-based, negative
@@ -48,6 +56,8 @@ BLOCK_NORM_EPS: float = 1e-6
 AttnBlocks = Union[None, str, Sequence[tuple[int, int]]]
 
 #: MiT variants (SegFormer): dims and depths; heads (1, 2, 5, 8), sr (8, 4, 2, 1), MLP ratio 4 for all.
+#: Variants SegFormer released ImageNet weights for (``mit_b*.pth``).
+SEGFORMER_RELEASED: frozenset[str] = frozenset(f"mit_b{i}" for i in range(6))
 MIT_CONFIGS: dict[str, dict[str, tuple[int, ...]]] = {
     "mit_b0": {"embed_dims": (32, 64, 160, 256), "depths": (2, 2, 2, 2)},
     "mit_b1": {"embed_dims": (64, 128, 320, 512), "depths": (2, 2, 2, 2)},
@@ -254,6 +264,9 @@ class MixVisionTransformer(nn.Module):
         attn_drop_rate: dropout on attention probabilities (0 in MiT).
         drop_path_rate: stochastic depth rising linearly from 0 (first block) to this value (last block).
 
+    Attributes:
+        grad_checkpointing: activation checkpointing of the blocks (default False; see the module docstring).
+
     Stage i outputs (B, embed_dims[i], ceil(H / (strides[0] ... strides[i])), ...). For crop 512 and TSCD's
     strides with B1: (B,64,128,128), (B,128,64,64), (B,320,32,32), (B,512,32,32).
     """
@@ -287,7 +300,12 @@ class MixVisionTransformer(nn.Module):
             setattr(self, f"norm{i + 1}", nn.LayerNorm(dim, eps=BLOCK_NORM_EPS))
             cur += self.depths[i]
             prev = dim
+        self.grad_checkpointing = False
         self.apply(_init_weights)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn activation checkpointing of the transformer blocks on or off."""
+        self.grad_checkpointing = bool(enable)
 
     def stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         """(rows, cols) of each stage's output for an input of ``height x width``."""
@@ -344,11 +362,15 @@ class MixVisionTransformer(nn.Module):
         feats: list[Tensor] = []
         attns: list[Tensor] = []
         x = img
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for i in range(4):
             tokens, h, w = getattr(self, f"patch_embed{i + 1}")(x)
             for j, blk in enumerate(getattr(self, f"block{i + 1}")):
                 need = (i, j) in want
-                tokens, attn = blk(tokens, h, w, need)
+                if ckpt:  # keeps the block's input only; preserve_rng_state replays drop-path / dropout
+                    tokens, attn = checkpoint(blk, tokens, h, w, need, use_reentrant=False, preserve_rng_state=True)
+                else:
+                    tokens, attn = blk(tokens, h, w, need)
                 if need:
                     attns.append(attn)
             x = _tokens_to_map(getattr(self, f"norm{i + 1}")(tokens), h, w)
@@ -435,8 +457,11 @@ def create_backbone(name: str, pretrained: str | None = None, **kwargs) -> MixVi
     model = MixVisionTransformer(**cfg)
     if pretrained is not None:
         load_pretrained(model, pretrained)
-    else:
+    elif name in SEGFORMER_RELEASED:
         logger.warning("%s: NO PRETRAINED WEIGHTS given; the encoder is RANDOMLY INITIALISED. Fine for tests and "
                        "demos, not for real training: pass the local path of ImageNet MiT weights (SegFormer's %s.pth, "
                        "or a Hugging Face / mmsegmentation download; see the README).", name, name)
+    else:  # a test-size variant: no released weights exist for it
+        logger.warning("%s: the encoder is RANDOMLY INITIALISED (a test-size variant without released weights; "
+                       "use mit_b0 .. mit_b5 with SegFormer's ImageNet weights for real training).", name)
     return model

@@ -1,4 +1,4 @@
-"""SegFormer's all-MLP decode head, written from the SegFormer paper (Xie et al., NeurIPS 2021) and SPEC.md 1.
+"""SegFormer's all-MLP decode head, written from the SegFormer paper (Xie et al., NeurIPS 2021) and docs/method.md 1.
 
 Every encoder stage is projected to ``embed_dim`` channels by a per-pixel linear layer, resized to the
 stage-1 (1/4) grid bilinearly (``align_corners=False``), the four maps are concatenated (deepest first), fused
@@ -7,24 +7,72 @@ to the class logits (C + 1 with background).
 
 Plain ``BatchNorm2d``: the trainer converts it with ``nn.SyncBatchNorm.convert_sync_batchnorm`` under DDP
 only (the reference uses SyncBN always and therefore needs torch.distributed even on one GPU).
+
+Activation checkpointing (``grad_checkpointing = True``): the whole head runs under
+:func:`checkpoint_keep_bn_stats`, which keeps only the encoder maps and recomputes the rest in the backward
+pass, bit-identically (the dropout mask is replayed), without updating the BatchNorm running statistics twice.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
+
+
+def checkpoint_keep_bn_stats(fn: Callable[..., object], module: nn.Module, *args: Tensor) -> object:
+    """``fn(*args)`` under non-reentrant activation checkpointing, safe for BatchNorm in train mode.
+
+    A plain checkpoint runs the BatchNorm layers of ``module`` twice per step (forward, then recomputation in
+    the backward pass), so their running statistics would be updated twice. Here the recomputation restores
+    each BatchNorm's ``running_mean`` / ``running_var`` / ``num_batches_tracked`` afterwards: the statistics
+    get exactly one update, as without checkpointing, and the outputs (batch statistics) are the same. Works
+    for ``SyncBatchNorm`` too. The RNG state is replayed (``preserve_rng_state``), so dropout draws the same mask.
+
+    Args:
+        fn: the function to run (e.g. a module's un-checkpointed forward).
+        module: the module whose BatchNorm layers ``fn`` uses.
+        *args: tensor arguments of ``fn`` (kept for the recomputation).
+    """
+    bns = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    calls = 0
+
+    def run(*a: Tensor) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1 or not bns:
+            return fn(*a)
+        saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+        try:  # the recomputation may stop early (checkpoint's early stop raises through here): restore anyway
+            return fn(*a)
+        finally:
+            with torch.no_grad():
+                for m, (mean, var, count) in zip(bns, saved):
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+                    m.num_batches_tracked.copy_(count)
+
+    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)
 
 
 class ConvBNReLU(nn.Module):
-    """1x1 conv (no bias) + BatchNorm2d + ReLU."""
+    """1x1 conv (no bias) + BatchNorm2d + ReLU.
+
+    Initialised as the official code's mmcv ``ConvModule``: conv weight Kaiming normal (fan_out, ReLU gain,
+    std = sqrt(2 / (out_channels * k * k))); BatchNorm weight 1, bias 0.
+    """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU(inplace=True)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.ones_(self.bn.weight)
+        nn.init.zeros_(self.bn.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C_in, h, w) -> (B, C_out, h, w)."""
@@ -34,11 +82,17 @@ class ConvBNReLU(nn.Module):
 class SegFormerHead(nn.Module):
     """All-MLP decoder.
 
+    Initialisation as the official code: the per-stage linear layers and the last conv keep PyTorch's default
+    init; the fuse conv is :class:`ConvBNReLU`'s (Kaiming normal, fan_out).
+
     Args:
         in_channels: channels of the encoder stages, shallowest first (e.g. (64, 128, 320, 512)).
         num_classes: output classes, background included (C + 1).
         embed_dim: common channel width (256).
         dropout: ``Dropout2d`` probability before the last conv (0.1).
+
+    Attributes:
+        grad_checkpointing: activation checkpointing of the whole head (default False).
     """
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256,
@@ -51,6 +105,7 @@ class SegFormerHead(nn.Module):
         self.fuse = ConvBNReLU(len(self.in_channels) * embed_dim, embed_dim)
         self.dropout = nn.Dropout2d(dropout)
         self.pred = nn.Conv2d(embed_dim, num_classes, 1)
+        self.grad_checkpointing = False
 
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         """Decode.
@@ -63,6 +118,11 @@ class SegFormerHead(nn.Module):
         """
         if len(feats) != len(self.linear_c):
             raise ValueError(f"SegFormerHead: `feats` must hold {len(self.linear_c)} maps; got {len(feats)}")
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint_keep_bn_stats(self._decode, self, *feats)
+        return self._decode(*feats)
+
+    def _decode(self, *feats: Tensor) -> Tensor:
         size = feats[0].shape[-2:]
         projected = []
         for f, linear in zip(feats, self.linear_c):

@@ -1,4 +1,4 @@
-"""The TSCD network (SPEC.md 1-2): MiT encoder, GMP classifier / CAM, SegFormer decoder, attention affinity head.
+"""The TSCD network (docs/method.md 1-2): MiT encoder, GMP classifier / CAM, SegFormer decoder, attention affinity head.
 
 Entry points, each explicit about what it runs:
 
@@ -11,6 +11,12 @@ Entry points, each explicit about what it runs:
 Both use the module's current mode. The CAM path has no BatchNorm or dropout, only LayerNorm and drop-path:
 in train mode drop-path is active in CAM passes too, as in the reference, which runs its no-grad CAM passes
 with the model in train mode.
+
+Activation checkpointing (:meth:`TSCDNet.set_checkpointing`, ``train.checkpointing``): ``"encoder"``
+checkpoints the MiT blocks, ``"all"`` also the decoder and the affinity head. It applies to every forward
+with gradients (the main view and the second, SCD/ER, view alike) and is skipped under ``no_grad`` (CAM
+passes). Outputs and gradients are bit-identical to ``"off"``; the backward pass recomputes the forward
+of the checkpointed parts (about one extra encoder forward per iteration).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from tscd.models._checkpoint import load_weights, strip_prefixes, unwrap_state_dict
 from tscd.models.mit import MixVisionTransformer
@@ -27,7 +34,10 @@ from tscd.models.segformer_head import SegFormerHead
 
 logger = logging.getLogger(__name__)
 
-#: Learning-rate multipliers of the parameter groups (SPEC.md 2).
+#: Activation-checkpointing modes of :meth:`TSCDNet.set_checkpointing` (``train.checkpointing``).
+CHECKPOINTING_MODES: tuple[str, ...] = ("off", "encoder", "all")
+
+#: Learning-rate multipliers of the parameter groups (docs/method.md 2).
 LR_MULT: dict[str, float] = {"encoder": 1.0, "encoder_norm": 0.0, "heads": 10.0, "decoder": 10.0}
 
 
@@ -59,8 +69,8 @@ class AffinityHead(nn.Module):
         super().__init__()
         self.symmetric = symmetric
         self.proj = nn.Conv2d(in_maps, 1, 1, bias=True)
+        # as the official code: weight Kaiming normal (a = sqrt(5), fan_out); bias keeps PyTorch's default init
         nn.init.kaiming_normal_(self.proj.weight, a=5 ** 0.5, mode="fan_out")
-        nn.init.zeros_(self.proj.bias)
 
     def forward(self, attns: list[Tensor]) -> Tensor:
         """[(B, heads, N, N)] -> (B, N, N) affinity in (0, 1)."""
@@ -106,6 +116,30 @@ class TSCDNet(nn.Module):
         self.affinity_head = AffinityHead(affinity_blocks * encoder.num_heads[3], symmetric=symmetric_affinity)
         self.affinity_attn_blocks = tuple((3, encoder.depths[3] - k) for k in range(affinity_blocks, 0, -1))
 
+    @property
+    def checkpointing(self) -> str:
+        """The activation-checkpointing mode: ``"off"``, ``"encoder"`` or ``"all"``."""
+        return getattr(self, "_checkpointing", "off")
+
+    def set_checkpointing(self, mode: str) -> None:
+        """Activation checkpointing: ``"off"``, ``"encoder"`` (MiT blocks) or ``"all"`` (also decoder and
+        affinity head); see the module docstring.
+
+        Raises:
+            ValueError: unknown ``mode``.
+        """
+        if mode not in CHECKPOINTING_MODES:
+            raise ValueError(f"TSCDNet.set_checkpointing: `mode` must be one of {', '.join(CHECKPOINTING_MODES)}; "
+                             f"got {mode!r}")
+        self._checkpointing = mode
+        self.encoder.set_grad_checkpointing(mode != "off")
+        self.decoder.grad_checkpointing = mode == "all"
+
+    def _affinity(self, attns: list[Tensor]) -> Tensor:
+        if self.checkpointing == "all" and torch.is_grad_enabled():
+            return checkpoint(lambda *a: self.affinity_head(list(a)), *attns, use_reentrant=False)
+        return self.affinity_head(attns)
+
     def _pool(self, x4: Tensor) -> Tensor:
         if self.pooling == "gmp":
             return F.adaptive_max_pool2d(x4, 1)
@@ -129,7 +163,7 @@ class TSCDNet(nn.Module):
         cls_logits = self.classifier(self._pool(x4)).flatten(1)
         if cls_only:
             return TSCDOutput(cls_logits, None, None, cam)
-        return TSCDOutput(cls_logits, self.decoder(feats), self.affinity_head(attns), cam)
+        return TSCDOutput(cls_logits, self.decoder(feats), self._affinity(attns), cam)
 
     def forward_cam(self, img: Tensor) -> Tensor:
         """CAM-only forward: the encoder (SDPA, no attention maps) and the classifier's 1x1 conv on stage 4.
@@ -168,7 +202,7 @@ def _unwrap(model: nn.Module, caller: str = "param_groups") -> nn.Module:
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.01) -> list[dict]:
-    """AdamW parameter groups (SPEC.md 2).
+    """AdamW parameter groups (docs/method.md 2).
 
     * ``encoder``: encoder weights, ``lr``, ``weight_decay``;
     * ``encoder_norm``: the encoder's LayerNorm parameters, lr 0 and weight decay 0 (frozen by the optimizer;
@@ -181,7 +215,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.01) -> lis
 
     Args:
         model: a :class:`TSCDNet`, possibly wrapped by DDP or torch.compile.
-        lr: base learning rate (6e-5 in SPEC.md 4.7).
+        lr: base learning rate (6e-5 in docs/method.md 4.7).
         weight_decay: AdamW weight decay of all groups but ``encoder_norm``.
 
     Raises:

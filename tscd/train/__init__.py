@@ -1,5 +1,4 @@
-"""TSCD training: the loop (``Trainer``), pseudo labels, losses, schedule, checkpoints."""
-from tscd.train.pseudo_labels import cam_to_label, refine_cams_with_bkg
+"""TSCD training: the loop (``Trainer``), losses, schedule, checkpoints (labels: :mod:`tscd.method`)."""
 from tscd.train.trainer import Trainer
 
-__all__ = ["Trainer", "cam_to_label", "refine_cams_with_bkg"]
+__all__ = ["Trainer"]

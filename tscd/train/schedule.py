@@ -1,4 +1,4 @@
-"""PolyWarmup learning-rate multiplier (SPEC.md 4.7), as a LambdaLR so its state is checkpointed."""
+"""PolyWarmup learning-rate multiplier (docs/method.md 4.7), as a LambdaLR so its state is checkpointed."""
 from __future__ import annotations
 
 import torch

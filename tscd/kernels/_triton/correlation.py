@@ -1,4 +1,4 @@
-"""Triton kernels of ``correlation_loss`` (the fused SCD core, SPEC.md 4.2); the math mirrors csrc/correlation.h.
+"""Triton kernels of ``correlation_loss`` (the fused SCD core, docs/method.md 4.2); the math mirrors csrc/correlation.h.
 
 One kernel serves the three passes. A program owns BLOCK_O "outer" points of one image and streams the
 "inner" points in tiles of BLOCK_I, computing the (BLOCK_O x BLOCK_I) tiles G = s_out . s_in^T and
@@ -72,7 +72,7 @@ def _correlation_pass_kernel(out_s_ptr, out_t_ptr, in_s_ptr, in_t_ptr, off_ptr, 
         else:
             fc = f + off_o[:, None]
         if CLAMP:
-            p = tl.maximum(g, 0.0)
+            p = tl.where(g < 0.0, 0.0, g)  # max(G, 0) that keeps NaN (tl.maximum may drop it)
         else:
             p = g
         valid = mask_o[:, None] & mask_i[None, :]

@@ -1,4 +1,4 @@
-"""Triton kernels of ``refine`` (VARM / PAR, SPEC.md 4.1); the math mirrors csrc/refine.h.
+"""Triton kernels of ``refine`` (VARM / PAR, docs/method.md 4.1); the math mirrors csrc/refine.h.
 
 One program handles BLOCK pixels of one image (weights) or of one (image, channel) plane
 (propagation). Neighbour shifts (dy, dx) come precomputed from the host as int32 arrays, so any

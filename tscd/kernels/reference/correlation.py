@@ -1,4 +1,4 @@
-"""Reference for ``correlation_loss``: the SCD (self-correspondence distillation) loss, SPEC.md 4.2.
+"""Reference for ``correlation_loss``: the SCD (self-correspondence distillation) loss, docs/method.md 4.2.
 
 Plain, differentiable PyTorch that materialises both N1 x N2 correlation tensors per image, written
 the way the official code computes the loss (STEGO-style ``helper``: correlation of L2-normalised
@@ -99,7 +99,7 @@ def correlation_loss_reference(teacher1: torch.Tensor, teacher2: torch.Tensor, s
                                student2: torch.Tensor, coords1: torch.Tensor, coords2: torch.Tensor, *,
                                clamp_student: bool = True, center_teacher: bool = True, shift: float = 0.0,
                                teacher_grad: bool = False) -> torch.Tensor:
-    """The SCD loss at given sample points (SPEC.md 4.2), as the official code computes it.
+    """The SCD loss at given sample points (docs/method.md 4.2), as the official code computes it.
 
     Args:
         teacher1: (B, Ct, h1, w1), teacher2: (B, Ct, h2, w2) teacher maps (CAMs) of the two views.

@@ -1,5 +1,5 @@
-"""Reference for ``permutohedral``: exact dense Gaussian filtering, the CRF energy loss (SPEC.md 4.5) and
-mean-field dense-CRF inference (SPEC.md 6).
+"""Reference for ``permutohedral``: exact dense Gaussian filtering, the CRF energy loss (docs/method.md 4.5) and
+mean-field dense-CRF inference (docs/method.md 6).
 
 The lattice of the fused backends approximates the dense Gaussian affinity computed here exactly:
 
@@ -20,11 +20,29 @@ from tscd.constants import IGNORE_INDEX
 
 #: The exact dense filter refuses more points than this per image (N^2 affinities).
 MAX_DENSE_POINTS = 16384
+#: The lattice's range (csrc/permutohedral.h kMaxFeature): a feature beyond +-2^20 (in standard deviations) is
+#: treated like a non-finite one by every backend.
+MAX_FEATURE = 2.0 ** 20
 #: Rows of W materialised at once.
 _CHUNK = 2048
 
 #: A filter: (values (B, K, N), features (B, D, N), normalize, include_self) -> (B, K, N).
 FilterFn = Callable[[torch.Tensor, torch.Tensor, bool, bool], torch.Tensor]
+
+
+def nonfinite_poison(values: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """(B, K, 1): NaN for the output channels that a non-finite input makes undefined, 1 elsewhere.
+
+    Channel (b, k) is NaN when ``values[b, k]`` holds a NaN or +-inf, or when any feature of image b is NaN,
+    +-inf or beyond +-:data:`MAX_FEATURE`. Every backend multiplies its filter output by this, so all of them
+    return the same NaN pattern (and a NaN gradient w.r.t. those channels' values), on the device, without a
+    host sync.
+    """
+    bad_feat = ~(features.abs() <= MAX_FEATURE).all(dim=2).all(dim=1)  # (B,); NaN compares false
+    bad_val = ~torch.isfinite(values).all(dim=2)  # (B, K)
+    bad = bad_val | bad_feat.unsqueeze(1)
+    one = torch.ones((), dtype=values.dtype, device=values.device)
+    return torch.where(bad, torch.full_like(one, float("nan")), one).unsqueeze(2)
 
 
 def permutohedral_filter_reference(values: torch.Tensor, features: torch.Tensor, *, normalize: bool = False,
@@ -39,6 +57,7 @@ def permutohedral_filter_reference(values: torch.Tensor, features: torch.Tensor,
 
     Returns:
         (B, K, N). A normalised row whose sum is 0 (a lone point without its self term) gives 0.
+        Non-finite inputs: see :func:`nonfinite_poison` (those channels are NaN).
     """
     pos = features.transpose(1, 2)  # (B, N, D)
     N = pos.shape[1]
@@ -57,9 +76,9 @@ def permutohedral_filter_reference(values: torch.Tensor, features: torch.Tensor,
         out = torch.einsum("bij,bkj->bki", w, values)
         if normalize:
             den = w.sum(-1).unsqueeze(1)
-            out = torch.where(den > 1e-20, out / den.clamp_min(1e-20), torch.zeros_like(out))
+            out = torch.where(den <= 1e-20, out * 0, out / den.clamp_min(1e-20))  # NaN stays NaN
         rows.append(out)
-    return torch.cat(rows, dim=2)
+    return torch.cat(rows, dim=2) * nonfinite_poison(values, features)
 
 
 def _exact_filter(values: torch.Tensor, features: torch.Tensor, normalize: bool, include_self: bool) -> torch.Tensor:
@@ -84,12 +103,12 @@ def crf_features(image: torch.Tensor, sxy: float, srgb: float | None = None) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# CRF energy ("reg") loss, SPEC.md 4.5
+# CRF energy ("reg") loss, docs/method.md 4.5
 # ----------------------------------------------------------------------------------------------
 
 def energy_inputs(images: torch.Tensor, probs: torch.Tensor, roi: torch.Tensor, label: torch.Tensor,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Resize the loss inputs by ``scale`` (SPEC.md 4.5): image, ROI and label nearest, probabilities bilinear.
+    """Resize the loss inputs by ``scale`` (docs/method.md 4.5): image, ROI and label nearest, probabilities bilinear.
 
     Returns:
         image (B, 3, h, w), probs (B, K, h, w), roi (B, h, w), ignore (B, h, w) bool (label == 255).
@@ -113,7 +132,7 @@ class DenseEnergyFunction(torch.autograd.Function):
         B, K, h, w = seg.shape
         roi = roi.unsqueeze(1)
         gate = (roi - seg.max(dim=1, keepdim=True).values).clamp_min(0)
-        gate = torch.where(ignore.unsqueeze(1), torch.ones_like(gate), gate)  # SPEC 4.5: 1 on ignored pixels
+        gate = torch.where(ignore.unsqueeze(1), torch.ones_like(gate), gate)  # docs/method.md 4.5: 1 on ignored pixels
         s = seg * roi
         as_ = filter_fn(s.reshape(B, K, h * w).contiguous(), features, False, True).reshape(B, K, h, w)
         energy = -(s * as_ * gate).sum() / B
@@ -130,7 +149,7 @@ class DenseEnergyFunction(torch.autograd.Function):
 def dense_energy_loss_with(filter_fn: FilterFn, images: torch.Tensor, probs: torch.Tensor, roi: torch.Tensor,
                            label: torch.Tensor, *, sigma_rgb: float, sigma_xy: float, scale: float,
                            weight: float) -> torch.Tensor:
-    """The loss of SPEC.md 4.5 with a given filter (exact here, the lattice in tscd.kernels.permutohedral)."""
+    """The loss of docs/method.md 4.5 with a given filter (exact here, the lattice in tscd.kernels.permutohedral)."""
     img, seg, roi_s, ignore = energy_inputs(images, probs, roi, label, scale)
     feats = crf_features(img.detach().to(seg.dtype), sigma_xy * scale, sigma_rgb)
     return weight * DenseEnergyFunction.apply(seg, roi_s, ignore, feats, filter_fn)
@@ -139,22 +158,22 @@ def dense_energy_loss_with(filter_fn: FilterFn, images: torch.Tensor, probs: tor
 def dense_energy_loss_reference(images: torch.Tensor, probs: torch.Tensor, roi: torch.Tensor, label: torch.Tensor, *,
                                 sigma_rgb: float = 15.0, sigma_xy: float = 100.0, scale: float = 0.5,
                                 weight: float = 1e-7) -> torch.Tensor:
-    """The CRF energy loss of SPEC.md 4.5 with the exact dense Gaussian (see tscd.kernels.dense_energy_loss)."""
+    """The CRF energy loss of docs/method.md 4.5 with the exact dense Gaussian (see tscd.kernels.dense_energy_loss)."""
     return dense_energy_loss_with(_exact_filter, images, probs, roi, label, sigma_rgb=sigma_rgb, sigma_xy=sigma_xy,
                                   scale=scale, weight=weight)
 
 
 # ----------------------------------------------------------------------------------------------
-# Mean-field dense CRF, SPEC.md 6
+# Mean-field dense CRF, docs/method.md 6
 # ----------------------------------------------------------------------------------------------
 
-#: Unary clipping of SPEC.md 6: U = -log(clip(p, 1e-5)).
+#: Unary clipping of docs/method.md 6: U = -log(clip(p, 1e-5)).
 PROB_CLIP = 1e-5
 
 
 def mean_field(unary: torch.Tensor, kernels: list[tuple[torch.Tensor, float]], num_iter: int,
                filter_fn: FilterFn) -> torch.Tensor:
-    """Mean-field inference of SPEC.md 6 (Kraehenbuehl & Koltun 2011, Potts model, symmetric normalisation).
+    """Mean-field inference of docs/method.md 6 (Kraehenbuehl & Koltun 2011, Potts model, symmetric normalisation).
 
     Q = softmax(-U); then ``num_iter`` times Q = softmax(-U + sum_k w_k D_k^-1/2 K_k D_k^-1/2 Q), D_k = diag(K_k 1).
     The message favours agreeing labels: with Potts compatibility w [l != l'], the expected penalty of label l is
@@ -182,7 +201,7 @@ def mean_field(unary: torch.Tensor, kernels: list[tuple[torch.Tensor, float]], n
 def dense_crf_with(filter_fn: FilterFn, image: torch.Tensor, probs: torch.Tensor, *, num_iter: int,
                    gauss_sxy: float, gauss_compat: float, bilateral_sxy: float, bilateral_srgb: float,
                    bilateral_compat: float, fused: Callable | None = None) -> torch.Tensor:
-    """Dense CRF of SPEC.md 6 with a given filter; image (B, 3, H, W) float 0..255, probs (B, K, H, W).
+    """Dense CRF of docs/method.md 6 with a given filter; image (B, 3, H, W) float 0..255, probs (B, K, H, W).
 
     ``fused(unary, kernels, num_iter)``, if given, replaces :func:`mean_field` (the C++/CUDA op that runs the
     same loop with each lattice built once).
@@ -203,7 +222,7 @@ def dense_crf_with(filter_fn: FilterFn, image: torch.Tensor, probs: torch.Tensor
 def dense_crf_reference(image: torch.Tensor, probs: torch.Tensor, *, num_iter: int = 10, gauss_sxy: float = 3.0,
                         gauss_compat: float = 3.0, bilateral_sxy: float = 64.0, bilateral_srgb: float = 5.0,
                         bilateral_compat: float = 4.0) -> torch.Tensor:
-    """Mean-field dense CRF of SPEC.md 6 with exact dense kernels (see tscd.kernels.dense_crf)."""
+    """Mean-field dense CRF of docs/method.md 6 with exact dense kernels (see tscd.kernels.dense_crf)."""
     return dense_crf_with(_exact_filter, image, probs, num_iter=num_iter, gauss_sxy=gauss_sxy,
                           gauss_compat=gauss_compat, bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb,
                           bilateral_compat=bilateral_compat)

@@ -1,4 +1,4 @@
-"""Reference for ``refine``: VARM (TSCD) and PAR (AFA) pixel-adaptive refinement, SPEC.md 4.1.
+"""Reference for ``refine``: VARM (TSCD) and PAR (AFA) pixel-adaptive refinement, docs/method.md 4.1.
 
 Plain, differentiable PyTorch that materialises every shifted copy (as the official code does, with
 one-hot dilated convolutions there and clamped indexing here; the numbers are the same). Works on
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-#: Dilations of the 3x3 neighbourhood (SPEC.md 4.1).
+#: Dilations of the 3x3 neighbourhood (docs/method.md 4.1).
 DEFAULT_DILATIONS: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
 #: The 8 offsets (dy, dx) of a 3x3 neighbourhood without its centre, in the official order.
 OFFSETS: tuple[tuple[int, int], ...] = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -92,7 +92,7 @@ def refine_weights_reference(image: torch.Tensor, *, dilations: Sequence[int] = 
 def refine_reference(image: torch.Tensor, cam: torch.Tensor, *, dilations: Sequence[int] = DEFAULT_DILATIONS,
                      num_iter: int = 10, mode: str = "varm", rgb_scale: float | None = None, aux_weight: float = 0.01,
                      pos_scale: float = 0.3, num_channels: Sequence[int] | None = None) -> torch.Tensor:
-    """VARM / PAR refinement of ``cam`` guided by ``image`` (SPEC.md 4.1).
+    """VARM / PAR refinement of ``cam`` guided by ``image`` (docs/method.md 4.1).
 
     ``cam`` is first resized to the image size (bilinear, align_corners=True), then propagated
     ``num_iter`` times: ``M(p) <- sum_o w_o(p) * M(clamp(p + d * o))`` with the weights of
@@ -116,5 +116,5 @@ def refine_reference(image: torch.Tensor, cam: torch.Tensor, *, dilations: Seque
     if num_channels is not None:
         keep = torch.arange(cam.shape[1], device=cam.device).view(1, -1) < torch.as_tensor(
             list(num_channels), device=cam.device).view(-1, 1)
-        out = out * keep.view(cam.shape[0], cam.shape[1], 1, 1).to(out.dtype)
+        out = torch.where(keep.view(cam.shape[0], cam.shape[1], 1, 1), out, torch.zeros_like(out))  # NaN-free 0
     return out

@@ -1,4 +1,4 @@
-"""Affinity-refined CAMs: AFA's random walk with the predicted affinity (SPEC.md 6).
+"""Affinity-refined CAMs: AFA's random walk with the predicted affinity (docs/method.md 6).
 
 The model predicts a pairwise affinity ``A`` (B, N, N) in (0, 1) between the N = h * w positions of the 1/16
 feature grid (row-major: position ``i = y * w + x``). The CAM is refined on that grid:
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: Defaults of SPEC.md 6 (AFA): radius of the mask, power of the affinity, column-normalisation epsilon,
+#: Defaults of docs/method.md 6 (AFA): radius of the mask, power of the affinity, column-normalisation epsilon,
 #: background score.
 RW_RADIUS: int = 8
 RW_POWER: float = 2.0

@@ -1,10 +1,10 @@
-"""The vectorised random walk against a naive loop implementation of SPEC.md 6 / AFA's propagation."""
+"""The vectorised random walk against a naive loop implementation of docs/method.md 6 / AFA's propagation."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tests._utils import assert_close
-from tscd.eval.random_walk import affinity_cam_label, propagate_cam_with_bkg, radius_mask, transition_matrix
+from tscd.method.random_walk import affinity_cam_label, propagate_cam_with_bkg, radius_mask, transition_matrix
 
 
 def naive_random_walk(cam_grid, aff, cls_label, bkg, radius, power, eps):
