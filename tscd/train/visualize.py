@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 GRID_COLUMNS: tuple[str, ...] = ("image", "CAM", "pseudo label", "prediction", "ground truth")
 LOSS_KEYS: tuple[str, ...] = ("cls", "seg", "aff", "reg", "scd", "er")
 #: The validation line the trainer logs (``train.log``); :func:`read_val_log` parses it.
-VAL_LINE = re.compile(r"val @(\d+) \(\d+ images\): mIoU seg ([\d.naN]+) \| CAM ([\d.naN]+) \| pseudo label ([\d.naN]+)")
+VAL_LINE = re.compile(r"val @(\d+) \([^)]*\): mIoU seg ([\d.naN]+) \| CAM ([\d.naN]+) \| pseudo label ([\d.naN]+)")
 UNCERTAIN_RGB = (255, 255, 255)
 
 
