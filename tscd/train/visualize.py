@@ -187,38 +187,44 @@ def save_curves(path: str | Path, history: Sequence[dict], val_points: Sequence[
 
 
 @torch.no_grad()
-def predict_rows(net: torch.nn.Module, dataset, indices: Sequence[int], pseudo_cfg, backend: str = "auto",
+def predict_rows(net: torch.nn.Module, dataset, indices: Sequence[int], settings,
                  device: torch.device | str = "cpu") -> list[dict]:
-    """Run the network on dataset items: the rows :func:`save_grid` draws.
+    """Run the network on dataset items as :func:`tscd.eval.evaluator.evaluate` scores them: the rows
+    :func:`save_grid` draws.
 
-    The CAM and pseudo label use the image's true class labels, as validation does; the prediction is
-    the segmentation head's argmax.
+    Args:
+        net: a TSCDNet.
+        dataset: items with ``img``, ``label`` and ``cls_label``.
+        indices: which items.
+        settings: :class:`tscd.eval.evaluator.EvalSettings` (``protocol_settings(...)``): resize, CAM scales,
+            flip, CAM background threshold and the VARM options; the CAM and pseudo label use the image's true
+            class labels, as in evaluation.
+        device: where to run.
     """
-    from tscd.models import multi_scale_cam
-    from tscd.train.pseudo_labels import refine_cams_with_bkg
-    from tscd.train.trainer import denormalize01
+    from tscd.data import denormalize
+    from tscd.eval.inference import forward_multi_scale, resize_long
+    from tscd.method.labels import refine_cams_with_bkg
 
     was_training = net.training
     net.eval()
     rows = []
     for i in indices:
         item = dataset[i]
-        if "label" not in item:
+        if item.get("label") is None:
             raise ValueError(f"predict_rows: item {item.get('name', i)} has no mask")
         img = item["img"].unsqueeze(0).to(device)
         cls_label = item["cls_label"].unsqueeze(0).to(device)
-        H, W = img.shape[-2:]
-        seg = F.interpolate(net(img).seg_logits.float(), size=(H, W), mode="bilinear", align_corners=False)
-        cams = multi_scale_cam(net, img, pseudo_cfg.cam_scales).float()
-        img01 = denormalize01(img)
-        pseudo = refine_cams_with_bkg(img01, cams, cls_label, None, bkg_high=pseudo_cfg.bkg_high,
-                                      bkg_low=pseudo_cfg.bkg_low, scale=pseudo_cfg.refine_scale,
-                                      mode=pseudo_cfg.refine_mode, num_iter=pseudo_cfg.refine_iters,
-                                      dilations=pseudo_cfg.dilations, backend=backend)
+        size = tuple(item["label"].shape[-2:])
+        out = forward_multi_scale(net, resize_long(img, settings.resize_long), seg_scales=None,
+                                  cam_scales=settings.cam_scales, flip=settings.flip)
+        seg = F.interpolate(out.seg_logits.float(), size=size, mode="bilinear", align_corners=False)
+        cams = F.interpolate(out.cam.float(), size=size, mode="bilinear", align_corners=False)
+        img01 = denormalize(img.float())
+        pseudo = refine_cams_with_bkg(img01, cams, cls_label, None, **settings.pseudo)
         present = cls_label[0] > 0.5
-        heat = cams[0][present].amax(0) if bool(present.any()) else torch.zeros(H, W, device=cams.device)
+        heat = cams[0][present].amax(0) if bool(present.any()) else torch.zeros(size, device=cams.device)
         rows.append({
-            "image": (img01[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8),
+            "image": (img01[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().clip(0, 255).astype(np.uint8),
             "cam": heat.cpu().numpy(),
             "pseudo": pseudo[0].cpu().numpy(),
             "pred": seg[0].argmax(0).cpu().numpy(),
@@ -238,7 +244,11 @@ def write_run_pictures(trainer, num_images: int = 6) -> dict[str, Path]:
     ds = trainer.val_set
     n = min(num_images, len(ds))
     cfg = trainer.cfg
-    rows = predict_rows(trainer.net, ds, range(n), cfg.pseudo, cfg.train.backend, trainer.device)
+    from tscd.eval.evaluator import protocol_settings
+
+    settings = protocol_settings("native", cfg, trainer.device, cfg.data.val_split, outputs=("seg", "cam", "pseudo"),
+                                 num_images=n)
+    rows = predict_rows(trainer.net, ds, range(n), settings, trainer.device)
     it = trainer.iteration
     paths = {"grid": save_grid(run_dir / "val_grid.png", rows, ds.class_names, ds.palette,
                                title=f"{cfg.data.dataset} {cfg.data.val_split}, iteration {it}")}
