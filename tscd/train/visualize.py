@@ -153,7 +153,7 @@ def save_curves(path: str | Path, history: Sequence[dict], val_points: Sequence[
             y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
             x = x[smooth - 1:]
         ax_loss.plot(x, y, label=key, lw=1.5 if key == "total" else 1.0, ls="--" if key == "total" else "-")
-    ax_loss.set_yscale("log")
+    ax_loss.axhline(0.0, color="grey", lw=0.5)  # linear scale: the SCD and CRF terms are negative
     ax_loss.set_xlabel("iteration")
     ax_loss.set_title(f"loss terms (running mean of {smooth})" if smooth > 1 else "loss terms")
     ax_loss.legend(fontsize=7)
