@@ -15,6 +15,7 @@ The classification-only warm-up (``train.cam_iters``) is the same in every row, 
 
     python bench/demo_ablation.py                                   # the demo config as it is
     python bench/demo_ablation.py --max-iters 400 --cam-iters 200 --val-num 50   # a shortened run
+    python bench/demo_ablation.py --max-iters 500 --cam-iters 300 --warm-ckpt W.pt --jobs 5   # rows in parallel
 
 Writes ``<out>/demo_ablation.json`` and ``<out>/demo_ablation.md`` (default ``bench/results/cpu-2t``), with
 the device, the machine load (``os.getloadavg``) and the wall time of every row.
@@ -83,7 +84,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {titles[r['row']]} | {seg} | {r['cam_miou']:.1f} | {r['pseudo_miou']:.1f} | "
                      f"{r['wall_s']:.0f} | {r['load_start'].replace('load average ', '')} |")
     lines.append("")
-    lines.append("Wall times of the rows after the first exclude the shared warm-up.")
+    lines.append("Wall times exclude the shared warm-up" + (" (rows run in parallel)." if result.get("jobs", 1) > 1
+                                                             else " (except the first row's)."))
     return "\n".join(lines) + "\n"
 
 
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default=",".join(ORDER), help="comma-separated subset of " + ",".join(ORDER))
     p.add_argument("--run-root", default=str(ROOT / "runs" / "demo_ablation"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu-2t"))
+    p.add_argument("--warm-ckpt", default=None, help="resume every row from this cls-only checkpoint (at "
+                   "--cam-iters) instead of training the warm-up in the tscd row")
+    p.add_argument("--jobs", type=int, default=1, help="with --warm-ckpt: rows run at once (one torch thread each "
+                   "is best on a small CPU: OMP_NUM_THREADS=1)")
     p.add_argument("--note", default="", help="free text for the table header (e.g. the machine's state)")
     p.add_argument("overrides", nargs="*", help="extra config overrides for every row")
     args = p.parse_args(argv)
@@ -113,18 +119,27 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown rows {sorted(unknown)}; choose from {ORDER}")
     run_root = Path(args.run_root)
     rows = []
-    warm = run_root / "tscd" / "checkpoints" / f"ckpt_{args.cam_iters:07d}.pt"
-    for name, _, extra in ROWS:  # tscd first: its checkpoint at cam_iters is everyone's warm-up
-        if name != "tscd" and name not in wanted:
-            continue
-        resume = "never" if name == "tscd" else str(warm)
-        if name != "tscd" and not warm.is_file():
-            raise FileNotFoundError(f"warm-up checkpoint {warm} is missing")
-        if name == "tscd":  # keep the warm-up checkpoint out of reach of keep_ckpts
-            row = run_row(name, [*extra, "train.keep_ckpts=1000"], args, run_root, resume)
-        else:
-            row = run_row(name, extra, args, run_root, resume)
-        if name == "tscd" or name in wanted:
+    todo = [(name, extra) for name, _, extra in ROWS if name in wanted]
+    if args.warm_ckpt:  # every row resumes from the given warm-up checkpoint, --jobs at a time
+        warm = Path(args.warm_ckpt)
+        if not warm.is_file():
+            raise FileNotFoundError(f"--warm-ckpt {warm} is not a file")
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            rows = list(pool.map(lambda r: run_row(r[0], r[1], args, run_root, str(warm)), todo))
+    else:
+        warm = run_root / "tscd" / "checkpoints" / f"ckpt_{args.cam_iters:07d}.pt"
+        for name, _, extra in ROWS:  # tscd first: its checkpoint at cam_iters is everyone's warm-up
+            if name != "tscd" and name not in wanted:
+                continue
+            resume = "never" if name == "tscd" else str(warm)
+            if name != "tscd" and not warm.is_file():
+                raise FileNotFoundError(f"warm-up checkpoint {warm} is missing")
+            if name == "tscd":  # keep the warm-up checkpoint out of reach of keep_ckpts
+                row = run_row(name, [*extra, "train.keep_ckpts=1000"], args, run_root, resume)
+            else:
+                row = run_row(name, extra, args, run_root, resume)
             rows.append(row)
     import torch
 
@@ -133,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"{torch.get_num_threads()} torch threads)")
     result = {"config": str(args.config), "max_iters": args.max_iters, "cam_iters": args.cam_iters,
               "val_num": args.val_num, "seed": cfg.train.seed, "overrides": args.overrides, "device": device,
-              "note": args.note, "rows": [r for r in rows if r["row"] in wanted]}
+              "note": args.note, "jobs": args.jobs if args.warm_ckpt else 1, "rows": [r for r in rows if r["row"] in wanted]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_ablation.json").write_text(json.dumps(result, indent=2) + "\n")
