@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"{torch.get_num_threads()} torch threads)")
     result = {"config": str(args.config), "max_iters": args.max_iters, "cam_iters": args.cam_iters,
               "val_num": args.val_num, "seed": cfg.train.seed, "overrides": args.overrides, "device": device,
-              "note": args.note, "jobs": args.jobs if args.warm_ckpt else 1, "rows": [r for r in rows if r["row"] in wanted]}
+              "note": args.note, "jobs": args.jobs if args.warm_ckpt else 1,
+              "rows": [r for r in rows if r["row"] in wanted]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_ablation.json").write_text(json.dumps(result, indent=2) + "\n")

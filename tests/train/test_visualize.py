@@ -71,7 +71,8 @@ def test_read_val_log_parses_the_trainer_lines_and_keeps_the_last(tmp_path):
                    "pseudo label 30.25\nnoise\n"
                    "10:01:00 INFO tscd.train.trainer: val @200 (50 images): mIoU seg 40.00 | CAM 41.00 | "
                    "pseudo label 42.00\n"
-                   "10:02:00 INFO tscd.train.trainer: val @100 (50 images, protocol native): mIoU seg 11.00 | CAM 21.00 | "
+                   "10:02:00 INFO tscd.train.trainer: val @100 (50 images, protocol native): mIoU seg 11.00 | "
+                   "CAM 21.00 | "
                    "pseudo label 31.00\n")
     assert viz.read_val_log(log) == [{"iteration": 100, "seg": 11.0, "cam": 21.0, "pseudo": 31.0},
                                      {"iteration": 200, "seg": 40.0, "cam": 41.0, "pseudo": 42.0}]
