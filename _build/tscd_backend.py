@@ -16,7 +16,8 @@ succeed (the probe looks the module up with ``importlib.util.find_spec``; it doe
    into the environment of the interpreter that runs it). Its interpreter is its ``argv[0]``, resolved
    in its working directory and ``PATH``; it is probed with the frontend's own initial environment
    (``/proc/<ppid>/environ``: ``PYTHONPATH`` and user site included, as the user set them), and only
-   when it is the same Python binary as this process (so nothing that is not a Python is ever run).
+   when argv[0] is the binary the frontend runs and that is a Python (the one running this hook, or
+   named python*/pypy*), so nothing that is not a Python is ever run.
 3. ``sys.executable`` with the isolation variables removed (``PYTHONPATH``, ``PYTHONNOUSERSITE``): in
    pip's default isolation it *is* the target interpreter (pip hides its site-packages with a
    ``sitecustomize`` placed on ``PYTHONPATH``); in a venv-based isolation it holds no torch and is skipped.
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -83,18 +85,17 @@ def _frontend() -> tuple[str, dict, str] | None:
     if not argv0:
         return None
     if os.sep in argv0:
-        exe = os.path.join(cwd, argv0)
-    else:
-        exe = next((os.path.join(d, argv0) for d in env.get("PATH", "").split(os.pathsep)
-                    if d and os.access(os.path.join(d if os.path.isabs(d) else os.path.join(cwd, d), argv0), os.X_OK)),
-                   None)
-        if exe is not None and not os.path.isabs(exe):
-            exe = os.path.join(cwd, exe)
+        exe = os.path.join(cwd, argv0)  # absolute, or relative to the frontend's working directory
+    else:  # found on the frontend's PATH, as its shell did
+        dirs = [os.path.join(cwd, d or ".") for d in env.get("PATH", "").split(os.pathsep)]
+        exe = next((os.path.join(d, argv0) for d in dirs
+                    if os.path.isfile(os.path.join(d, argv0)) and os.access(os.path.join(d, argv0), os.X_OK)), None)
     if exe is None or not os.path.exists(exe):
         return None
     me = os.path.realpath("/proc/self/exe") if os.path.exists("/proc/self/exe") else os.path.realpath(sys.executable)
-    if os.path.realpath(exe) != parent_exe or parent_exe != me:
-        return None  # not the Python binary that runs this hook: never run it
+    is_python = parent_exe == me or re.fullmatch(r"(python|pypy)[0-9.]*", os.path.basename(parent_exe))
+    if os.path.realpath(exe) != parent_exe or not is_python:
+        return None  # argv[0] is not the binary the frontend runs, or that is not a Python: never run it
     return exe, env, cwd
 
 
