@@ -45,6 +45,8 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "_build"))
+from tscd_backend import build_summary  # noqa: E402  (the in-tree build backend; also run directly)
 
 
 def _log(msg: str) -> None:
@@ -184,28 +186,6 @@ def _cuda_archs() -> str:
         return os.environ.get("TORCH_CUDA_ARCH_LIST", "those of the visible GPU")
 
 
-def _summary(report: dict) -> list[str]:
-    """The few lines the install prints at its end (see tscd_backend._report)."""
-    torch_ = f"torch {report['torch']}"
-    if not report["cpp"]:
-        return [f"tscd._C FAILED to build for {torch_}: tscd runs with the torch and triton backends only "
-                f"(no fused C++/CUDA kernels). Compiler output: {report['log']}"]
-    if report["cuda"]:
-        kernels = f"C++ (OpenMP) and CUDA kernels for {report['cuda_archs']} (CUDA {report['torch_cuda']})"
-    else:
-        kernels = "C++ kernels (OpenMP) only"
-    lines = [f"tscd._C compiled for {torch_}: {kernels}."]
-    if report["cuda_failed"]:
-        lines.append(f"The optional CUDA kernels FAILED to build and were left out ({report['cuda_failed']}); "
-                     f"the compiler output is in {report['log']} (TSCD_BUILD_STRICT=1 makes this an error).")
-    elif not report["cuda"]:
-        lines.append(f"CUDA kernels not built: {report['cuda_why']}.")
-    else:
-        lines.append(f"Compiler output: {report['log']}.")
-    lines.append("`tscd info` shows which kernel backends are usable.")
-    return lines
-
-
 def _extensions():
     try:
         import torch  # noqa: F401
@@ -263,7 +243,7 @@ def _extensions():
         def _write_report(self):
             import json
 
-            report = dict(self._report, summary=_summary(self._report))
+            report = dict(self._report, summary=build_summary(self._report))
             with open(REPORT, "w") as f:
                 json.dump(report, f, indent=1)
             if self.extensions:  # beside the extension: in the wheel, or in the source tree when in place

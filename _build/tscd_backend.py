@@ -157,6 +157,28 @@ def _need_torch() -> None:
                          "fix or reinstall PyTorch, then run this command again.") from None
 
 
+def build_summary(report: dict) -> list[str]:
+    """The lines the install shows at its end, from setup.py's build report (see _report)."""
+    torch_ = f"torch {report['torch']}"
+    if not report["cpp"]:
+        return [f"tscd._C FAILED to build for {torch_}: tscd runs with the torch and triton backends only "
+                f"(no fused C++/CUDA kernels). Compiler output: {report['log']}"]
+    if report["cuda"]:
+        kernels = f"C++ (OpenMP) and CUDA kernels for {report['cuda_archs']} (CUDA {report['torch_cuda']})"
+    else:
+        kernels = "C++ kernels (OpenMP) only"
+    lines = [f"tscd._C compiled for {torch_}: {kernels}."]
+    if report["cuda_failed"]:
+        lines.append(f"The optional CUDA kernels FAILED to build and were left out ({report['cuda_failed']}); "
+                     f"the compiler output is in {report['log']} (TSCD_BUILD_STRICT=1 makes this an error).")
+    elif not report["cuda"]:
+        lines.append(f"CUDA kernels not built: {report['cuda_why']}.")
+    else:
+        lines.append(f"Compiler output: {report['log']}.")
+    lines.append("`tscd info` shows which kernel backends are usable.")
+    return lines
+
+
 def _report() -> None:
     """Show setup.py's build report through the frontend (a warning: pip >= 26 prints them)."""
     try:

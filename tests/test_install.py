@@ -154,3 +154,36 @@ def test_installed_build_report_matches_the_loaded_extension():
     assert report["cuda"] == _ext.has_cuda_kernels()
     assert report["torch"] == torch.__version__
     assert report["summary"] and report["summary"][0].startswith("tscd._C compiled for torch")
+
+
+def _report(**kw) -> dict:
+    base = {"torch": "2.14.1+cu130", "torch_cuda": "13.0", "cpp": True, "cuda": True, "cuda_archs": "sm_80, sm_90",
+            "cuda_why": None, "cuda_failed": None, "cpp_failed": None, "log": "/src/build/tscd-build.log"}
+    return {**base, **kw}
+
+
+def test_build_summary_names_kernels_archs_and_failed_log():
+    ok = tscd_backend.build_summary(_report())
+    assert ok[0] == ("tscd._C compiled for torch 2.14.1+cu130: "
+                     "C++ (OpenMP) and CUDA kernels for sm_80, sm_90 (CUDA 13.0).")
+    failed = tscd_backend.build_summary(_report(cuda=False, cuda_archs=None, cuda_failed="error: nvcc died"))
+    assert failed[0].endswith("C++ kernels (OpenMP) only.")
+    assert "CUDA kernels FAILED" in failed[1] and "/src/build/tscd-build.log" in failed[1]
+    skipped = tscd_backend.build_summary(_report(cuda=False, cuda_archs=None, cuda_why="torch is a CPU-only build"))
+    assert skipped[1] == "CUDA kernels not built: torch is a CPU-only build."
+    broken = tscd_backend.build_summary(_report(cpp=False, cuda=False, cpp_failed="x"))
+    assert len(broken) == 1 and "FAILED" in broken[0] and "/src/build/tscd-build.log" in broken[0]
+
+
+def test_tscd_info_shows_the_build_report(monkeypatch, capsys):
+    import argparse
+
+    from tscd.commands import info
+    from tscd.kernels import _ext
+
+    report = dict(_report(), summary=tscd_backend.build_summary(_report()))
+    monkeypatch.setattr(_ext, "build_report", lambda: report)
+    info.run(argparse.Namespace(json=False))
+    assert "build     tscd._C compiled for torch 2.14.1+cu130" in capsys.readouterr().out
+    info.run(argparse.Namespace(json=True))
+    assert json.loads(capsys.readouterr().out)["extension"]["build_report"]["cuda_archs"] == "sm_80, sm_90"
