@@ -10,7 +10,7 @@ Finding the target environment: PEP 517 tells a backend nothing about it, so the
 Python interpreters that can know, in this order, and takes the first one whose ``import torch`` would
 succeed (the probe looks the module up with ``importlib.util.find_spec``; it does not import torch):
 
-1. ``TSCD_TORCH_PYTHON``, when set: an explicit interpreter (for frontends that do not fit 2 or 3).
+1. ``TSCD_TORCH_PYTHON``, when set: an explicit interpreter (for frontends that fit none of 2-4).
 2. The frontend process (Linux): the process that runs this hook is started by the frontend (pip,
    ``python -m build``), and the frontend runs in the environment being installed into (pip installs
    into the environment of the interpreter that runs it). Its interpreter is its ``argv[0]``, resolved
@@ -18,7 +18,10 @@ succeed (the probe looks the module up with ``importlib.util.find_spec``; it doe
    (``/proc/<ppid>/environ``: ``PYTHONPATH`` and user site included, as the user set them), and only
    when argv[0] is the binary the frontend runs and that is a Python (the one running this hook, or
    named python*/pypy*), so nothing that is not a Python is ever run.
-3. ``sys.executable`` with the isolation variables removed (``PYTHONPATH``, ``PYTHONNOUSERSITE``): in
+3. Only when the frontend is no Python program (uv): the activated environment, ``$VIRTUAL_ENV`` or
+   ``$CONDA_PREFIX``. (When the frontend is a Python, its environment alone decides: an install into an
+   environment without torch stops, even if another activated environment has one.)
+4. ``sys.executable`` with the isolation variables removed (``PYTHONPATH``, ``PYTHONNOUSERSITE``): in
    pip's default isolation it *is* the target interpreter (pip hides its site-packages with a
    ``sitecustomize`` placed on ``PYTHONPATH``); in a venv-based isolation it holds no torch and is skipped.
 
@@ -107,6 +110,11 @@ def _candidates():
     front = _frontend()
     if front is not None:
         yield front[0], front[1], front[2], "the interpreter that runs the installer"
+    else:  # a frontend that is no Python (uv) installs into the activated environment
+        for var in ("VIRTUAL_ENV", "CONDA_PREFIX"):
+            python = os.path.join(os.environ.get(var) or "/nonexistent", "bin", "python")
+            if os.path.isfile(python) and os.path.realpath(python) != os.path.realpath(sys.executable):
+                yield python, _clean_env(os.environ), None, f"${var}"
     yield sys.executable, _clean_env(os.environ), None, "this interpreter without build isolation"
 
 
