@@ -51,7 +51,7 @@ $(TORCH_SPEC): $(VPY) FORCE
 	@echo '$(TORCH)' | cmp -s - $@ || { $(VPY) -m pip install $(TORCH) && echo '$(TORCH)' > $@; }
 
 $(STAMP): $(TORCH_SPEC) $(BUILD_INPUTS)
-	$(VPY) -m pip install -e ".[$(EXTRAS)]"
+	$(VPY) -m pip install -e ".$(if $(EXTRAS),[$(EXTRAS)])"
 	@touch $@
 
 install: $(STAMP)
