@@ -63,11 +63,12 @@ def _project(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("isolation", ["default", "venv-isolation"])
+@pytest.mark.parametrize("isolation", ["default", "venv-isolation", "off"])
 def test_isolated_wheel_build_uses_the_environments_torch(tmp_path, isolation):
-    """`pip wheel .` (isolated) imports THIS environment's torch in setup.py; no torch is downloaded."""
+    """`pip wheel .` (isolated, or not) imports THIS environment's torch in setup.py; no torch is downloaded."""
     proj = _project(tmp_path)
-    extra = [] if isolation == "default" else ["--use-feature", isolation]  # pip >= 26: a venv per build
+    extra = {"default": [], "off": ["--no-build-isolation"],
+             "venv-isolation": ["--use-feature", isolation]}[isolation]  # pip >= 26: a venv per build
     out = _pip("wheel", "--no-deps", "-w", str(tmp_path / "dist"), *extra, ".", cwd=proj)
     if out.returncode != 0 and "invalid choice" in out.stderr:
         pytest.skip(f"this pip has no --use-feature {isolation}")
