@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         "extension   " + ("tscd._C built; OpenMP threads {}; CUDA kernels compiled: {}".format(
             ext.get("openmp_threads"), "yes" if ext.get("cuda_kernels") else "no") if ext["built"]
             else f"NOT built: {ext['error']}"),
-        *(f"  build     {line}" for line in (ext["build_report"] or {}).get("summary", [])),
+        *(f"  build     {line}" for line in (ext["build_report"] or {}).get("summary", [])
+          if not line.startswith("`tscd info`")),
         "",
         "backends (`auto` = cuda, else triton for CUDA tensors; cpp for CPU tensors; torch last):",
     ]
