@@ -1,8 +1,27 @@
 """Build tscd and its extension tscd._C (C++ with OpenMP always; CUDA when a toolkit and a CUDA torch exist).
 
-Install (torch must already be installed, hence no build isolation):
+Install into an environment that already has PyTorch (the extension is compiled against that torch):
 
-    pip install --no-build-isolation -e .
+    pip install -e .                 # or `pip install .`; `--no-build-isolation` works too
+    pip wheel --no-deps -w dist .    # a wheel for this torch (`python -m build --wheel` works as well)
+
+Why plain `pip install` works although setup.py imports torch: pyproject.toml names an in-tree build
+backend, _build/tscd_backend.py, that wraps setuptools.build_meta. pip's isolated build environment
+holds only the build requirements; the backend finds the torch of the environment being installed into
+(by asking the installer's own Python interpreter where torch is, see its docstring) and makes it
+importable inside the isolated build, so the extension is compiled against exactly that torch, with no
+second torch downloaded. The alternatives were worse: `requires = ["torch"]` in pyproject.toml
+downloads a fresh torch (gigabytes) into every isolated build, and it need not be the installed one
+(another CUDA build, another ABI: the extension would then fail to import); requiring
+`--no-build-isolation` made plain `pip install -e .` silently install a package without kernels. Without
+torch in the environment, the install stops at once with one sentence that says which torch to install.
+The wheel's metadata pins the torch release it was compiled against (`torch==X.Y.Z`), because the
+compiled extension only loads with that torch.
+
+What was built is written to build/tscd-build.json and, beside the extension, tscd/_build_info.json
+(read by `tscd info`); the compiler output of the extension build goes to build/tscd-build.log, which
+is kept (and named in the report) when an optional part fails. The frontend shows a short summary at
+the end of the install (a build-backend warning, which pip >= 26 prints without `-v`).
 
 Environment switches:
     TSCD_BUILD_CUDA=auto|0|1   auto (default): build the CUDA kernels when nvcc is found and torch is a
@@ -12,6 +31,7 @@ Environment switches:
     TORCH_CUDA_ARCH_LIST       GPU architectures (default without a visible GPU: "8.0;9.0").
     CUDA_HOME                  the CUDA toolkit (default: the one that holds `nvcc` on PATH).
     MAX_JOBS                   parallel compile jobs (ninja).
+    TSCD_TORCH_PYTHON          the interpreter whose torch an isolated build uses (default: found, see above).
 """
 from __future__ import annotations
 
@@ -25,6 +45,8 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "_build"))
+from tscd_backend import build_summary  # noqa: E402  (the in-tree build backend; also run directly)
 
 
 def _log(msg: str) -> None:
@@ -97,12 +119,81 @@ def _want_cuda() -> tuple[bool, str]:
     return True, f"CUDA toolkit {cuda_home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPU')}"
 
 
+LOG = os.path.join(ROOT, "build", "tscd-build.log")
+REPORT = os.path.join(ROOT, "build", "tscd-build.json")
+NO_TORCH = ("torch is not installed: install PyTorch first (the tested release: `pip install torch==2.14.1 "
+            "torchvision==0.29.1`), then `pip install -e .`")
+
+
+class _TeeToLog:
+    """Copies everything written to fds 1 and 2 (compiler and ninja output included) into the build log.
+
+    The output still reaches the original stderr as it is produced (seen with `pip -v` or a direct
+    `python setup.py ...`); the log keeps it, so a failed optional part can be read after the install.
+    """
+
+    def __enter__(self):
+        import threading
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._log = open(LOG, "ab")
+        self._saved = (os.dup(1), os.dup(2))
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 1)
+        os.dup2(write_end, 2)
+        os.close(write_end)
+
+        def pump():
+            while True:
+                chunk = os.read(read_end, 1 << 16)
+                if not chunk:
+                    break
+                self._log.write(chunk)
+                self._log.flush()
+                try:
+                    os.write(self._saved[1], chunk)
+                except OSError:
+                    pass
+            os.close(read_end)
+
+        self._thread = threading.Thread(target=pump, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(self._saved[0], 1)  # closes the pipe's last write ends: the pump sees EOF
+        os.dup2(self._saved[1], 2)
+        self._thread.join(timeout=30)
+        for fd in self._saved:
+            os.close(fd)
+        self._log.close()
+        return False
+
+
+def _cuda_archs() -> str:
+    """The GPU architectures nvcc compiles for, as torch's cpp_extension will pass them (e.g. "sm_80, sm_90")."""
+    try:
+        from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+        flags = " ".join(_get_cuda_arch_flags())
+        sm = sorted(set(re.findall(r"code=sm_(\d+a?)", flags)), key=lambda a: int(a.rstrip("a")))
+        ptx = sorted(set(re.findall(r"code=compute_(\d+a?)", flags)), key=lambda a: int(a.rstrip("a")))
+        return ", ".join([f"sm_{a}" for a in sm] + [f"PTX compute_{a}" for a in ptx])
+    except Exception:
+        return os.environ.get("TORCH_CUDA_ARCH_LIST", "those of the visible GPU")
+
+
 def _extensions():
     try:
         import torch  # noqa: F401
     except ImportError:
-        _log("torch is not installed: install it first, then `pip install --no-build-isolation -e .`; "
-             "building without the extension")
+        # wheel and editable builds through pip never get here (the build backend stops first);
+        # an sdist or `setup.py egg_info` needs no torch
+        if any(cmd.startswith(("build", "bdist", "develop", "install", "editable")) for cmd in sys.argv[1:]):
+            raise SystemExit(f"tscd: {NO_TORCH}")
         return [], {}
     with_cuda, why = _want_cuda()
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -110,25 +201,58 @@ def _extensions():
     strict = os.environ.get("TSCD_BUILD_STRICT", "0") not in ("", "0")
 
     class BuildExt(BuildExtension):
-        """Builds tscd._C; an optional part that fails is dropped with a loud message (unless strict)."""
+        """Builds tscd._C; an optional part that fails is dropped with a loud message (unless strict).
+
+        Writes the build report (build/tscd-build.json, and _build_info.json beside the extension, which
+        `tscd info` reads) and keeps the compiler output in build/tscd-build.log.
+        """
+
+        def run(self):
+            os.makedirs(os.path.dirname(LOG), exist_ok=True)
+            open(LOG, "wb").close()  # the log of this build only
+            self._report = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "cpp": False,
+                            "cuda": False, "cuda_archs": None, "cuda_why": None if with_cuda else why,
+                            "cuda_failed": None, "cpp_failed": None, "log": LOG,
+                            "torch_from": os.environ.get("TSCD_BUILD_TORCH_FROM", sys.executable)}
+            with _TeeToLog():
+                super().run()
+            self._write_report()
 
         def build_extension(self, ext):
+            has_cu = any(s.endswith(".cu") for s in ext.sources)
             try:
                 super().build_extension(ext)
+                self._report.update(cpp=True, cuda=has_cu, cuda_archs=_cuda_archs() if has_cu else None)
                 return
             except Exception as err:  # compiler errors arrive as distutils/setuptools errors
                 if strict:
                     raise
-                cu = [s for s in ext.sources if s.endswith(".cu")]
-                if not cu:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                if not has_cu:
+                    self._report["cpp_failed"] = first
                     _log(f"WARNING: the C++ extension tscd._C failed to build ({err}); tscd will run with the "
                          "torch and triton backends only. Fix the build (see the log above) or set "
                          "TSCD_BUILD_STRICT=1 to make this an error.")
                     return
+                self._report["cuda_failed"] = first[:200]
                 _log(f"WARNING: the CUDA kernels failed to build ({err}); retrying with the CPU kernels only")
                 ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
                 ext.define_macros = [m for m in ext.define_macros if m[0] != "TSCD_WITH_CUDA"]
             self.build_extension(ext)
+
+        def _write_report(self):
+            import json
+
+            report = dict(self._report, summary=build_summary(self._report))
+            with open(REPORT, "w") as f:
+                json.dump(report, f, indent=1)
+            if self.extensions:  # beside the extension: in the wheel, or in the source tree when in place
+                pkg_dir = os.path.dirname(self.get_ext_fullpath(self.extensions[0].name))
+                os.makedirs(pkg_dir, exist_ok=True)
+                with open(os.path.join(pkg_dir, "_build_info.json"), "w") as f:
+                    json.dump(report, f, indent=1)
+            for line in report["summary"]:
+                _log(line)
 
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
@@ -151,6 +275,15 @@ def _extensions():
     return [ext], {"build_ext": BuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
+def _torch_requirement() -> str:
+    """`torch==X.Y.Z` (the release the extension is compiled against: it loads with no other), or a floor."""
+    try:
+        import torch
+    except ImportError:
+        return "torch>=2.4"
+    return "torch==" + torch.__version__.split("+")[0]
+
+
 ext_modules, cmdclass = _extensions()
 
 setup(
@@ -165,7 +298,7 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
-        "torch>=2.4",
+        _torch_requirement(),
         "numpy",
         "timm>=1.0",
         "pyyaml",
@@ -176,8 +309,12 @@ setup(
         "matplotlib",
         "ninja",
         "pybind11",
-        "pytest",
+        "safetensors",
     ],
-    extras_require={"triton": ["triton"], "dev": ["ruff"]},
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest", "transformers"],  # transformers: optional weight-format tests
+        "dev": ["ruff", "build"],
+    },
     entry_points={"console_scripts": ["tscd=tscd.cli:main"]},
 )

@@ -57,7 +57,7 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
 def test_missing_extension_message(monkeypatch):
     monkeypatch.setattr(_ext, "_LOAD_ERROR", "No module named 'tscd._C'")
     with pytest.raises(RuntimeError, match=r"backend 'cpp' cannot run: the extension tscd._C is not available.*"
-                                           r"pip install --no-build-isolation -e \."):
+                                           r"pip install -e \."):
         resolve_backend("refine_fwd", "cpp", CPU, ALL)
     assert resolve_backend("refine_fwd", "auto", CPU, ALL) == "torch"  # auto still works
 

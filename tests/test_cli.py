@@ -85,20 +85,21 @@ def test_train_run_end_to_end(tiny, tmp_path, capsys):
     old_umask = os.umask(0o022)
     try:
         rc = main(["train", "train.ckpt_iters=0", "--config", str(tiny), "loss.scd=0", "--run-dir", str(run),
-                   "--max-iters", "2", "train.val_iters=0"])
+                   "--max-iters", "3", "train.val_iters=0"])
     finally:
         os.umask(old_umask)
     assert rc == 0
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
-    assert [i for i, _ in ckpt.list_checkpoints(run)] == [2]  # ckpt_iters=0: the final one only
+    assert [i for i, _ in ckpt.list_checkpoints(run)] == [3]  # ckpt_iters=0: the final one only
     path = ckpt.list_checkpoints(run)[0][1]
     assert stat.S_IMODE(path.stat().st_mode) == 0o644  # the umask, not mkstemp's 0600
     state = ckpt.load_checkpoint(path)
-    assert state["config"]["train"]["cam_iters"] == 1 and state["config"]["loss"]["scd"] == 0.0  # 4 * 2 / 8
-    assert "seg" not in state["history"][0] and "seg" in state["history"][1]
+    assert state["config"]["train"]["cam_iters"] == 1 and state["config"]["loss"]["scd"] == 0.0  # 4 * 3 // 8
+    # the warm-up is cam_iters + 1 = 2 cls-only iterations (the official 0-based loop), then all losses
+    assert "seg" not in state["history"][1] and "seg" in state["history"][2]
     log = (run / "train.log").read_text()
-    assert "`train.cam_iters` 4 > 2; scaled" in log
-    assert "iter 2/2" in log and "nan MiB" not in log
+    assert "`train.cam_iters` 4 > 3; scaled" in log
+    assert "iter 3/3" in log and "nan MiB" not in log
     if state["config"]["train"]["device"] == "cpu" or not torch.cuda.is_available():
         assert "peak" not in log  # CPU: no allocator peak to print
     else:

@@ -77,7 +77,7 @@ def test_low_memory_mode_sets_amp_checkpointing_and_accumulation():
     cfg.train.memory = "low"
     low = resolve_memory_mode(cfg, world_size=1)
     assert (low.train.amp, low.train.checkpointing) == ("bf16", "all")
-    assert (cfg.train.amp, cfg.train.checkpointing) == ("auto", "off")  # the input is not modified
+    assert (cfg.train.amp, cfg.train.checkpointing) == ("off", "off")  # the input is not modified
     # micro-batches of one image per process where the trainer has gradient accumulation
     cfg.train.accum_steps = 1
     assert resolve_memory_mode(cfg, world_size=1).train.accum_steps == 4

@@ -32,7 +32,7 @@ def bench_dir() -> Path:
     path = Path(__file__).resolve().parents[2] / "bench"
     if not (path / "_common.py").is_file():
         raise FileNotFoundError(f"tscd bench needs the source checkout's bench/ folder (looked in {path}); install "
-                                "with `pip install --no-build-isolation -e .` from a clone")
+                                "with `pip install -e .` from a clone")
     return path
 
 

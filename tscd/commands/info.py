@@ -56,7 +56,8 @@ def collect() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),
-        "extension": {"built": _ext.has_cpp(), "error": _ext.load_error(), **_ext.build_info()},
+        "extension": {"built": _ext.has_cpp(), "error": _ext.load_error(), **_ext.build_info(),
+                      "build_report": _ext.build_report()},
         "triton_interpret": _backend.triton_interpret(),
         "backends": backends,
         "ops": per_op,
@@ -80,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         "extension   " + ("tscd._C built; OpenMP threads {}; CUDA kernels compiled: {}".format(
             ext.get("openmp_threads"), "yes" if ext.get("cuda_kernels") else "no") if ext["built"]
             else f"NOT built: {ext['error']}"),
+        *(f"  build     {line}" for line in (ext["build_report"] or {}).get("summary", [])
+          if not line.startswith("`tscd info`")),
         "",
         "backends (`auto` = cuda, else triton for CUDA tensors; cpp for CPU tensors; torch last):",
     ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 BUILD_HELP = (
-    "build it with `pip install --no-build-isolation -e .` from the repository root "
+    "build it with `pip install -e .` from the repository root "
     "(README.md, 'Install'); `tscd info` shows what is built"
 )
 
@@ -43,6 +43,22 @@ def has_cuda_kernels(op: str = "refine_fwd") -> bool:
     if not has_cpp():
         return False
     return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"tscd::{op}", "CUDA"))
+
+
+def build_report() -> dict | None:
+    """What setup.py recorded when it compiled tscd._C (kernels, CUDA archs, torch, log), or None.
+
+    It lies beside the extension as ``tscd/_build_info.json`` (written by setup.py's build_ext).
+    """
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def build_info() -> dict:
