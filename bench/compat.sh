@@ -8,6 +8,7 @@
 # Environment:
 #   COMPAT_TORCH   torch requirement  (default "torch==2.11.*")
 #   COMPAT_TRITON  triton requirement (default "triton==3.6.*")
+#   COMPAT_NUMPY   numpy requirement suffix (default "<2.4", see below)
 #   COMPAT_DIR     work folder: the venv and a copy of the working tree (default /tmp/tscd-compat)
 #   PYTHON         interpreter that creates the venv (default python3)
 #
@@ -35,7 +36,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
-if ! python - "$COMPAT_TORCH" "$COMPAT_TRITON" <<'EOF'
+if ! python - "$COMPAT_TORCH" "$COMPAT_TRITON" "numpy${COMPAT_NUMPY:-<2.4}" pycocotools <<'EOF'
 import sys
 from importlib.metadata import version, PackageNotFoundError
 try:
@@ -54,7 +55,10 @@ then
   log "installing $COMPAT_TORCH $COMPAT_TRITON and the test dependencies"
   # the machine may cap torch with a pip constraints file; an explicit older pin stays inside such a cap
   pip install -q --upgrade pip setuptools wheel packaging
-  pip install -q "$COMPAT_TORCH" "$COMPAT_TRITON" numpy "timm>=1.0" pyyaml pillow tqdm tensorboard matplotlib \
+  # numpy < 2.4: triton 3.6's interpreter (the CPU tests' Triton backend) converts 1-element arrays with int(),
+  # which numpy 2.4 refuses ("only 0-dimensional arrays can be converted"); triton 3.8 is fine with 2.4
+  pip install -q "$COMPAT_TORCH" "$COMPAT_TRITON" "numpy${COMPAT_NUMPY:-<2.4}" "timm>=1.0" pyyaml pillow tqdm \
+    tensorboard matplotlib \
     ninja pybind11 pytest pycocotools
 fi
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
