@@ -174,8 +174,11 @@ def compile_case(case: Case, arch: int) -> Result:
         res.ok = res.shared_limit is None or res.shared <= res.shared_limit
         if not res.ok:
             res.error = f"needs {res.shared} B of shared memory, the sm_{arch} limit is {res.shared_limit} B"
-    except Exception as exc:  # the compiler's own message is the useful part
-        res.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    except Exception as exc:  # the compiler's own message is the useful part: its first and last lines (a
+        # CompilationError starts with the source position and ends with the cause)
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        msg = " ... ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else ""
+        res.error = f"{type(exc).__name__}: {msg[:500]}"
     res.seconds = round(time.perf_counter() - t0, 2)
     return res
 
