@@ -138,7 +138,7 @@ class Check:
 
     def from_rc(self, name: str, cmd: list[str], rc: int | None, out: str, **detail) -> StageResult:
         status = "timeout" if rc is None else ("passed" if rc == 0 else "failed")
-        note = "" if rc == 0 else (f"ran past its budget" if rc is None else f"exit status {rc}")
+        note = "" if rc == 0 else ("ran past its budget" if rc is None else f"exit status {rc}")
         if rc not in (0, None):
             lines = [ln for ln in out.strip().splitlines() if ln.strip()]
             note += f"; last line: {lines[-1][:300]}" if lines else ""
@@ -261,8 +261,8 @@ class Check:
 
     def train(self, amp: str, budget: float) -> StageResult:
         run_dir = self.tmp / f"train-{amp}"
-        over = [f"train.run_dir={run_dir}", f"train.device={self.device}", f"train.amp={amp}", "train.tensorboard=false",
-                "train.val_iters=0"]
+        over = [f"train.run_dir={run_dir}", f"train.device={self.device}", f"train.amp={amp}",
+                "train.tensorboard=false", "train.val_iters=0"]
         if self.dry:
             over += ["train.max_iters=2", "train.cam_iters=1", "train.log_iters=1", "train.ckpt_iters=1000",
                      "data.demo_num_train=4", "data.demo_num_val=2", "data.batch_size=2", "data.crop_size=32",

@@ -113,7 +113,8 @@ def test_the_check_catches_interpreter_only_code(tmp_path):
         from tscd.kernels._triton.compile_check import Case, compile_case
         out = {{}}
         for name in ("plain_global", "constexpr_global"):
-            case = Case(name, "probe", getattr(k, name), {{"x_ptr": "*fp32", "BLOCK": "constexpr"}}, {{"BLOCK": 128}}, 4)
+            sig = {{"x_ptr": "*fp32", "BLOCK": "constexpr"}}
+            case = Case(name, "probe", getattr(k, name), sig, {{"BLOCK": 128}}, 4)
             r = compile_case(case, 90)
             out[name] = [r.ok, r.error]
         print(json.dumps(out))

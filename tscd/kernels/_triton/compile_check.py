@@ -213,7 +213,8 @@ def format_table(results: list[Result]) -> str:
     for r in results:
         lines.append(f"{r.kernel:24} {r.family:26} {'sm_' + str(r.arch):>5} {r.num_warps:>5} {r.num_stages:>6} "
                      f"{r.shared if r.shared is not None else '-':>9} {r.shared_limit or '-':>7} "
-                     f"{r.registers if r.registers is not None else '-':>5} {r.stack if r.stack is not None else '-':>8} "
+                     f"{r.registers if r.registers is not None else '-':>5} "
+                     f"{r.stack if r.stack is not None else '-':>8} "
                      f"{r.seconds:>5}  "
                      f"{'ok' if r.ok else 'FAIL: ' + (r.error or '')}")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ BLOCK = 256
 NUM_WARPS = 4
 INTERPRET_MAX_BLOCK = 4096
 STD_EPS = 1e-8  # added to the local standard deviation (as the reference)
-_STD_EPS = tl.constexpr(STD_EPS)  # what the kernels read: outside the interpreter @triton.jit sees constexpr globals only
+_STD_EPS = tl.constexpr(STD_EPS)  # what the kernels read: compiled @triton.jit sees constexpr globals only
 
 
 @triton.jit
