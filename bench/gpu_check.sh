@@ -3,7 +3,7 @@
 # stage with its own time budget; results (JSON, markdown summary, log) go to OUT_DIR. Details and stages:
 # bench/gpu_check.py (python bench/gpu_check.py --help).
 #
-#   bench/gpu_check.sh OUT_DIR               # on a GPU machine: about 5-8 minutes on an H100/H200, build included
+#   bench/gpu_check.sh OUT_DIR               # on a GPU machine: budgeted at 450 s in all, build included
 #   bench/gpu_check.sh OUT_DIR --dry-run     # the same stages on the CPU at tiny sizes (no install)
 #   PYTHON=/opt/venv/bin/python bench/gpu_check.sh OUT_DIR --stages pytest,bench_ops
 set -uo pipefail
