@@ -1,5 +1,7 @@
 """Build tscd and its extension tscd._C (C++ with OpenMP always; CUDA when a toolkit and a CUDA torch exist).
 
+Supported: torch 2.11 to 2.14 with triton 3.6 to 3.8 (tested: 2.14.1 + 3.8, and 2.11.0 + 3.6 by bench/compat.sh).
+
 Install into an environment that already has PyTorch (the extension is compiled against that torch):
 
     pip install -e .                 # or `pip install .`; `--no-build-isolation` works too
@@ -28,7 +30,7 @@ Environment switches:
                                CUDA build (no GPU is needed to compile); 0: CPU only; 1: CUDA or fail.
     TSCD_BUILD_STRICT=1        fail the install when the extension does not build (default: warn, and
                                leave a package that runs with the torch/triton backends).
-    TORCH_CUDA_ARCH_LIST       GPU architectures (default without a visible GPU: "8.0;9.0").
+    TORCH_CUDA_ARCH_LIST       GPU architectures (default without a visible GPU: "8.0;9.0+PTX").
     CUDA_HOME                  the CUDA toolkit (default: the one that holds `nvcc` on PATH).
     MAX_JOBS                   parallel compile jobs (ninja).
     TSCD_TORCH_PYTHON          the interpreter whose torch an isolated build uses (default: found, see above).
@@ -115,7 +117,7 @@ def _want_cuda() -> tuple[bool, str]:
         return False, reason
     os.environ["CUDA_HOME"] = cuda_home
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # +PTX: newer GPUs JIT-compile the sm_90 PTX
     return True, f"CUDA toolkit {cuda_home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPU')}"
 
 

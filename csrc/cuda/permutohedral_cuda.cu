@@ -9,10 +9,16 @@
 //  4. blur:   one thread per (image, channel, owner) per direction, ping-pong buffers.
 //  5. slice:  one thread per (image, channel, point) + the finishing (self term, normalisation).
 // The normalisation (K 1) is the same pipeline on a channel of ones.
+// Memory: the lattice itself (keys, table, vertex ids, weights, neighbours) is O(B N (d+1)) ints; the vertex
+// values (two ping-pong buffers of N (d+1) per (image, channel) pair) would be O(B K N (d+1)), 1 GB each at B=2,
+// K=81, 512x512, d=5. Steps 3-5 therefore run over chunks of (image, channel) pairs, so that each value buffer
+// holds at most kMaxChunkValues elements (128 MiB in float32) whatever B and K (one pair per chunk when a single
+// pair is larger). Sizing them by the real vertex count instead would need that count on the host: a sync.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -59,6 +65,10 @@ __global__ void permutohedral_embed_kernel(const scalar_t* __restrict__ feat, in
         vtx[b * NP + p] = p;
         break;
       }
+      // Acquire: the owner wrote its keys, then fenced, then claimed the slot. Our CAS read its claim; this fence
+      // orders the key reads after it (fence-fence synchronisation), and the volatile reads bypass the
+      // non-coherent L1, so we see the owner's keys, not stale or uninitialised memory.
+      __threadfence();
       const volatile int* ko = kb + (int64_t)old * d;
       bool same = true;
       for (int k = 0; k < d; ++k) same = same && (ko[k] == kr[k]);
@@ -101,13 +111,15 @@ __global__ void permutohedral_neighbours_kernel(int d, int64_t NP, const int* __
 
 // grid.x over points, grid.y over (image, channel). den: normalise (may be null); pre: divide the input by den
 // (the backward's g / den) instead of the output.
+// Steps 3-5 see one chunk of (image, channel) pairs: pair bk = bk0 + blockIdx.y; the value buffers `lat`, `src`,
+// `dst` hold the chunk only (row blockIdx.y), the other arrays are indexed by the global pair.
 template <typename scalar_t>
 __global__ void permutohedral_splat_kernel(const scalar_t* __restrict__ val, const scalar_t* __restrict__ den,
                                            bool pre, const int* __restrict__ vtx, const scalar_t* __restrict__ wts,
-                                           scalar_t* __restrict__ lat, int d, int64_t N, int64_t K) {
+                                           scalar_t* __restrict__ lat, int d, int64_t N, int64_t K, int64_t bk0) {
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= N) return;
-  const int64_t bk = blockIdx.y, b = bk / K;
+  const int64_t bk = bk0 + blockIdx.y, b = bk / K;
   const int d1 = d + 1;
   const int64_t NP = N * d1;
   scalar_t v = val[bk * N + i];
@@ -117,20 +129,20 @@ __global__ void permutohedral_splat_kernel(const scalar_t* __restrict__ val, con
   }
   for (int r = 0; r < d1; ++r) {
     const int64_t p = b * NP + i * d1 + r;
-    atomicAdd(lat + bk * NP + vtx[p], wts[p] * v);
+    atomicAdd(lat + (int64_t)blockIdx.y * NP + vtx[p], wts[p] * v);
   }
 }
 
 template <typename scalar_t>
 __global__ void permutohedral_blur_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst,
                                           const int* __restrict__ vtx, const int* __restrict__ nbr, int d, int j,
-                                          int64_t NP, int64_t K) {
+                                          int64_t NP, int64_t K, int64_t bk0) {
   const int64_t p = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (p >= NP) return;
-  const int64_t bk = blockIdx.y, b = bk / K;
+  const int64_t row = blockIdx.y, b = (bk0 + row) / K;
   if (vtx[b * NP + p] != p) return;
   const int* nb = nbr + ((b * NP + p) * (d + 1) + j) * 2;
-  dst[bk * NP + p] = perm::blur_at(src + bk * NP, p, (int64_t)nb[0], (int64_t)nb[1]);
+  dst[row * NP + p] = perm::blur_at(src + row * NP, p, (int64_t)nb[0], (int64_t)nb[1]);
 }
 
 template <typename scalar_t>
@@ -138,16 +150,16 @@ __global__ void permutohedral_slice_kernel(const scalar_t* __restrict__ lat, con
                                            const scalar_t* __restrict__ den, bool transpose,
                                            const int* __restrict__ vtx, const scalar_t* __restrict__ wts,
                                            scalar_t* __restrict__ out, int d, int64_t N, int64_t K,
-                                           scalar_t inv_gain, bool normalize, bool include_self) {
+                                           scalar_t inv_gain, bool normalize, bool include_self, int64_t bk0) {
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= N) return;
-  const int64_t bk = blockIdx.y, b = bk / K;
+  const int64_t bk = bk0 + blockIdx.y, b = bk / K;
   const int d1 = d + 1;
   const int64_t NP = N * d1;
   scalar_t acc = 0;
   for (int r = 0; r < d1; ++r) {
     const int64_t p = b * NP + i * d1 + r;
-    acc += wts[p] * lat[bk * NP + vtx[p]];
+    acc += wts[p] * lat[(int64_t)blockIdx.y * NP + vtx[p]];
   }
   acc *= inv_gain;
   if (val == nullptr) {  // the normalisation pass: den = K 1 (- 1 without the self term)
@@ -197,16 +209,26 @@ GpuLattice build(const at::Tensor& features, int d, cudaStream_t stream) {
   return L;
 }
 
+// Upper bound on the elements of one vertex-value buffer (two are live): 2^25, 128 MiB in float32.
+constexpr int64_t kMaxChunkValues = int64_t(1) << 25;
+
+// (image, channel) pairs per chunk of steps 3-5: as many as fit kMaxChunkValues, at least 1, at most the grid's
+// y limit.
+inline int64_t pairs_per_chunk(int64_t pairs, int64_t NP) {
+  int64_t chunk = std::max<int64_t>(1, kMaxChunkValues / std::max<int64_t>(1, NP));
+  return std::min<int64_t>({chunk, pairs, 65535});
+}
+
 // out (B, K, N): val null -> the normalisation pass on ones (K = 1).
 template <typename scalar_t>
 void run_pipeline(const GpuLattice& L, const at::Tensor& val, const at::Tensor& den, at::Tensor& out, int d,
                   int64_t B, int64_t K, int64_t N, bool transpose, bool normalize, bool include_self,
                   cudaStream_t stream) {
   const int64_t NP = N * (d + 1);
-  TORCH_CHECK(B * K < 65536, "permutohedral_filter: too many (image, channel) pairs for one launch: B * K = ",
-              B * K, " (max 65535)");
-  at::Tensor a = at::zeros({B, K, NP}, out.options());
-  at::Tensor c = at::empty({B, K, NP}, out.options());
+  const int64_t pairs = B * K;
+  const int64_t chunk = pairs_per_chunk(pairs, NP);
+  at::Tensor a = at::empty({chunk, NP}, out.options());
+  at::Tensor c = at::empty({chunk, NP}, out.options());
   const scalar_t* den_p = den.defined() ? den.data_ptr<scalar_t>() : nullptr;
   at::Tensor ones;
   const scalar_t* val_p;
@@ -216,26 +238,30 @@ void run_pipeline(const GpuLattice& L, const at::Tensor& val, const at::Tensor& 
     ones = at::ones({B, K, N}, out.options());
     val_p = ones.data_ptr<scalar_t>();
   }
-  const dim3 grid_pts(cuda::blocks_for(N), static_cast<unsigned int>(B * K));
-  const dim3 grid_vtx(cuda::blocks_for(NP), static_cast<unsigned int>(B * K));
-  permutohedral_splat_kernel<scalar_t><<<grid_pts, cuda::kThreads, 0, stream>>>(
-      val_p, den_p, transpose && normalize, L.vtx.data_ptr<int>(), L.wts.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
-      d, N, K);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  scalar_t* src = a.data_ptr<scalar_t>();
-  scalar_t* dst = c.data_ptr<scalar_t>();
-  for (int s = 0; s <= d; ++s) {
-    const int j = transpose ? d - s : s;
-    permutohedral_blur_kernel<scalar_t><<<grid_vtx, cuda::kThreads, 0, stream>>>(
-        src, dst, L.vtx.data_ptr<int>(), L.nbr.data_ptr<int>(), d, j, NP, K);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    std::swap(src, dst);
-  }
   const scalar_t inv_gain = static_cast<scalar_t>(1.0 / perm::lattice_gain(d));
-  permutohedral_slice_kernel<scalar_t><<<grid_pts, cuda::kThreads, 0, stream>>>(
-      src, val.defined() ? val_p : nullptr, den_p, transpose, L.vtx.data_ptr<int>(), L.wts.data_ptr<scalar_t>(),
-      out.data_ptr<scalar_t>(), d, N, K, inv_gain, normalize, include_self);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (int64_t bk0 = 0; bk0 < pairs; bk0 += chunk) {
+    const int64_t rows = std::min(chunk, pairs - bk0);
+    a.zero_();  // stream-ordered: the previous chunk's kernels are done with it
+    const dim3 grid_pts(cuda::blocks_for(N), static_cast<unsigned int>(rows));
+    const dim3 grid_vtx(cuda::blocks_for(NP), static_cast<unsigned int>(rows));
+    permutohedral_splat_kernel<scalar_t><<<grid_pts, cuda::kThreads, 0, stream>>>(
+        val_p, den_p, transpose && normalize, L.vtx.data_ptr<int>(), L.wts.data_ptr<scalar_t>(),
+        a.data_ptr<scalar_t>(), d, N, K, bk0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scalar_t* src = a.data_ptr<scalar_t>();
+    scalar_t* dst = c.data_ptr<scalar_t>();
+    for (int s = 0; s <= d; ++s) {
+      const int j = transpose ? d - s : s;
+      permutohedral_blur_kernel<scalar_t><<<grid_vtx, cuda::kThreads, 0, stream>>>(
+          src, dst, L.vtx.data_ptr<int>(), L.nbr.data_ptr<int>(), d, j, NP, K, bk0);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      std::swap(src, dst);
+    }
+    permutohedral_slice_kernel<scalar_t><<<grid_pts, cuda::kThreads, 0, stream>>>(
+        src, val.defined() ? val_p : nullptr, den_p, transpose, L.vtx.data_ptr<int>(), L.wts.data_ptr<scalar_t>(),
+        out.data_ptr<scalar_t>(), d, N, K, inv_gain, normalize, include_self, bk0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 at::Tensor permutohedral_cuda(const char* op, const at::Tensor& values, const at::Tensor& features, bool normalize,

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from tscd.data.classes import COCO_CATEGORY_IDS, COCO_CLASSES, PALETTE
 
@@ -84,6 +83,8 @@ def uncompressed_rle(binary):
 
 
 def compressed_rle(binary):
+    from pycocotools import mask as mask_utils  # here, not at the top: collecting the suite must not need it
+
     rle = mask_utils.encode(np.asfortranarray(binary.astype(np.uint8)))
     return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
 

@@ -9,19 +9,23 @@ F = t_out . t_in^T with ``tl.dot`` (fp32 accumulation) and never storing them:
 with D = g_b * P'(G) * (F + c) and E = g_b * P(G). Each program writes only its own rows: no atomics.
 Channels are padded to a power of two >= 16 (masked loads give zeros), as ``tl.dot`` needs.
 
-Tile heuristic (no autotune: it fails in the interpreter and makes timings noisy): on a GPU 64 x 64
-tiles, 4 warps, fp32 inputs through ``tl.dot`` with ``input_precision="tf32x3"`` (tensor cores at about
-fp32 accuracy); in the CPU interpreter one program spans up to 128 x 128 points (there the cost is per
-program and per loop step) and the dots run in plain fp32 (``"ieee"``).
+Tile heuristic (no autotune: it fails in the interpreter and makes timings noisy): on a GPU the tiles
+depend on the padded channel width (``GPU_CONFIGS``: 64 x 64 points, 8 warps, 3 pipeline stages up to 32
+channels, down to 32 x 32 and 2 stages at COCO's 128, so that shared memory fits sm_80 and sm_90 with
+margin), fp32 inputs through ``tl.dot`` with ``input_precision="tf32x3"`` (tensor cores at about fp32
+accuracy); in the CPU interpreter one program spans up to 128 x 128 points (there the cost is per program
+and per loop step) and the dots run in plain fp32 (``"ieee"``).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = 64
-NUM_WARPS = 4
+from tscd.kernels._triton._launch import device_guard
+
 INTERPRET_MAX_BLOCK = 128
 MIN_DOT = 16  # tl.dot needs every dimension >= 16
 
@@ -102,12 +106,46 @@ def _correlation_pass_kernel(out_s_ptr, out_t_ptr, in_s_ptr, in_t_ptr, off_ptr, 
         tl.store(loss_ptr + b * N_OUT + offs_o, acc_loss, mask=mask_o)
 
 
-def _tiles(n_out: int, n_in: int, device: torch.device) -> tuple[int, int, int, str]:
-    """(BLOCK_O, BLOCK_I, num_warps, dot precision) by the heuristic in the module docstring."""
+@dataclass(frozen=True)
+class TileConfig:
+    """One GPU launch configuration of ``_correlation_pass_kernel``."""
+    block_o: int
+    block_i: int
+    num_warps: int
+    num_stages: int
+    precision: str
+
+
+#: widest padded channel count -> GPU tiles; checked offline for sm_80 and sm_90 by compile_check.py
+#: (tests/kernels/test_triton_compile.py): shared memory at most 114,688 B (69 % of sm_80's 166,912).
+GPU_CONFIGS = (
+    (32, TileConfig(64, 64, 8, 3, "tf32x3")),   # VOC (21 / 20 channels): 82 KB shared
+    (64, TileConfig(64, 32, 8, 2, "tf32x3")),   # 98 KB
+    (128, TileConfig(32, 32, 8, 2, "tf32x3")),  # COCO (81 / 80): 115 KB (64 x 64 and 3 stages needed 328 KB)
+    (256, TileConfig(16, 16, 4, 1, "tf32x3")),  # 82 KB
+)
+MAX_CHANNELS = GPU_CONFIGS[-1][0]
+
+
+def _gpu_config(n_out: int, n_in: int, cs_p: int, ct_p: int, *, backward: bool, with_t: bool) -> TileConfig:
+    """Tiles by channel width: the kernel keeps (BLOCK_O x C) operands in registers and stages num_stages
+    (BLOCK_I x C) tiles of both views in shared memory, so wide channels need smaller tiles and fewer stages.
+    (The point counts and pass do not change the choice today; they are arguments so they may.)"""
+    widest = max(cs_p, ct_p)
+    for width, cfg in GPU_CONFIGS:
+        if widest <= width:
+            return cfg
+    raise ValueError(f"correlation_loss: the triton backend supports at most {MAX_CHANNELS} channels (got "
+                     f"{widest} after padding to a power of two); use backend='cuda' or 'torch'")
+
+
+def _tiles(n_out: int, n_in: int, cs_p: int, ct_p: int, device: torch.device, *, backward: bool,
+           with_t: bool) -> TileConfig:
+    """The launch configuration by the heuristic in the module docstring."""
     if device.type == "cpu":  # the interpreter
         cap = lambda n: max(MIN_DOT, min(INTERPRET_MAX_BLOCK, triton.next_power_of_2(n)))  # noqa: E731
-        return cap(n_out), cap(n_in), 1, "ieee"
-    return BLOCK, BLOCK, NUM_WARPS, "tf32x3"
+        return TileConfig(cap(n_out), cap(n_in), 1, 1, "ieee")
+    return _gpu_config(n_out, n_in, cs_p, ct_p, backward=backward, with_t=with_t)
 
 
 def _padded(c: int) -> int:
@@ -118,16 +156,18 @@ def _launch(out_s, out_t, in_s, in_t, offset, grad, loss, ds, dt, dc, *, clamp: 
             backward: bool, with_t: bool, with_c: bool) -> None:
     B, n_out, cs = out_s.shape
     n_in, ct = in_s.shape[1], out_t.shape[2]
-    block_o, block_i, warps, precision = _tiles(n_out, n_in, out_s.device)
+    cs_p, ct_p = _padded(cs), _padded(ct)
+    cfg = _tiles(n_out, n_in, cs_p, ct_p, out_s.device, backward=backward, with_t=with_t)
     dummy = offset  # pointer arguments a pass does not use
-    grid = (triton.cdiv(n_out, block_o), B)
-    _correlation_pass_kernel[grid](
-        out_s, out_t, in_s, in_t, offset, grad if grad is not None else dummy,
-        loss if loss is not None else dummy, ds if ds is not None else dummy, dt if dt is not None else dummy,
-        dc if dc is not None else dummy, n_out, n_in, cs, ct,
-        CLAMP=clamp, OFFSET_INNER=offset_inner, BACKWARD=backward, WITH_T=with_t, WITH_C=with_c,
-        BLOCK_O=block_o, BLOCK_I=block_i, CS_P=_padded(cs), CT_P=_padded(ct), PRECISION=precision,
-        num_warps=warps)
+    grid = (triton.cdiv(n_out, cfg.block_o), B)
+    with device_guard(out_s):
+        _correlation_pass_kernel[grid](
+            out_s, out_t, in_s, in_t, offset, grad if grad is not None else dummy,
+            loss if loss is not None else dummy, ds if ds is not None else dummy, dt if dt is not None else dummy,
+            dc if dc is not None else dummy, n_out, n_in, cs, ct,
+            CLAMP=clamp, OFFSET_INNER=offset_inner, BACKWARD=backward, WITH_T=with_t, WITH_C=with_c,
+            BLOCK_O=cfg.block_o, BLOCK_I=cfg.block_i, CS_P=cs_p, CT_P=ct_p, PRECISION=cfg.precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def correlation_fwd_triton(t1: torch.Tensor, t2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,

@@ -13,10 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+from tscd.kernels._triton._launch import device_guard
+
 BLOCK = 256
 NUM_WARPS = 4
 INTERPRET_MAX_BLOCK = 4096
-STD_EPS = 1e-8
+STD_EPS = 1e-8  # added to the local standard deviation (as the reference)
+_STD_EPS = tl.constexpr(STD_EPS)  # what the kernels read: compiled @triton.jit sees constexpr globals only
 
 
 @triton.jit
@@ -81,9 +84,9 @@ def _refine_weights_kernel(img_ptr, w_ptr, sy_ptr, sx_ptr, prior_ptr, H, W, N_NB
         v0 += (n0 - m0) * (n0 - m0)
         v1 += (n1 - m1) * (n1 - m1)
         v2 += (n2 - m2) * (n2 - m2)
-    i0 = rgb_scale / (tl.sqrt(v0 / (N_NB - 1)) + STD_EPS)
-    i1 = rgb_scale / (tl.sqrt(v1 / (N_NB - 1)) + STD_EPS)
-    i2 = rgb_scale / (tl.sqrt(v2 / (N_NB - 1)) + STD_EPS)
+    i0 = rgb_scale / (tl.sqrt(v0 / (N_NB - 1)) + _STD_EPS)
+    i1 = rgb_scale / (tl.sqrt(v1 / (N_NB - 1)) + _STD_EPS)
+    i2 = rgb_scale / (tl.sqrt(v2 / (N_NB - 1)) + _STD_EPS)
     # pass 3: appearance logits (stored) and online softmax statistics
     max_a = tl.full([BLOCK_P], float("-inf"), tl.float32)
     sum_a = tl.zeros([BLOCK_P], tl.float32)
@@ -199,8 +202,9 @@ def refine_weights_triton(image: torch.Tensor, dilations: list[int], mode: int, 
     prior_arg = prior if prior is not None else sy  # unused when IS_VARM
     block = _block(H * W, image.device)
     grid = (B, triton.cdiv(H * W, block))
-    _refine_weights_kernel[grid](image, w, sy, sx, prior_arg, H, W, n, float(rgb_scale), float(aux_weight),
-                                 IS_VARM=(mode == 0), BLOCK_P=block, num_warps=NUM_WARPS)
+    with device_guard(image):
+        _refine_weights_kernel[grid](image, w, sy, sx, prior_arg, H, W, n, float(rgb_scale), float(aux_weight),
+                                     IS_VARM=(mode == 0), BLOCK_P=block, num_warps=NUM_WARPS)
     return w
 
 
@@ -213,17 +217,19 @@ def _propagate(maps: torch.Tensor, w: torch.Tensor, num_channels: torch.Tensor |
     grid = (B * K, triton.cdiv(H * W, block))
     nc = num_channels if num_channels is not None else sy
     out = maps
-    for _ in range(num_iter):
-        if transpose:
-            nxt = torch.zeros_like(maps)
-            _refine_step_transpose_kernel[grid](out, nxt, w, nc, sy, sx, H, W, K, n, HAS_NC=num_channels is not None,
-                                                BLOCK_P=block, num_warps=NUM_WARPS)
-        else:
-            nxt = torch.empty_like(maps)
-            _refine_step_kernel[grid](out, nxt, w, nc, sy, sx, H, W, K, n, HAS_NC=num_channels is not None,
-                                      ACC_DTYPE=tl.float64 if maps.dtype == torch.float64 else tl.float32,
-                                      BLOCK_P=block, num_warps=NUM_WARPS)
-        out = nxt
+    with device_guard(maps):
+        for _ in range(num_iter):
+            if transpose:
+                nxt = torch.zeros_like(maps)
+                _refine_step_transpose_kernel[grid](out, nxt, w, nc, sy, sx, H, W, K, n,
+                                                    HAS_NC=num_channels is not None, BLOCK_P=block,
+                                                    num_warps=NUM_WARPS)
+            else:
+                nxt = torch.empty_like(maps)
+                _refine_step_kernel[grid](out, nxt, w, nc, sy, sx, H, W, K, n, HAS_NC=num_channels is not None,
+                                          ACC_DTYPE=tl.float64 if maps.dtype == torch.float64 else tl.float32,
+                                          BLOCK_P=block, num_warps=NUM_WARPS)
+            out = nxt
     if transpose and num_channels is not None:
         keep = torch.arange(K, device=maps.device).view(1, K) < num_channels.view(B, 1)
         out = out * keep.view(B, K, 1, 1).to(out.dtype)
