@@ -130,6 +130,7 @@ class TrainConfig:
     checkpointing: str = "off"  #: activation checkpointing: off | encoder (MiT blocks) | all (+ decoder, affinity)
     memory: str = "default"  #: default | low: bf16 autocast, checkpointing all, micro-batches of one image
     #: (gradient accumulation keeps the global batch); see tscd/train/memory.py
+    plots: bool = True  #: at the end, write <run_dir>/val_grid.png and curves.png (matplotlib)
 
 
 @dataclass

@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {title:<24} {scores[key]['miou']:6.2f}")
         if cfg.data.dataset == "demo":
             print(f"  chance level: {chance_miou(trainer):.2f} (every pixel labelled background)")
+        for key, path in getattr(trainer, "pictures", {}).items():
+            print(f"picture ({key}): {path}")
         print(f"run directory: {cfg.train.run_dir}")
     return 0
 

@@ -575,6 +575,10 @@ class Trainer:
         scores = self.validate()
         if self.dist.is_main:
             (self.run_dir / "final_scores.json").write_text(json.dumps(scores, indent=2))
+            if cfg.plots:  # val_grid.png + curves.png (tscd.train.visualize)
+                from tscd.train.visualize import write_run_pictures
+
+                self.pictures = write_run_pictures(self)
         return scores
 
     def _log(self, values: dict) -> None:

@@ -1,0 +1,137 @@
+"""The run pictures: validation grid and training curves are real PNGs with the expected content."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tscd.data.classes import DEMO_CLASSES, PALETTE
+from tscd.train import visualize as viz
+
+
+def _rows(n: int, size: int = 24) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(n):
+        gt = np.zeros((size, size), dtype=np.int64)
+        gt[4:12, 4:12] = 2
+        pseudo = gt.copy()
+        pseudo[0, :] = 255
+        rows.append({"image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+                     "cam": rng.random((size, size)), "pseudo": pseudo, "pred": gt, "gt": gt})
+    return rows
+
+
+def test_colorize_uses_the_palette_and_white_for_uncertain():
+    lab = np.array([[0, 1], [2, 255]])
+    rgb = viz.colorize(lab, PALETTE)
+    assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
+    assert tuple(rgb[0, 1]) == tuple(PALETTE[3:6]) and tuple(rgb[1, 0]) == tuple(PALETTE[6:9])
+    assert tuple(rgb[1, 1]) == (255, 255, 255)
+    with pytest.raises(ValueError, match="0..255"):
+        viz.colorize(np.array([[256]]), PALETTE)
+
+
+def test_grid_png_has_one_row_per_image_and_the_legend(tmp_path, monkeypatch):
+    legends = []
+    import matplotlib.figure
+
+    orig = matplotlib.figure.Figure.legend
+
+    def spy(self, *a, **k):
+        legends.append([h.get_label() for h in k["handles"]])
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "legend", spy)
+    p2 = viz.save_grid(tmp_path / "g2.png", _rows(2), DEMO_CLASSES, PALETTE, dpi=50)
+    p4 = viz.save_grid(tmp_path / "sub" / "g4.png", _rows(4), DEMO_CLASSES, PALETTE, dpi=50)
+    with Image.open(p2) as a, Image.open(p4) as b:
+        assert a.format == b.format == "PNG"
+        # 5 columns of 1.5 in at 50 dpi; each extra row adds 1.5 in
+        assert a.size[0] == b.size[0] == round(5 * 1.5 * 50)
+        assert b.size[1] - a.size[1] == round(2 * 1.5 * 50)
+        # not blank: the cells hold the palette colours
+        px = np.asarray(b.convert("RGB")).reshape(-1, 3)
+        assert (px == np.asarray(PALETTE[6:9], dtype=np.uint8)).all(1).sum() > 50
+    assert legends[0] == [*DEMO_CLASSES, "uncertain (255)"]
+
+
+def test_grid_rejects_bad_rows(tmp_path):
+    with pytest.raises(ValueError, match="no rows"):
+        viz.save_grid(tmp_path / "g.png", [], DEMO_CLASSES, PALETTE)
+    row = _rows(1)[0]
+    del row["pred"]
+    with pytest.raises(ValueError, match="pred"):
+        viz.save_grid(tmp_path / "g.png", [row], DEMO_CLASSES, PALETTE)
+
+
+def test_read_val_log_parses_the_trainer_lines_and_keeps_the_last(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("10:00:00 INFO tscd.train.trainer: val @100 (50 images): mIoU seg 10.00 | CAM 20.50 | "
+                   "pseudo label 30.25\nnoise\n"
+                   "10:01:00 INFO tscd.train.trainer: val @200 (50 images): mIoU seg 40.00 | CAM 41.00 | "
+                   "pseudo label 42.00\n"
+                   "10:02:00 INFO tscd.train.trainer: val @100 (50 images, protocol native): mIoU seg 11.00 | "
+                   "CAM 21.00 | "
+                   "pseudo label 31.00\n")
+    assert viz.read_val_log(log) == [{"iteration": 100, "seg": 11.0, "cam": 21.0, "pseudo": 31.0},
+                                     {"iteration": 200, "seg": 40.0, "cam": 41.0, "pseudo": 42.0}]
+    assert viz.read_val_log(tmp_path / "missing.log") == []
+
+
+def test_curves_png_plots_every_loss_term_lr_and_miou(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    labels = []
+    orig = matplotlib.axes.Axes.plot
+
+    def spy(self, *a, **k):
+        labels.append(k.get("label"))
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    hist = [{"iteration": i, "cls": 1.0 / i, "total": 1.0 / i, "lr": 1e-3 * (1 - i / 100)} for i in range(1, 50)]
+    hist += [{"iteration": i, "cls": 0.1, "seg": 0.5, "scd": 0.2, "reg": 0.05, "aff": 0.3, "total": 1.0,
+              "lr": 1e-3 * (1 - i / 100)} for i in range(50, 100)]
+    val = [{"iteration": 50, "seg": 20.0, "cam": 30.0, "pseudo": 35.0},
+           {"iteration": 99, "seg": 60.0, "cam": 50.0, "pseudo": 65.0}]
+    p = viz.save_curves(tmp_path / "c.png", hist, val, dpi=50)
+    with Image.open(p) as im:
+        assert im.format == "PNG" and im.size == (13 * 50, round(3.6 * 50))
+    assert {"cls", "seg", "aff", "reg", "scd", "total"} <= set(labels) and "er" not in labels
+    assert {"segmentation head", "CAM label", "pseudo label"} <= set(labels)
+    with pytest.raises(ValueError, match="empty history"):
+        viz.save_curves(tmp_path / "d.png", [], val)
+
+
+TINY = """
+data: {dataset: demo, root: null, train_split: train, val_split: val, crop_size: 48, scale_range: [0.9, 1.1],
+       batch_size: 2, num_workers: 0, demo_num_train: 8, demo_num_val: 3, demo_size: 48}
+model: {name: tscd_mit_tiny, decoder_dim: 16}
+pseudo: {cam_scales: [1.0], refine_iters: 2}
+loss: {scd_samples: 4}
+optim: {lr: 1.0e-3, warmup_iters: 1}
+train: {max_iters: 3, cam_iters: 1, log_iters: 1, val_iters: 2, ckpt_iters: 100, tensorboard: false}
+"""
+
+
+@pytest.mark.parametrize("plots", [True, False])
+def test_tscd_train_writes_and_prints_the_pictures(tmp_path, capsys, plots):
+    from tscd.cli import main
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--run-dir", str(run), f"train.plots={str(plots).lower()}"]) == 0
+    out = capsys.readouterr().out
+    grid, curves = run / "val_grid.png", run / "curves.png"
+    if not plots:
+        assert not grid.exists() and not curves.exists() and "picture" not in out
+        return
+    assert f"picture (grid): {grid}" in out and f"picture (curves): {curves}" in out
+    with Image.open(grid) as g, Image.open(curves) as c:
+        assert g.format == c.format == "PNG"
+        assert g.size[0] == round(5 * 1.5 * 80) and g.size[1] > 3 * 1.5 * 80  # 3 val images, 5 columns
+        assert c.size == (13 * 80, round(3.6 * 80))
+    # the validations at iterations 2 and 3 are both in the log the curves read
+    assert [v["iteration"] for v in viz.read_val_log(run / "train.log")] == [2, 3]
