@@ -248,9 +248,9 @@ class Check:
     def train_step(self, budget: float) -> StageResult:
         out_dir = self.out / "bench"
         if self.dry:
-            args = ["--device", "cpu", "--crop", "64", "--batch", "2", "--model", "tscd_mit_tiny", "--iters", "1"]
+            args = ["--device", "cpu", "--crop", "64", "--batch", "2", "--model", "tscd_mit_tiny", "--timed", "1"]
         else:
-            args = ["--device", "cuda", "--crop", "512", "--batch", "2", "--model", "tscd_mit_b1", "--iters", "5"]
+            args = ["--device", "cuda", "--crop", "512", "--batch", "4", "--model", "tscd_mit_b1", "--timed", "2"]
         cmd = [self.python, "bench/bench_train_step.py", *args, "--out", str(out_dir)]
         rc, out, _ = self.run("train_step", cmd, budget)
         rows = []

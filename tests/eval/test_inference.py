@@ -20,7 +20,7 @@ def test_load_model_errors(tmp_path, checkpoint):
         load_model(tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="unreadable or corrupt"):
+    with pytest.raises(RuntimeError, match="corrupt, truncated"):
         load_model(bad)
     with pytest.raises(ValueError, match="decoder"):
         load_model(checkpoint, overrides=["model.decoder_dim=64"])
@@ -74,10 +74,35 @@ def test_bare_state_dict_takes_classes_from_weights(tmp_path):
 
 
 def test_trainer_style_checkpoint_with_rng_state(tmp_path, checkpoint):
-    """The trainer also stores RNG states (numpy arrays): loading falls back from weights_only."""
-    import numpy as np
+    """The trainer stores RNG states as tensors and plain values: such a checkpoint loads without unpickling."""
+    from tscd.train.checkpoint import rng_state
 
     raw = torch.load(checkpoint, weights_only=True)
-    raw["rng"] = {"numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    raw["rng"] = rng_state()
     torch.save(raw, tmp_path / "full.pt")
     assert load_model(tmp_path / "full.pt").num_classes == 5
+
+
+class _RunsCode:
+    """Unpickling this calls ``open(marker, "w")``: a stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_load_model_refuses_a_checkpoint_that_runs_code(tmp_path):
+    """`tscd eval` / `infer` read checkpoints like the weight loader: no arbitrary unpickling, ever."""
+    from tscd.errors import CheckpointError
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": _RunsCode(str(marker))}, path)
+    torch.load(path, weights_only=False)  # the file really does run code when unpickled freely ...
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(CheckpointError, match="arbitrary unpickling"):
+        load_model(path)
+    assert not marker.exists()  # ... and tscd did not run it

@@ -23,7 +23,7 @@ from torch import Tensor
 from tscd.config import Config, ConfigError, _apply, parse_override
 from tscd.errors import CheckpointError
 from tscd.models import MIT_CONFIGS, MODEL_CONFIGS, TSCD_STRIDES, MixVisionTransformer, TSCDNet, create_model
-from tscd.models._checkpoint import check_state_dict, strip_prefixes, unwrap_state_dict
+from tscd.models._checkpoint import check_state_dict, read_checkpoint, strip_prefixes, unwrap_state_dict
 from tscd.models.cam import CAM_NORM_EPS
 
 logger = logging.getLogger(__name__)
@@ -54,18 +54,13 @@ class LoadedModel:
 
 
 def _read(path: Path) -> dict:
+    """Read a checkpoint without running code from it (trainer checkpoints hold only tensors and plain values)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as first:  # trainer checkpoints also hold RNG states (numpy arrays): trusted, local files
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or corrupt ({type(err).__name__}: {err}; "
-                               f"with weights_only=True: {type(first).__name__})") from None
-        logger.debug("%s needed torch.load(weights_only=False)", path)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict")
-    return obj
+        return read_checkpoint(path)
+    except FileNotFoundError:
+        raise
+    except RuntimeError as err:  # UnsafeCheckpointError included: its message says why it was refused
+        raise CheckpointError(str(err)) from None
 
 
 def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu",
