@@ -71,6 +71,8 @@ def load_all(results: Path) -> list[dict]:
     out = []
     for path in sorted(results.glob("*/*.json")):
         data = json.loads(path.read_text())
+        if not isinstance(data, dict) or "op" not in data or "rows" not in data:
+            continue  # not a benchmark result (e.g. a training run's scores kept beside them)
         data["path"] = path
         out.append(data)
     return out
