@@ -158,8 +158,8 @@ def test_evaluate_native_protocol_is_training_validation(checkpoint):
     from tscd.eval.evaluator import evaluate, protocol_settings
     from tscd.eval.inference import load_model
     from tscd.eval.metrics import ConfusionMatrix
-    from tscd.models import multi_scale_cam
     from tscd.method import cam_to_label
+    from tscd.models import multi_scale_cam
 
     loaded = load_model(checkpoint)
     cfg, model = loaded.config, loaded.model
