@@ -54,26 +54,16 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, threads: int = 2,
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated by torch during one call of ``fn`` (above what was live before)."""
+    """Peak bytes allocated by torch during one call of ``fn`` (above what was live before), measured by
+    :class:`tscd.train.memory.PeakMemory` (CUDA: ``max_memory_allocated``; CPU: the allocator's events)."""
+    from tscd.train.memory import PeakMemory
+
     if device.type == "cuda":
         sync(device)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+    with PeakMemory(device) as pm:
         fn()
-        sync(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return int(peak)
+    return int(pm.peak_bytes)
 
 
 def _git_sha() -> str:
