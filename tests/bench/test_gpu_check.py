@@ -28,6 +28,7 @@ def dry_run(tmp_path_factory):
     time on a shared machine; the stage budgets allow for it)."""
     out = tmp_path_factory.mktemp("gpu_check")
     env = {k: v for k, v in os.environ.items() if k != "TSCD_BACKEND"}
+    env["PYTHON"] = sys.executable  # the interpreter running the tests (`make test` does not put .venv on PATH)
     cmd = ["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out), "--dry-run", "--total-budget", "1800"]
     proc = subprocess.run(cmd,
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1900)
