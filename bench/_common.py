@@ -84,8 +84,37 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def peak_fp32_gflops(threads: int, n: int = 2048, reps: int = 5) -> float:
+    """The CPU's own fp32 compute ceiling on ``threads`` threads: the best of ``reps`` timed ``n`` x ``n``
+    matmuls (torch's BLAS, the fastest fp32 code this machine runs), in GFLOP/s. The roofline notes compare
+    each kernel's FLOP rate with it."""
+    import time
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return 2 * n**3 / best / 1e9
+
+
+def _load_average() -> str | None:
+    try:
+        return "%.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return None
+
+
 def environment(device: torch.device, threads: int) -> dict:
-    """Where and with what the figures were measured."""
+    """Where and with what the figures were measured (CPU: with the machine's load average and its measured
+    fp32 matmul peak, ``peak_fp32_gflops``)."""
     try:
         import triton
 
@@ -104,6 +133,9 @@ def environment(device: torch.device, threads: int) -> dict:
         "git": _git_sha(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+    if device.type == "cpu":
+        env["load_average"] = _load_average()
+        env["peak_fp32_gflops"] = round(peak_fp32_gflops(threads), 1)
     return env
 
 

@@ -105,6 +105,10 @@ def roofline(data: dict) -> list[str]:
                 f"{flops / secs / 1e9:.1f} GFLOP/s")
         if peak:
             line += f" ({100 * achieved / peak:.0f} % of the {peak:.0f} GB/s peak)"
+        if env.get("peak_fp32_gflops"):
+            cpu_peak = env["peak_fp32_gflops"]
+            line += (f" ({100 * flops / secs / 1e9 / cpu_peak:.1f} % of this CPU's {cpu_peak:.0f} GFLOP/s fp32 "
+                     f"matmul peak on {env.get('threads')} threads)")
         lines.append(line)
     return lines
 
@@ -165,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         rel = data["path"].relative_to(results)
         page += [f"## {data['op']} — {env['device']}", "",
                  f"`{rel}` · torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
-                 f"threads {env['threads']}, git {env['git']}, {env['date']}", ""]
+                 f"threads {env['threads']}, git {env['git']}, {env['date']}"
+                 + (f", load average {env['load_average']}" if env.get("load_average") else "")
+                 + (f", fp32 matmul peak {env['peak_fp32_gflops']:.0f} GFLOP/s" if env.get("peak_fp32_gflops") else ""),
+                 ""]
         if data.get("notes"):
             page += [data["notes"], ""]
         page += table(data) + [""]
