@@ -116,6 +116,24 @@ def test_train_run_end_to_end(tiny, tmp_path, capsys):
     assert report["protocol"] == "native"
     for key in ("seg", "cam", "pseudo"):  # one evaluator, one default protocol: the same numbers
         assert report["results"][key]["miou"] == pytest.approx(final[key]["miou"], abs=1e-9), key
+    # pictures on request: `tscd eval --grid` (5 columns, as val_grid.png) and `tscd infer --grid` (3 with --cam)
+    from PIL import Image
+
+    from tscd.data.demo import write_demo
+
+    assert main(["eval", "--checkpoint", str(path), "--out", str(out), "--num-images", "2", "--grid", "2",
+                 "--overwrite"]) == 0
+    grid = out / "grid_val_native.png"
+    assert f"picture (grid): {grid}" in capsys.readouterr().out
+    write_demo(tmp_path / "imgs", num_train=2, num_val=1, size=48)
+    pred = tmp_path / "pred"
+    assert main(["infer", "--checkpoint", str(path), str(tmp_path / "imgs" / "JPEGImages"), "--out", str(pred),
+                 "--cam", "--grid", "2", "--scales", "1", "--no-flip", "--resize-long", "0"]) == 0
+    assert f"picture (grid): {pred / 'grid.png'}" in capsys.readouterr().out
+    with Image.open(grid) as g5, Image.open(pred / "grid.png") as g3:
+        assert g5.size == (round(5 * 1.5 * 80), g3.size[1]) and g3.size[0] == round(3 * 1.5 * 80)  # 2 rows each
+    assert main(["eval", "--checkpoint", str(path), "--out", str(out), "--grid", "0"]) == 2
+    assert "`--grid` must be >= 1" in capsys.readouterr().err
 
 
 # -- item 5: resume from the newest readable checkpoint ------------------------------------------------------------

@@ -65,6 +65,29 @@ def test_grid_rejects_bad_rows(tmp_path):
         viz.save_grid(tmp_path / "g.png", [row], DEMO_CLASSES, PALETTE)
 
 
+def test_grid_draws_the_columns_the_rows_have(tmp_path):
+    """tscd infer's rows (no pseudo label, no ground truth, the CAM as an RGB picture) give 3 columns; rows whose
+    columns differ are refused."""
+    rows = [{"image": r["image"], "cam": np.full((24, 24, 3), 200, np.uint8), "pred": r["pred"]} for r in _rows(2)]
+    with Image.open(viz.save_grid(tmp_path / "g.png", rows, DEMO_CLASSES, PALETTE, dpi=50)) as im:
+        assert im.size[0] == round(3 * 1.5 * 50)
+        assert (np.asarray(im.convert("RGB")).reshape(-1, 3) == 200).all(1).sum() > 100  # the picture, as it is
+    only = [{"image": r["image"], "pred": r["pred"]} for r in _rows(1)]
+    with Image.open(viz.save_grid(tmp_path / "g2.png", only, DEMO_CLASSES, PALETTE, dpi=50)) as im:
+        assert im.size[0] == round(3 * 1.5 * 50)  # at least 3 cells wide, for the legend
+    mixed = _rows(2)
+    del mixed[1]["gt"]
+    with pytest.raises(ValueError, match="row 1 has columns"):
+        viz.save_grid(tmp_path / "g3.png", mixed, DEMO_CLASSES, PALETTE)
+
+
+def test_class_names_for_known_and_custom_datasets():
+    assert viz.class_names_for("demo", 5) == list(DEMO_CLASSES)
+    assert viz.class_names_for("voc", 20)[15] == "person"
+    assert viz.class_names_for("folder", 2) == ["background", "class 1", "class 2"]
+    assert viz.class_names_for("voc", 3) == ["background", "class 1", "class 2", "class 3"]  # not VOC's count
+
+
 def test_read_val_log_parses_the_trainer_lines_and_keeps_the_last(tmp_path):
     log = tmp_path / "train.log"
     log.write_text("10:00:00 INFO tscd.train.trainer: val @100 (50 images): mIoU seg 10.00 | CAM 20.50 | "

@@ -11,7 +11,8 @@ a protocol (then reported as ``<protocol>+custom``). The model and the dataset c
 (override with ``--dataset``, ``--root``, or ``section.key=value`` anywhere on the line). The table printed names the
 protocol; it is saved as ``results_<split>_<protocol>.json`` / ``.csv`` in ``--out`` (default ``<run dir>/eval``),
 numbered ``.2``, ``.3``, ... rather than overwriting an earlier result (``--overwrite`` replaces it). ``--save-preds``
-also writes palette PNGs per output. mIoU convention: classes absent from both ground truth and prediction are
+also writes palette PNGs per output; ``--grid N`` draws the first N images (image | CAM | pseudo label | prediction |
+ground truth, as training's val_grid.png) to ``grid_<split>_<protocol>.png``. mIoU convention: classes absent from both ground truth and prediction are
 excluded from the mean.
 """
 from __future__ import annotations
@@ -74,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
             changes[key] = getattr(args, flag)
     if args.no_flip:
         changes["flip"] = False
+    if args.grid is not None and args.grid < 1:
+        raise ValueError(f"`--grid` must be >= 1 (images in the picture); got {args.grid}")
     if args.resize_long is not None and args.resize_long < 0:
         raise ValueError(f"`--resize-long` must be >= 0 (0 keeps the native size); got {args.resize_long}")
     settings = protocol_settings(args.protocol, cfg, device, split, **changes)
@@ -107,6 +110,13 @@ def run(args: argparse.Namespace) -> int:
           f"{PROTOCOL_TEXT.get(args.protocol, '')}")
     print(format_table(report["results"], OUTPUT_TITLES))
     print(f"(mIoU excludes classes absent from both ground truth and prediction; saved {json_path} and {csv_path})")
+    if args.grid:
+        from tscd.train.visualize import eval_grid
+
+        grid = eval_grid(loaded.model, dataset, settings, device, out_dir / f"{stem.replace('results_', 'grid_')}.png",
+                         args.grid, title=f"{report['dataset']} {split}, iteration {loaded.iteration}, "
+                                          f"protocol {settings.protocol}")
+        print(f"picture (grid): {grid}")
     return 0
 
 
@@ -137,5 +147,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-logits", action="store_true", help="write 1/4-resolution float16 logits (.pt)")
     p.add_argument("--num-images", type=int, default=None, help="score the first N images only")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier result file of the same protocol")
+    p.add_argument("--grid", type=int, default=None, metavar="N",
+                   help="also draw the first N images (image | CAM | pseudo label | prediction | ground truth) "
+                        "to <out>/grid_<split>_<protocol>.png")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=run, overrides=[])

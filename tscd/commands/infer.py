@@ -3,7 +3,8 @@
     tscd infer --checkpoint runs/voc/checkpoints/ckpt_0020000.pt photos/ --out masks/ --overlay --cam
 
 writes ``masks/<name>.png`` (palette PNG: value = class index, VOC colours; COCO uses the same colour map), and
-optionally ``overlay/<name>.png`` (colours over the image) and ``cam/<name>.png`` (CAM heat map). Multi-scale + flip
+optionally ``overlay/<name>.png`` (colours over the image), ``cam/<name>.png`` (CAM heat map) and, with ``--grid N``,
+``grid.png`` (the first N inputs: image | CAM | prediction, with the class legend). Multi-scale + flip
 by default (``--scales 1 --no-flip`` for single scale), optional ``--crf``. Re-running skips finished images.
 Config overrides ``section.key=value`` may stand anywhere on the line (``--set section.key=value`` still works but
 is deprecated).
@@ -23,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from tscd.eval.inference import load_model, resolve_device
     from tscd.eval.predict import collect_images, predict_images
 
+    if args.grid is not None and args.grid < 1:
+        raise ValueError(f"`--grid` must be >= 1 (images in the picture); got {args.grid}")
     if args.batch_size < 1:
         raise ValueError(f"`--batch-size` must be >= 1; got {args.batch_size}")
     images = collect_images(args.inputs)
@@ -35,6 +38,13 @@ def run(args: argparse.Namespace) -> int:
                            cam_scales=cam_scales, save_logits=args.save_logits, batch_size=args.batch_size,
                            overwrite=args.overwrite)
     print(f"{stats['written']} image(s) written, {stats['skipped']} already done, in {args.out}")
+    if args.grid:
+        from tscd.train.visualize import class_names_for, infer_grid
+
+        names = class_names_for(loaded.config.data.dataset, loaded.num_classes)
+        grid = infer_grid(images, args.out, names, args.grid, cam=args.cam,
+                          title=f"{loaded.config.model.name} @ iteration {loaded.iteration}")
+        print(f"picture (grid): {grid}")
     return 0
 
 
@@ -55,5 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-logits", action="store_true", help="write 1/4-resolution float16 logits (.pt)")
     p.add_argument("--batch-size", type=int, default=4, help="images of equal size per forward")
     p.add_argument("--overwrite", action="store_true", help="recompute images whose outputs exist")
+    p.add_argument("--grid", type=int, default=None, metavar="N",
+                   help="also draw the first N inputs (image | CAM with --cam | prediction) to <out>/grid.png")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=run, overrides=[])

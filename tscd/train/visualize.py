@@ -25,6 +25,8 @@ from tscd.constants import IGNORE_INDEX
 logger = logging.getLogger(__name__)
 
 GRID_COLUMNS: tuple[str, ...] = ("image", "CAM", "pseudo label", "prediction", "ground truth")
+#: The row keys of :func:`save_grid`, in the order of ``GRID_COLUMNS``.
+GRID_KEYS: tuple[str, ...] = ("image", "cam", "pseudo", "pred", "gt")
 LOSS_KEYS: tuple[str, ...] = ("cls", "seg", "aff", "reg", "scd", "er")
 #: The validation line the trainer logs (``train.log``); :func:`read_val_log` parses it.
 VAL_LINE = re.compile(r"val @(\d+) \([^)]*\): mIoU seg ([\d.naN]+) \| CAM ([\d.naN]+) \| pseudo label ([\d.naN]+)")
@@ -54,12 +56,14 @@ def colorize(label: np.ndarray, palette: Sequence[int]) -> np.ndarray:
 
 def save_grid(path: str | Path, rows: Sequence[dict], class_names: Sequence[str], palette: Sequence[int],
               title: str | None = None, cell_inches: float = 1.5, dpi: int = 80) -> Path:
-    """Write the validation grid PNG.
+    """Write the validation grid PNG: one row per image, the columns of :data:`GRID_COLUMNS` its rows have.
 
     Args:
         path: output file (``.png``).
-        rows: one dict per image with ``image`` (H, W, 3) uint8, ``cam`` (H, W) float in [0, 1],
-            ``pseudo``, ``pred``, ``gt`` (H, W) int class ids (255: uncertain / ignored).
+        rows: one dict per image with ``image`` (H, W, 3) uint8 and ``pred`` (H, W) int class ids, and any of
+            ``cam`` ((H, W) float in [0, 1], drawn as a jet heat map over the image, or an (H, W, 3) uint8
+            picture drawn as it is), ``pseudo`` and ``gt`` ((H, W) class ids; 255: uncertain / ignored).
+            Every row must have the same keys (``tscd infer`` has no pseudo label or ground truth).
         class_names: names of classes 0..K (0 = background), shown in the legend.
         palette: flat RGB palette (the dataset's).
         title: optional figure title.
@@ -69,29 +73,41 @@ def save_grid(path: str | Path, rows: Sequence[dict], class_names: Sequence[str]
     """
     if not rows:
         raise ValueError("save_grid: no rows to draw")
+    keys = [k for k in GRID_KEYS if k in rows[0]]
     for i, r in enumerate(rows):
-        missing = {"image", "cam", "pseudo", "pred", "gt"} - set(r)
+        missing = {"image", "pred"} - set(r)
         if missing:
             raise ValueError(f"save_grid: row {i} lacks {sorted(missing)}")
+        if [k for k in GRID_KEYS if k in r] != keys:
+            raise ValueError(f"save_grid: row {i} has columns {sorted(set(r) & set(GRID_KEYS))}, row 0 {sorted(keys)}")
+    titles = [GRID_COLUMNS[GRID_KEYS.index(k)] for k in keys]
     plt = _plt()
     from matplotlib.patches import Patch
 
     n = len(rows)
     legend_h = 0.35 * (1 + (len(class_names) + 1) // 4)
-    fig, axes = plt.subplots(n, len(GRID_COLUMNS), squeeze=False,
-                             figsize=(cell_inches * len(GRID_COLUMNS), cell_inches * n + legend_h + 0.3))
+    fig, axes = plt.subplots(n, len(keys), squeeze=False,
+                             figsize=(cell_inches * max(len(keys), 3), cell_inches * n + legend_h + 0.3))
+
+    def cell(r: dict, key: str) -> np.ndarray:
+        if key == "image":
+            return r["image"]
+        if key == "cam":
+            cam = np.asarray(r["cam"])
+            if cam.ndim == 3:  # already a picture (tscd infer's cam/<name>.png)
+                return cam
+            heat = plt.get_cmap("jet")(np.clip(cam.astype(np.float32), 0, 1))[..., :3]
+            return (0.5 * np.asarray(r["image"], dtype=np.float32) / 255.0 + 0.5 * heat).clip(0, 1)
+        return colorize(r[key], palette)
+
     for i, r in enumerate(rows):
-        heat = plt.get_cmap("jet")(np.clip(np.asarray(r["cam"], dtype=np.float32), 0, 1))[..., :3]
-        cam_rgb = (0.5 * np.asarray(r["image"], dtype=np.float32) / 255.0 + 0.5 * heat).clip(0, 1)
-        cells = (r["image"], cam_rgb, colorize(r["pseudo"], palette), colorize(r["pred"], palette),
-                 colorize(r["gt"], palette))
-        for j, cell in enumerate(cells):
+        for j, key in enumerate(keys):
             ax = axes[i][j]
-            ax.imshow(cell, interpolation="nearest")
+            ax.imshow(cell(r, key), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(GRID_COLUMNS[j], fontsize=9)
+                ax.set_title(titles[j], fontsize=9)
     pal = np.asarray(list(palette)[:3 * len(class_names)], dtype=np.float32).reshape(-1, 3) / 255.0
     handles = [Patch(facecolor=pal[k], edgecolor="black", label=name) for k, name in enumerate(class_names)]
     handles.append(Patch(facecolor=np.asarray(UNCERTAIN_RGB) / 255.0, edgecolor="black", label="uncertain (255)"))
@@ -232,6 +248,50 @@ def predict_rows(net: torch.nn.Module, dataset, indices: Sequence[int], settings
         })
     net.train(was_training)
     return rows
+
+
+def eval_grid(net: torch.nn.Module, dataset, settings, device, path: str | Path, num_images: int,
+              title: str | None = None) -> Path:
+    """``tscd eval --grid N``: the grid of the first ``num_images`` images of an evaluation dataset (with masks),
+    drawn with the evaluation's settings (resize, CAM scales, flip, VARM options)."""
+    if num_images < 1:
+        raise ValueError(f"`--grid` must be >= 1 (images in the picture); got {num_images}")
+    n = min(num_images, len(dataset))
+    rows = predict_rows(net, dataset, range(n), settings, device)
+    return save_grid(path, rows, dataset.class_names, dataset.palette, title=title)
+
+
+def class_names_for(dataset: str, num_classes: int) -> list[str]:
+    """Legend names of a dataset known by name (voc, coco, demo) with ``num_classes`` foreground classes;
+    ``class k`` for any other (a custom folder's names are not stored in the checkpoint)."""
+    from tscd.data.classes import COCO_CLASSES, DEMO_CLASSES, VOC_CLASSES
+
+    known = {"voc": VOC_CLASSES, "coco": COCO_CLASSES, "demo": DEMO_CLASSES}.get(dataset)
+    if known is not None and len(known) == num_classes + 1:
+        return list(known)
+    return ["background", *(f"class {k}" for k in range(1, num_classes + 1))]
+
+
+def infer_grid(image_paths: Sequence[str | Path], out_dir: str | Path, class_names: Sequence[str],
+               num_images: int, cam: bool = False, title: str | None = None) -> Path:
+    """``tscd infer --grid N``: ``<out>/grid.png`` of the first ``num_images`` inputs from what infer wrote:
+    image | CAM heat map (with ``--cam``) | prediction. No pseudo label or ground truth (infer has no labels)."""
+    from PIL import Image
+
+    from tscd.data.classes import PALETTE
+    from tscd.data.io import load_image
+
+    if num_images < 1:
+        raise ValueError(f"`--grid` must be >= 1 (images in the picture); got {num_images}")
+    out_dir = Path(out_dir)
+    rows = []
+    for path in list(image_paths)[:num_images]:
+        stem = Path(path).stem
+        row = {"image": load_image(path), "pred": np.asarray(Image.open(out_dir / f"{stem}.png"))}
+        if cam:
+            row["cam"] = np.asarray(Image.open(out_dir / "cam" / f"{stem}.png").convert("RGB"))
+        rows.append(row)
+    return save_grid(out_dir / "grid.png", rows, class_names, PALETTE, title=title)
 
 
 def write_run_pictures(trainer, num_images: int = 6) -> dict[str, Path]:
