@@ -18,10 +18,11 @@ SHORT = ["data.demo_size=64", "data.crop_size=64", "data.demo_num_train=200", "d
          "data.batch_size=8", "model.decoder_dim=32", "loss.scd_samples=12", "pseudo.refine_iters=5",
          "train.max_iters=200", "train.cam_iters=150", "optim.warmup_iters=20", "train.log_iters=50",
          "train.ckpt_iters=1000", "train.tensorboard=false", "train.plots=false"]
-#: Measured once (2-core CPU, torch 2.14.1, seed 0): seg 18.9, CAM 32.7, pseudo 39.2 against chance 14.3.
-#: Thresholds leave room for other CPUs' float rounding; a broken CAM, refinement or seg loss lands near chance.
-MIN_MIOU = {"cam": 25.0, "pseudo": 30.0}
-MIN_SEG_OVER_CHANCE = 2.0
+#: Measured (2 threads, torch 2.14.1, seed 0): seg 18.89, CAM 32.68, pseudo 39.16 against chance 14.26, the same to
+#: the printed digits on an AMD EPYC (2026-11) and an Intel Xeon (2026-12-01). The thresholds sit about 10 % below
+#: that, room for other CPUs' float rounding and older torch; a broken CAM, refinement or seg loss lands near chance.
+MIN_MIOU = {"cam": 29.0, "pseudo": 35.0}
+MIN_SEG_OVER_CHANCE = 3.0
 
 
 def test_shortened_demo_beats_chance_by_a_margin(tmp_path, capsys):
