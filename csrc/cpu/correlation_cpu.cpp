@@ -19,7 +19,7 @@ namespace tscd {
 namespace {
 
 using correlation::Sizes;
-constexpr int kRows = 4;      // outer points per block (register/L1 reuse of each inner feature read)
+constexpr int kRows = 8;      // outer points per block (register/L1 reuse of each inner feature read)
 constexpr int kChunk = 256;   // inner points per tile
 constexpr int kV = 16;        // inner points per register block (one AVX-512 / two AVX2 vectors of floats)
 constexpr int kPanel = 64;    // outer points per backward work item (a multiple of kRows): each chunk of inner
