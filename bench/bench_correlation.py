@@ -105,6 +105,11 @@ def main() -> None:
                                  ms_p80=t["ms_p80"], peak_mib=mem / 2 ** 20, loss=loss, check=check))
                 print(f"{size} {backend} {mode}: {t['ms']:.1f} ms, {mem / 2 ** 20:.1f} MiB, {check}", flush=True)
     base = {(r["size"], r["mode"]): r for r in rows if r["backend"] == "torch" and "ms" in r}
+    fwd = {(r["size"], r["backend"]): r["ms"] for r in rows if r["mode"] == "fwd" and "ms" in r}
+    for r in rows:
+        if r["mode"] == "fwd_bwd" and "ms" in r and (r["size"], r["backend"]) in fwd:
+            r["vs_fwd"] = r["ms"] / fwd[(r["size"], r["backend"])]
+            print(f"{r['size']} {r['backend']}: fwd_bwd / fwd = {r['vs_fwd']:.2f}", flush=True)
     for r in rows:
         b = base.get((r["size"], r["mode"]))
         if b is not None and "ms" in r and r["backend"] != "torch":
@@ -112,13 +117,15 @@ def main() -> None:
             r["mem_ratio"] = b["peak_mib"] / max(r["peak_mib"], 1e-9)
     columns = [("size", "S"), ("N1", "N1"), ("N2", "N2"), ("backend", "backend"), ("mode", "mode"),
                ("ms", "median ms"), ("ms_p20", "p20"), ("ms_p80", "p80"), ("peak_mib", "peak MiB"),
-               ("speedup", "speed-up vs torch"), ("mem_ratio", "memory ratio vs torch"), ("check", "vs reference"),
+               ("vs_fwd", "fwd_bwd / fwd"), ("speedup", "speed-up vs torch"), ("mem_ratio", "memory ratio vs torch"),
+               ("check", "vs reference"),
                ("note", "note")]
     notes = (f"Batch {B}, teacher Ct={CT}, student Cs={CS}, view 1 {SIZE1[0]}x{SIZE1[1]}, view 2 {SIZE2[0]}x{SIZE2[1]} "
              "(1/4 resolution of a 320 crop, view 2 at x0.3). S: random S x S points per view; dense: every pixel. "
              "Time and peak memory cover the sampling, normalisation and the loss (fwd) plus its backward to the "
              "student maps (fwd_bwd). CPU peak memory: torch CPU allocator, replayed from the profiler's "
-             "memory events (tensor bytes, not RSS).")
+             "memory events (tensor bytes, not RSS). fwd_bwd / fwd: forward+backward time over "
+             "forward time (same backend and size).")
     paths = write_results("correlation", env, rows, columns, out_dir=args.out, notes=notes)
     print("wrote", *paths)
 

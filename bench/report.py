@@ -39,14 +39,17 @@ def traffic(op: str, row: dict) -> tuple[float, float] | None:
         mult = 2 if row.get("mode") == "fwd_bwd" else 1
         return bytes_ * mult, flops * mult
     if op == "correlation" and row.get("N1") and row.get("N2"):
-        # sampled features in, nothing N1 x N2 out: read t1, t2 (Ct = 20) and s1, s2 (Cs = 21) once, B = 2;
-        # fwd: two dot products per pair (teacher and student); fwd_bwd adds the masked GEMMs for ds1, ds2 (~3x).
+        # sampled features in, nothing N1 x N2 out, B = 2, t1, t2 (Ct = 20), s1, s2 (Cs = 21). fwd: read the four
+        # once; two dot products per pair (teacher and student). The backward computes each (i, j) tile of G and
+        # F once more and takes both student gradients from it (ds1 += D s2, ds2 += D^T s1: 2 Cs FMAs per pair),
+        # reading the features again and writing ds1, ds2 (the bench's gradients reach the student only).
         B, ct, cs = 2, 20, 21
         n1, n2 = row["N1"], row["N2"]
         bytes_ = 4 * B * (n1 + n2) * (ct + cs)
         flops = 2 * B * n1 * n2 * (ct + cs)
-        mult = 3 if row.get("mode") == "fwd_bwd" else 1
-        return bytes_ * (2 if mult == 3 else 1), flops * mult
+        if row.get("mode") == "fwd_bwd":
+            return 2 * bytes_ + 4 * B * (n1 + n2) * cs, 2 * flops + 2 * B * n1 * n2 * 2 * cs
+        return bytes_, flops
     if op == "permutohedral" and row.get("what") == "filter":
         # estimate: N points on the x0.5 grid, D = 5, each splats to D + 1 vertices; K values per vertex are
         # written (splat), read and written once per lattice direction (blur, D + 1 passes), read (slice).

@@ -13,8 +13,9 @@
 //   E_ij = g_b * P(G_ij)
 //   ds1_i = sum_j D_ij s2_j   ds2_j = sum_i D_ij s1_i   dt1_i = sum_j E_ij t2_j   dt2_j = sum_i E_ij t1_i
 //   dc_i = sum_j E_ij
-// A "row pass" streams j for a block of rows i (out_b, ds1, dt1, dc); a "column pass" streams i for a
-// block of columns j (ds2, dt2). Neither materialises N1 x N2; tiles are recomputed in the backward.
+// CUDA: a "row pass" streams j for a block of rows i (out_b, ds1, dt1, dc); a "column pass" streams i for
+// a block of columns j (ds2, dt2). CPU: one backward sweep computes each (i, j) tile once and takes both
+// sides' gradients from it. Neither materialises N1 x N2; tiles are recomputed in the backward.
 #pragma once
 
 #include <c10/macros/Macros.h>

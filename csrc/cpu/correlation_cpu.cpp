@@ -1,6 +1,8 @@
-// correlation (SCD loss) on the CPU: at::parallel_for (OpenMP) over (image, block of kRows outer points);
-// each block streams the inner points in chunks of kChunk, recomputing its (kRows x kChunk) tile of F and G
-// in a small stack buffer. The per-pair math is csrc/correlation.h; memory beyond the inputs is O(B*N*C).
+// correlation (SCD loss) on the CPU: at::parallel_for (OpenMP) over (image, block of kRows view-1 points);
+// each block streams the view-2 points in chunks of kChunk, computing its (kRows x kChunk) tile of F and G
+// in a small stack buffer. The backward computes each tile once and takes both sides' gradients from it
+// (ds1 += D s2 and ds2 += D^T s1 in one sweep over the channels; view-2 sums in per-part buffers). The
+// per-pair math is csrc/correlation.h; memory beyond the inputs is O(threads*B*N*C).
 // Inner features are read transposed ((C, N) per image) so the innermost loops run over points, contiguous
 // and vectorisable; reductions use `omp simd reduction`.
 #include <ATen/ATen.h>
@@ -17,9 +19,11 @@ namespace tscd {
 namespace {
 
 using correlation::Sizes;
-constexpr int kRows = 4;      // outer points per block (register/L1 reuse of each inner feature read)
+constexpr int kRows = 8;      // outer points per block (register/L1 reuse of each inner feature read)
 constexpr int kChunk = 256;   // inner points per tile
 constexpr int kV = 16;        // inner points per register block (one AVX-512 / two AVX2 vectors of floats)
+constexpr int kPanel = 64;    // outer points per backward work item (a multiple of kRows): each chunk of inner
+                              // features and gradients is read from cache by its kPanel / kRows blocks
 
 #define TSCD_CORRELATION_ISA isa_default
 #include "correlation_cpu_pass.h"
@@ -55,8 +59,8 @@ int isa_level() {
 }
 
 template <typename PassT, typename scalar_t>
-PassT make_pass(const at::Tensor& out_s, const at::Tensor& out_t, const at::Tensor& in_sT,
-                                       const at::Tensor& in_tT, const at::Tensor& offset, int64_t b, bool clamp) {
+PassT make_pass(const at::Tensor& out_s, const at::Tensor& out_t, const at::Tensor& in_sT, const at::Tensor& in_tT,
+                const at::Tensor& offset, int64_t b, bool clamp) {
   const int64_t n_out = out_s.size(1), n_in = in_sT.size(2), Cs = out_s.size(2), Ct = out_t.size(2);
   PassT p;
   p.out_s = out_s.data_ptr<scalar_t>() + b * n_out * Cs;
@@ -74,47 +78,48 @@ PassT make_pass(const at::Tensor& out_s, const at::Tensor& out_t, const at::Tens
 
 inline int64_t blocks_of(int64_t n) { return (n + kRows - 1) / kRows; }
 
-// The loops of the forward and of both backward passes, for one instruction set's Pass.
-template <template <typename, bool> class PassT, typename scalar_t>
+// The loops of the forward and of the backward, for one instruction set's Pass.
+template <template <typename> class PassT, typename scalar_t>
 void forward_all(const at::Tensor& t1, const at::Tensor& s1, const at::Tensor& s2T, const at::Tensor& t2T,
                  const at::Tensor& offset, const Sizes& z, bool clamp, std::vector<double>& partial) {
   const int64_t nb = blocks_of(z.N1);
   at::parallel_for(0, z.B * nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / nb, o0 = (w % nb) * kRows;
-      const auto pass = make_pass<PassT<scalar_t, false>, scalar_t>(s1, t1, s2T, t2T, offset, b, clamp);
+      const auto pass = make_pass<PassT<scalar_t>, scalar_t>(s1, t1, s2T, t2T, offset, b, clamp);
       partial[w] = pass.forward(o0, static_cast<int>(std::min<int64_t>(kRows, z.N1 - o0)));
     }
   });
 }
 
-template <template <typename, bool> class PassT, typename scalar_t>
+// One sweep over (image, panel of kPanel view-1 points), split into `parts` contiguous ranges run in parallel.
+// The view-1 gradients (ds1, dt1, dc) belong to their panel; the view-2 ones are summed over all panels, so each
+// part accumulates them into its own transposed buffer (parts, B, C, N2), reduced at the end (the split and the
+// summation order depend only on the thread count: deterministic for a given one).
+template <template <typename> class PassT, typename scalar_t>
 void backward_all(const scalar_t* g, const at::Tensor& t1, const at::Tensor& t2, const at::Tensor& s1,
                   const at::Tensor& s2, const at::Tensor& offset, const Sizes& z, bool clamp, bool teacher_grad,
                   at::Tensor& ds1, at::Tensor& ds2, at::Tensor& dt1, at::Tensor& dt2, at::Tensor& dc) {
-  const at::Tensor s1T = s1.transpose(1, 2).contiguous(), t1T = t1.transpose(1, 2).contiguous();
   const at::Tensor s2T = s2.transpose(1, 2).contiguous(), t2T = t2.transpose(1, 2).contiguous();
-  const int64_t nb1 = blocks_of(z.N1), nb2 = blocks_of(z.N2);
-  // row pass: ds1, dt1, dc (outer = view-1 points)
-  at::parallel_for(0, z.B * nb1, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t b = w / nb1, o0 = (w % nb1) * kRows;
-      const auto pass = make_pass<PassT<scalar_t, false>, scalar_t>(s1, t1, s2T, t2T, offset, b, clamp);
-      pass.backward(o0, static_cast<int>(std::min<int64_t>(kRows, z.N1 - o0)), g[b], teacher_grad, teacher_grad,
-                    ds1.data_ptr<scalar_t>() + b * z.N1 * z.Cs, dt1.data_ptr<scalar_t>() + b * z.N1 * z.Ct,
-                    dc.data_ptr<scalar_t>() + b * z.N1);
+  const int64_t np = (z.N1 + kPanel - 1) / kPanel, work = z.B * np;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work));
+  at::Tensor ds2T = at::zeros({parts, z.B, z.Cs, z.N2}, s2.options());
+  at::Tensor dt2T = teacher_grad ? at::zeros({parts, z.B, z.Ct, z.N2}, t2.options()) : at::Tensor();
+  at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      for (int64_t w = work * q / parts; w < work * (q + 1) / parts; ++w) {
+        const int64_t b = w / np, p0 = (w % np) * kPanel;
+        const auto pass = make_pass<PassT<scalar_t>, scalar_t>(s1, t1, s2T, t2T, offset, b, clamp);
+        scalar_t* dt2q = teacher_grad ? dt2T.data_ptr<scalar_t>() + (q * z.B + b) * z.Ct * z.N2 : nullptr;
+        pass.backward(p0, std::min<int64_t>(kPanel, z.N1 - p0), g[b], teacher_grad, teacher_grad,
+                      ds1.data_ptr<scalar_t>() + b * z.N1 * z.Cs, dt1.data_ptr<scalar_t>() + b * z.N1 * z.Ct,
+                      dc.data_ptr<scalar_t>() + b * z.N1, ds2T.data_ptr<scalar_t>() + (q * z.B + b) * z.Cs * z.N2,
+                      dt2q);
+      }
     }
   });
-  // column pass: ds2, dt2 (outer = view-2 points; the offset c_i is read by the inner index i)
-  at::parallel_for(0, z.B * nb2, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t b = w / nb2, o0 = (w % nb2) * kRows;
-      const auto pass = make_pass<PassT<scalar_t, true>, scalar_t>(s2, t2, s1T, t1T, offset, b, clamp);
-      pass.backward(o0, static_cast<int>(std::min<int64_t>(kRows, z.N2 - o0)), g[b], teacher_grad, false,
-                    ds2.data_ptr<scalar_t>() + b * z.N2 * z.Cs, dt2.data_ptr<scalar_t>() + b * z.N2 * z.Ct,
-                    nullptr);
-    }
-  });
+  ds2 = (parts == 1 ? ds2T[0] : ds2T.sum(0)).transpose(1, 2).contiguous();
+  if (teacher_grad) dt2 = (parts == 1 ? dt2T[0] : dt2T.sum(0)).transpose(1, 2).contiguous();
 }
 
 at::Tensor correlation_fwd_cpu(const at::Tensor& t1, const at::Tensor& t2, const at::Tensor& s1,
@@ -150,8 +155,8 @@ std::vector<at::Tensor> correlation_bwd_cpu(const at::Tensor& grad, const at::Te
                                             bool clamp_student, bool teacher_grad) {
   TSCD_CHECK_CPU("correlation", t1);
   const Sizes z = correlation::check_inputs("correlation", t1, t2, s1, s2, offset, grad);
-  at::Tensor ds1 = at::zeros_like(s1), ds2 = at::zeros_like(s2);
-  at::Tensor dt1 = at::zeros_like(t1), dt2 = at::zeros_like(t2), dc = at::zeros_like(offset);
+  at::Tensor ds1 = at::zeros_like(s1), ds2;
+  at::Tensor dt1 = at::zeros_like(t1), dt2, dc = at::zeros_like(offset);
   AT_DISPATCH_FLOATING_TYPES(t1.scalar_type(), "correlation_bwd_cpu", [&] {
     const scalar_t* g = grad.data_ptr<scalar_t>();
 #ifdef TSCD_CORRELATION_X86
@@ -168,6 +173,7 @@ std::vector<at::Tensor> correlation_bwd_cpu(const at::Tensor& grad, const at::Te
                                                 ds2, dt1, dt2, dc);
     }
   });
+  if (!dt2.defined()) dt2 = at::zeros_like(t2);
   return {ds1, ds2, dt1, dt2, dc};
 }
 

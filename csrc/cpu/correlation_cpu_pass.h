@@ -4,9 +4,9 @@
 // Expects kRows, kChunk, kV and the includes of correlation_cpu.cpp.
 namespace TSCD_CORRELATION_ISA {
 
-// One pass over one image. Outer points o (n_out, *) row-major, inner points transposed (C, n_in).
-// kOffsetInner: the offset c is indexed by the inner point (column pass) instead of the outer one.
-template <typename scalar_t, bool kOffsetInner>
+// The loops over one image. Outer (view-1) points o (n_out, *) row-major, inner (view-2) points transposed
+// (C, n_in); the offset c is indexed by the outer point.
+template <typename scalar_t>
 struct Pass {
   const scalar_t* out_s;  // (n_out, Cs)
   const scalar_t* out_t;  // (n_out, Ct)
@@ -53,30 +53,9 @@ struct Pass {
     dots(out_t, in_tT, Ct, n_in, o0, rows, j0, nj, f);
     for (int r = 0; r < rows; ++r) {
       scalar_t* fr = f[r];
-      if (kOffsetInner) {
-        const scalar_t* off = offset + j0;
+      const scalar_t off = offset[o0 + r];
 #pragma omp simd
-        for (int j = 0; j < nj; ++j) fr[j] += off[j];
-      } else {
-        const scalar_t off = offset[o0 + r];
-#pragma omp simd
-        for (int j = 0; j < nj; ++j) fr[j] += off;
-      }
-    }
-  }
-
-  // out[o0 + r][c] += sum_j w[r][j] * inT[c][j0 + j]: a (rows x nj) x (nj x C) product as vectorised dot products
-  static void accumulate(const scalar_t (*w)[kChunk], const scalar_t* inT, int64_t C, int64_t n_in, int64_t o0,
-                         int rows, int64_t j0, int nj, scalar_t* out) {
-    for (int r = 0; r < rows; ++r) {
-      const scalar_t* wr = w[r];
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* col = inT + c * n_in + j0;
-        scalar_t t = 0;
-#pragma omp simd reduction(+ : t)
-        for (int j = 0; j < nj; ++j) t += wr[j] * col[j];
-        out[(o0 + r) * C + c] += t;
-      }
+      for (int j = 0; j < nj; ++j) fr[j] += off;
     }
   }
 
@@ -98,34 +77,108 @@ struct Pass {
     return total;
   }
 
-  // gradients of the block's outer points: ds (rows, Cs), dt (rows, Ct) (if with_t), dc (rows) (if with_c)
-  void backward(int64_t o0, int rows, scalar_t grad, bool with_t, bool with_c, scalar_t* ds, scalar_t* dt,
-                scalar_t* dc) const {
-    scalar_t d[kRows][kChunk], e[kRows][kChunk];
-    for (int64_t j0 = 0; j0 < n_in; j0 += kChunk) {
-      const int nj = static_cast<int>(std::min<int64_t>(kChunk, n_in - j0));
-      tile(o0, rows, j0, nj, d, e);  // d <- G, e <- F + c
-      const bool cl = clamp;
-      for (int r = 0; r < rows; ++r) {
-        scalar_t* dr = d[r];
-        scalar_t* er = e[r];
+  // Both products of one gradient tile w (rows x nj, rows >= `rows` zero) in one sweep over its channels:
+  //   sum_v rows_acc[r][c][v] += sum_j w[r][j] * inT[c][j0 + j]     (the outer points' gradient, kV partials)
+  //   colsT[c][j0 + j]        += sum_r out[o0 + r][c] * w[r][j]      (the inner points' gradient, transposed)
+  // Each w vector loaded for one channel feeds both (2 FMAs per load); kRows row accumulators per channel, kept
+  // as vectors (rows_acc, (rows, C, kV)) so the horizontal sums happen once per panel, not once per tile.
+  static void accumulate_both(const scalar_t (*w)[kChunk], const scalar_t* inT, const scalar_t* out, int64_t C,
+                              int64_t n_in, int64_t o0, int rows, int64_t j0, int nj, scalar_t* rows_acc,
+                              scalar_t* colsT) {
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* __restrict col = inT + c * n_in + j0;
+      scalar_t* __restrict dst = colsT + c * n_in + j0;
+      scalar_t a[kRows];
+      for (int r = 0; r < kRows; ++r) a[r] = r < rows ? out[(o0 + r) * C + c] : scalar_t(0);
+      scalar_t s[kRows][kV] = {};
+      int j = 0;
+      for (; j + kV <= nj; j += kV) {
+        // pointers, not `j + v` indices: the build's -fwrapv would make those look non-contiguous (gathers)
+        const scalar_t* __restrict cj = col + j;
+        scalar_t* __restrict dj = dst + j;
+        const scalar_t* wj[kRows];
+        for (int r = 0; r < kRows; ++r) wj[r] = w[r] + j;
 #pragma omp simd
-        for (int j = 0; j < nj; ++j) {
-          scalar_t dd, ee;
-          correlation::pair_grads<scalar_t>(dr[j], er[j], cl, grad, &dd, &ee);
-          dr[j] = dd;
-          er[j] = ee;
-        }
-        if (with_c) {
-          scalar_t s = 0;
-#pragma omp simd reduction(+ : s)
-          for (int j = 0; j < nj; ++j) s += er[j];
-          dc[o0 + r] += s;
+        for (int v = 0; v < kV; ++v) {
+          const scalar_t x = cj[v];
+          scalar_t y = dj[v];
+          for (int r = 0; r < kRows; ++r) {
+            const scalar_t wv = wj[r][v];
+            s[r][v] += wv * x;
+            y += a[r] * wv;
+          }
+          dj[v] = y;
         }
       }
-      accumulate(d, in_sT, Cs, n_in, o0, rows, j0, nj, ds);
-      if (with_t) accumulate(e, in_tT, Ct, n_in, o0, rows, j0, nj, dt);
+      for (; j < nj; ++j) {  // at most kV - 1 inner points
+        scalar_t y = dst[j];
+        for (int r = 0; r < kRows; ++r) {
+          s[r][0] += w[r][j] * col[j];
+          y += a[r] * w[r][j];
+        }
+        dst[j] = y;
+      }
+      for (int r = 0; r < rows; ++r) {
+        scalar_t* acc = rows_acc + (r * C + c) * kV;
+#pragma omp simd
+        for (int v = 0; v < kV; ++v) acc[v] += s[r][v];
+      }
     }
+  }
+
+  // out[o][c] += sum_v acc[(o * C + c) * kV + v] for o < n: the horizontal sums of accumulate_both's partials
+  static void reduce_rows(const scalar_t* acc, int64_t n, int64_t C, scalar_t* out) {
+    for (int64_t k = 0; k < n * C; ++k) {
+      scalar_t t = 0;
+      for (int v = 0; v < kV; ++v) t += acc[k * kV + v];
+      out[k] += t;
+    }
+  }
+
+  // The whole backward of a panel of outer (view-1) points [p0, p0 + prows) against every inner (view-2) point,
+  // chunk by chunk: each (kRows x kChunk) tile of G and F is computed once and feeds both sides' gradients, and
+  // a chunk's inner features and gradients stay in cache while every kRows block of the panel visits them.
+  // Outer side, owned by the panel: ds (n_out, Cs), dt (n_out, Ct) (if with_t), dc (n_out) (if with_c). Inner
+  // side, accumulated into the caller's (per-part) transposed buffers ds_inT (Cs, n_in), dt_inT (Ct, n_in).
+  void backward(int64_t p0, int64_t prows, scalar_t grad, bool with_t, bool with_c, scalar_t* ds, scalar_t* dt,
+                scalar_t* dc, scalar_t* ds_inT, scalar_t* dt_inT) const {
+    scalar_t d[kRows][kChunk], e[kRows][kChunk];
+    std::vector<scalar_t> ds_acc(prows * Cs * kV, scalar_t(0)), dt_acc(with_t ? prows * Ct * kV : 0, scalar_t(0));
+    const bool cl = clamp;
+    for (int64_t j0 = 0; j0 < n_in; j0 += kChunk) {
+      const int nj = static_cast<int>(std::min<int64_t>(kChunk, n_in - j0));
+      for (int64_t o0 = p0; o0 < p0 + prows; o0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, p0 + prows - o0));
+        tile(o0, rows, j0, nj, d, e);  // d <- G, e <- F + c
+        for (int r = 0; r < rows; ++r) {
+          scalar_t* dr = d[r];
+          scalar_t* er = e[r];
+#pragma omp simd
+          for (int j = 0; j < nj; ++j) {
+            scalar_t dd, ee;
+            correlation::pair_grads<scalar_t>(dr[j], er[j], cl, grad, &dd, &ee);
+            dr[j] = dd;
+            er[j] = ee;
+          }
+          if (with_c) {
+            scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+            for (int j = 0; j < nj; ++j) s += er[j];
+            dc[o0 + r] += s;
+          }
+        }
+        for (int r = rows; r < kRows; ++r) {  // padding rows: exact zeros (a NaN inner point must not leak in)
+          std::fill(d[r], d[r] + nj, scalar_t(0));
+          std::fill(e[r], e[r] + nj, scalar_t(0));
+        }
+        accumulate_both(d, in_sT, out_s, Cs, n_in, o0, rows, j0, nj, ds_acc.data() + (o0 - p0) * Cs * kV, ds_inT);
+        if (with_t) {
+          accumulate_both(e, in_tT, out_t, Ct, n_in, o0, rows, j0, nj, dt_acc.data() + (o0 - p0) * Ct * kV, dt_inT);
+        }
+      }
+    }
+    reduce_rows(ds_acc.data(), prows, Cs, ds + p0 * Cs);
+    if (with_t) reduce_rows(dt_acc.data(), prows, Ct, dt + p0 * Ct);
   }
 };
 

@@ -276,6 +276,70 @@ def _core_args(B=2, N1=7, N2=5, Ct=3, Cs=4):
     return t1, t2, s1, s2, torch.randn(B, N1) * 0.1
 
 
+def _core_torch(t1, t2, s1, s2, offset, clamp):
+    """sum_ij P(s1_i . s2_j) (t1_i . t2_j + c_i) per image, materialised (the fused core's definition)."""
+    g = s1 @ s2.transpose(1, 2)
+    p = g.clamp(min=0) if clamp else g
+    return (p * (t1 @ t2.transpose(1, 2) + offset.unsqueeze(-1))).sum(dim=(1, 2))
+
+
+# (B, N1, N2): N1 around the C++ backward's panel (64 view-1 points) and register block (8), N1 < 8 (padding
+# rows only), N2 around its chunk (256 view-2 points) and vector block (16), N2 < 16, N = 1.
+CORE_SIZES = [(1, 1, 1), (2, 3, 5), (1, 7, 300), (2, 64, 16), (1, 65, 257), (3, 129, 17), (2, 200, 513)]
+
+
+@pytest.mark.skipif(not has_cpp(), reason="tscd._C not built")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("B,N1,N2", CORE_SIZES)
+def test_correlation_cpp_core_tiling(B, N1, N2, threads):
+    """The raw C++ op, forward and backward (both views' gradients, teacher ones included), against autograd of
+    the materialised core on sizes that straddle every tile of the C++ kernel, split over 1-3 parts."""
+    dtype = torch.float64
+    t1, t2 = (F.normalize(torch.randn(B, n, 20, dtype=dtype), dim=-1) for n in (N1, N2))
+    s1, s2 = (F.normalize(torch.randn(B, n, 21, dtype=dtype), dim=-1) for n in (N1, N2))
+    offset = torch.randn(B, N1, dtype=dtype) * 0.3
+    grad = torch.randn(B, dtype=dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for clamp in (True, False):
+            leaves = [x.clone().requires_grad_() for x in (t1, t2, s1, s2, offset)]
+            ref = _core_torch(*leaves, clamp)
+            ref_grads = torch.autograd.grad(ref, leaves, grad)
+            out = torch.ops.tscd.correlation_fwd(t1, t2, s1, s2, offset, clamp)
+            assert_close(out, ref, rtol=1e-12, atol=1e-12, name=f"core fwd {B, N1, N2}")
+            ds1, ds2, dt1, dt2, dc = torch.ops.tscd.correlation_bwd(grad, t1, t2, s1, s2, offset, clamp, True)
+            for name, g, r in zip(("dt1", "dt2", "ds1", "ds2", "dc"), (dt1, dt2, ds1, ds2, dc), ref_grads):
+                assert_close(g, r, rtol=1e-10, atol=1e-12, name=f"core {name} {B, N1, N2} clamp={clamp}")
+            # without the teacher: same student gradients, teacher ones zero
+            ds1_s, ds2_s, dt1_s, dt2_s, dc_s = torch.ops.tscd.correlation_bwd(grad, t1, t2, s1, s2, offset, clamp,
+                                                                               False)
+            assert torch.equal(ds1_s, ds1) and torch.equal(ds2_s, ds2)
+            assert not (dt1_s.any() or dt2_s.any() or dc_s.any())
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not has_cpp(), reason="tscd._C not built")
+@pytest.mark.parametrize("N1", [5, 70])
+def test_correlation_cpp_core_nan_stays_local(N1):
+    """A NaN view-2 point poisons only what the reference poisons: its own ds2 stays finite (the clamp passes no
+    gradient through a NaN G), so the padding rows of a partial register block (N1 % 8 != 0) must not leak it."""
+    B, N2 = 1, 40
+    t1, t2 = (F.normalize(torch.randn(B, n, 3, dtype=torch.float64), dim=-1) for n in (N1, N2))
+    s1, s2 = (F.normalize(torch.randn(B, n, 4, dtype=torch.float64), dim=-1) for n in (N1, N2))
+    s2[0, 17] = float("nan")
+    offset = torch.randn(B, N1, dtype=torch.float64) * 0.1
+    grad = torch.ones(B, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_() for x in (t1, t2, s1, s2, offset)]
+    ref_grads = torch.autograd.grad(_core_torch(*leaves, True), leaves, grad)
+    got = torch.ops.tscd.correlation_bwd(grad, t1, t2, s1, s2, offset, True, True)
+    for name, g, r in zip(("ds1", "ds2", "dt1", "dt2", "dc"), got, [ref_grads[i] for i in (2, 3, 0, 1, 4)]):
+        assert torch.equal(torch.isnan(g), torch.isnan(r)), name
+        assert_close(torch.nan_to_num(g), torch.nan_to_num(r), rtol=1e-10, atol=1e-12, name=name)
+    assert not torch.isnan(got[1]).any()  # ds2, the NaN point's included
+
+
 @pytest.mark.skipif(not has_cpp(), reason="tscd._C not built")
 def test_correlation_opcheck_cpp():
     args = _core_args()

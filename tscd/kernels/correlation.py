@@ -12,7 +12,8 @@ N1 x N2 tensors per image) and the fused ``cuda``, ``triton`` and ``cpp`` (OpenM
 ones share the sampling and normalisation (PyTorch, O(B*N*C)); centring and shift are folded into one
 offset per view-1 point, c_i = -t1_i . mean_j t2_j + mean F - shift, computed in O(N*C) since F is
 bilinear; the core then streams (i, j) tiles accumulating sum_ij P(G_ij) (F_ij + c_i) and, backward,
-the masked GEMM-like gradients of the features, recomputing tiles: memory O(B*(N1+N2)*C) both ways.
+the masked GEMM-like gradients of the features, recomputing tiles: memory O(B*(N1+N2)*C) both ways (the
+``cpp`` backward computes each tile once for both views' gradients, with one view-2 gradient buffer per thread).
 Gradients: to the student maps on every backend (through the sampling); to the teacher maps only
 with ``teacher_grad=True`` (every backend).
 """
