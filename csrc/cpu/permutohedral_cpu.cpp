@@ -1,12 +1,16 @@
 // permutohedral on the CPU. Per image, the lattice is built once (positions, barycentric weights, a hash table
 // of the vertices with compact indices, the blur neighbours of every vertex) and reused for all K channels;
 // then at::parallel_for (OpenMP) runs over (image, channel): splat, d+1 blur passes, slice. Math: permutohedral.h.
+// dense_crf_fwd has its own fused, channel-contiguous mean-field loop (see "Mean-field dense CRF" below). The hash
+// table is filled in point order (a vertex of the previous point is matched without probing) and probed in
+// batches with prefetches, so that the cache misses of a batch overlap.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -93,6 +97,16 @@ class HashTable {
 
 constexpr int kBatch = 16;  // points / vertices whose hash probes are issued together
 
+// Keys and barycentric weights of the points i0..i1-1 (compiled per ISA: rounding is one instruction from SSE4.1).
+template <typename scalar_t>
+TSCD_CPU_MULTIVERSION void embed_points(const scalar_t* feat, int64_t N, int d, const scalar_t* scale, int* keys,
+                                        scalar_t* w, int64_t i0, int64_t i1) {
+  const int d1 = d + 1;
+  for (int64_t i = i0; i < i1; ++i) {
+    perm::embed_point<scalar_t, scalar_t>(feat + i, N, d, scale, keys + i * d1 * d, w + i * d1);
+  }
+}
+
 template <typename scalar_t>
 void build_lattice(const scalar_t* feat, int d, int64_t N, Lattice<scalar_t>& L) {
   const int d1 = d + 1;
@@ -103,11 +117,9 @@ void build_lattice(const scalar_t* feat, int d, int64_t N, Lattice<scalar_t>& L)
   scalar_t scale[kMaxDim];
   for (int j = 0; j < d; ++j) scale[j] = static_cast<scalar_t>(perm::feature_scale(j, d));
   // keys and weights of every point (parallel when the caller is not already in a parallel region)
-  std::vector<int> keys(N * d1 * d);
+  std::unique_ptr<int[]> keys(new int[N * d1 * d]);  // every entry is written below
   at::parallel_for(0, N, 2048, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      perm::embed_point<scalar_t, scalar_t>(feat + i, N, d, scale, keys.data() + i * d1 * d, L.w.data() + i * d1);
-    }
+    embed_points<scalar_t>(feat, N, d, scale, keys.get(), L.w.data(), i0, i1);
   });
   // Insertion in point order (the vertex numbering). Neighbouring points mostly share their simplex's vertices:
   // a vertex of the previous point is matched by key compare alone, without a hash probe.
@@ -117,11 +129,11 @@ void build_lattice(const scalar_t* feat, int d, int64_t N, Lattice<scalar_t>& L)
   for (int64_t i0 = 0; i0 < N; i0 += kBatch) {
     const int64_t i1 = std::min<int64_t>(N, i0 + kBatch);
     for (int64_t p = i0 * d1; p < i1 * d1; ++p) {
-      hv[p - i0 * d1] = table.hash(keys.data() + p * d);
+      hv[p - i0 * d1] = table.hash(keys.get() + p * d);
       table.prefetch(hv[p - i0 * d1]);
     }
     for (int64_t i = i0; i < i1; ++i) {
-      const int* ki = keys.data() + i * d1 * d;
+      const int* ki = keys.get() + i * d1 * d;
       for (int r = 0; r < d1; ++r) {
         const int* key = ki + r * d;
         int32_t e = -1;
@@ -138,28 +150,29 @@ void build_lattice(const scalar_t* feat, int d, int64_t N, Lattice<scalar_t>& L)
   }
   const int64_t M = L.M = table.size();
   L.nbr.resize(M * d1 * 2);
+  // Only the + neighbours are looked up: n = m + u_j  <=>  m = n - u_j, so the - neighbour of n is m (the map is
+  // one-to-one, so no two threads write one entry); the rest have no - neighbour (the zero row M).
+  std::fill(L.nbr.begin(), L.nbr.end(), static_cast<int32_t>(M));
   at::parallel_for(0, M, 4096, [&](int64_t m0, int64_t m1) {
-    int nk[kBatch * 2 * (kMaxDim + 1)][kMaxDim];
-    uint32_t nh[kBatch * 2 * (kMaxDim + 1)];
+    int nk[kBatch * (kMaxDim + 1)][kMaxDim];
+    uint32_t nh[kBatch * (kMaxDim + 1)];
     for (int64_t mb = m0; mb < m1; mb += kBatch) {
       const int64_t me = std::min<int64_t>(m1, mb + kBatch);
       int q = 0;
       for (int64_t m = mb; m < me; ++m) {
-        for (int j = 0; j <= d; ++j) {
-          for (int side = 0; side < 2; ++side, ++q) {
-            perm::neighbour_key(table.key(m), d, j, side == 0 ? 1 : -1, nk[q]);
-            nh[q] = table.hash(nk[q]);
-            table.prefetch(nh[q]);
-          }
+        for (int j = 0; j <= d; ++j, ++q) {
+          perm::neighbour_key(table.key(m), d, j, 1, nk[q]);
+          nh[q] = table.hash(nk[q]);
+          table.prefetch(nh[q]);
         }
       }
       q = 0;
       for (int64_t m = mb; m < me; ++m) {
-        for (int j = 0; j <= d; ++j) {
-          for (int side = 0; side < 2; ++side, ++q) {
-            const int32_t e = table.find(nk[q], nh[q], false);
-            L.nbr[(j * M + m) * 2 + side] = e < 0 ? static_cast<int32_t>(M) : e;
-          }
+        for (int j = 0; j <= d; ++j, ++q) {
+          const int32_t e = table.find(nk[q], nh[q], false);
+          if (e < 0) continue;
+          L.nbr[(j * M + m) * 2] = e;
+          L.nbr[(j * M + e) * 2 + 1] = static_cast<int32_t>(m);
         }
       }
     }

@@ -37,7 +37,8 @@ def crf_scene(W: int, H: int, K: int = 21, seed: int = 0) -> tuple[np.ndarray, t
     for r in range(8):
         cx, cy, rad = (torch.rand(3, generator=g) * torch.tensor([W, H, 120.0 * s]) + torch.tensor([0, 0, 30.0 * s]))
         col = torch.randint(0, 256, (3,), generator=g).float()
-        m = (x - cx) ** 2 + (y - cy) ** 2 < rad ** 2 if r % 2 == 0 else ((x - cx).abs() < rad) & ((y - cy).abs() < rad / 2)
+        disc = (x - cx) ** 2 + (y - cy) ** 2 < rad ** 2
+        m = disc if r % 2 == 0 else ((x - cx).abs() < rad) & ((y - cy).abs() < rad / 2)
         img[:, m] = col.view(3, 1)
         lab[m] = 1 + r % (K - 1) if K > 1 else 0
     img = (img + torch.randint(-4, 5, (3, H, W), generator=g).float()).clamp(0, 255).round().to(torch.uint8)
