@@ -360,8 +360,9 @@ TSCD_CPU_MULTIVERSION void crf_splat(const int32_t* vtx, const T* w, int d1, int
 
 // One blur direction: dst[m] = blur(src[m], src[nb[2m]], src[nb[2m+1]]) (a missing neighbour is the zero row).
 template <typename T, int KP>
-TSCD_CPU_MULTIVERSION void crf_blur(const T* src, T* dst, const int32_t* nb, int64_t S, int64_t m0, int64_t m1) {
-  const int64_t W = KP > 0 ? KP : S;
+TSCD_CPU_MULTIVERSION void crf_blur(const T* src, T* dst, const int32_t* nb, int64_t S, int64_t width, int64_t m0,
+                                    int64_t m1) {
+  const int64_t W = KP > 0 ? KP : width;
   for (int64_t m = m0; m < m1; ++m) {
     const T* a = src + static_cast<int64_t>(nb[2 * m]) * S;
     const T* b = src + static_cast<int64_t>(nb[2 * m + 1]) * S;
@@ -426,33 +427,47 @@ TSCD_CPU_MULTIVERSION void crf_update(const CrfKernel<T>* ks, int nk, const T* n
   }
 }
 
-// splat + blur of the S channels of q (times nrm) on lattice L, in buffers a / b ((M + 1) x S each); returns the
-// one holding the result. Channels are split into column groups (multiples of 4) across the threads for the splat.
+// splat + blur of the channels c0 .. c0+w-1 of q (times nrm) on lattice L, in buffers a / b ((M + 1) x S each;
+// the result ends in a if d+1 is even, else in b). One thread runs it: the threads split the channels into
+// column groups, so that the d+1 blur passes need no barrier between them.
 template <typename T>
-T* crf_lattice_pass(const Lattice<T>& L, const T* q, const T* nrm, int64_t S, T* a, T* b) {
+void crf_lattice_columns(const Lattice<T>& L, const T* q, const T* nrm, int64_t S, int64_t c0, int64_t w, T* a,
+                         T* b) {
   const int d1 = L.d + 1;
+  with_width(w <= kCrfMaxKP ? w : 0, [&](auto kp) {
+    constexpr int KP = decltype(kp)::value;
+    T* x = a + c0;
+    T* y = b + c0;
+    crf_splat<T, KP>(L.vtx.data(), L.w.data(), d1, L.N, L.M, q + c0, nrm, S, w, x);
+    for (int j = 0; j < d1; ++j) {
+      crf_blur<T, KP>(x, y, L.nbr.data() + j * L.M * 2, S, w, 0, L.M);
+      std::fill(y + L.M * S, y + L.M * S + w, T(0));  // the zero row
+      std::swap(x, y);
+    }
+  });
+}
+
+// Every kernel's splat + blur of the S channels of q (times its nrm): tasks (kernel, column group) in parallel,
+// the column groups (multiples of 4 channels) one per thread. Returns each kernel's result buffer.
+template <typename T>
+std::vector<const T*> crf_lattice_pass(const std::vector<Lattice<T>>& lat, const T* q,
+                                       const std::vector<const T*>& nrm, int64_t S, std::vector<std::vector<T>>& va,
+                                       std::vector<std::vector<T>>& vb) {
+  const int64_t nk = static_cast<int64_t>(lat.size());
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const int64_t gw = S == 1 ? 1 : std::max<int64_t>(4, ((S + threads - 1) / threads + 3) / 4 * 4);
   const int64_t groups = (S + gw - 1) / gw;
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t c0 = g * gw, w = std::min<int64_t>(gw, S - c0);
-      with_width(w <= kCrfMaxKP ? w : 0, [&](auto kp) {
-        constexpr int KP = decltype(kp)::value;
-        crf_splat<T, KP>(L.vtx.data(), L.w.data(), d1, L.N, L.M, q + c0, nrm, S, w, a + c0);
-      });
+  // task t: kernel t % nk, group t / nk (at::parallel_for gives each thread a contiguous range of tasks: this
+  // order gives each thread its groups of every kernel, so cheap and costly kernels are shared evenly)
+  at::parallel_for(0, nk * groups, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k = t % nk, c0 = (t / nk) * gw;
+      crf_lattice_columns<T>(lat[k], q, nrm[k], S, c0, std::min<int64_t>(gw, S - c0), va[k].data(), vb[k].data());
     }
   });
-  with_width(S <= kCrfMaxKP ? S : 0, [&](auto kp) {
-    constexpr int KP = decltype(kp)::value;
-    for (int j = 0; j < d1; ++j) {
-      const int32_t* nb = L.nbr.data() + j * L.M * 2;
-      at::parallel_for(0, L.M, 2048, [&](int64_t m0, int64_t m1) { crf_blur<T, KP>(a, b, nb, S, m0, m1); });
-      std::fill(b + L.M * S, b + (L.M + 1) * S, T(0));  // the zero row
-      std::swap(a, b);
-    }
-  });
-  return a;
+  std::vector<const T*> out(nk);
+  for (int64_t k = 0; k < nk; ++k) out[k] = (lat[k].d + 1) % 2 == 0 ? va[k].data() : vb[k].data();
+  return out;
 }
 
 template <typename T>
@@ -465,22 +480,27 @@ void dense_crf_image(const T* unary, const std::vector<const T*>& feats, const s
   std::vector<std::vector<T>> va(nk), vb(nk);
   std::vector<CrfKernel<T>> ks(nk);
   std::vector<std::vector<T>> norms(nk);
+  std::vector<const T*> ones(nk), nrm(nk);
   const std::vector<T> one(N, T(1));
   for (int k = 0; k < nk; ++k) {
+    va[k].resize((lat[k].M + 1) * S);
+    vb[k].resize((lat[k].M + 1) * S);
+    ones[k] = one.data();
+  }
+  // n_k = (K_k 1)^-1/2: the lattice applied to ones (one channel, row stride 1)
+  const std::vector<const T*> v1 = crf_lattice_pass<T>(lat, one.data(), ones, 1, va, vb);
+  for (int k = 0; k < nk; ++k) {
     const Lattice<T>& L = lat[k];
-    va[k].resize((L.M + 1) * S);
-    vb[k].resize((L.M + 1) * S);
-    // n_k = (K_k 1)^-1/2: the lattice applied to ones (one channel, row stride 1)
     const T inv_gain = static_cast<T>(1.0 / perm::lattice_gain(L.d));
-    const T* v1 = crf_lattice_pass<T>(L, one.data(), one.data(), 1, va[k].data(), vb[k].data());
     norms[k].resize(N);
     at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         T acc = 0;
-        for (int r = 0; r <= L.d; ++r) acc += L.w[i * (L.d + 1) + r] * v1[L.vtx[i * (L.d + 1) + r]];
+        for (int r = 0; r <= L.d; ++r) acc += L.w[i * (L.d + 1) + r] * v1[k][L.vtx[i * (L.d + 1) + r]];
         norms[k][i] = perm::crf_norm(acc * inv_gain);
       }
     });
+    nrm[k] = norms[k].data();
     ks[k] = CrfKernel<T>{L.vtx.data(), L.w.data(), nullptr, norms[k].data(), inv_gain,
                          static_cast<T>(weights[k]), L.d + 1};
   }
@@ -501,9 +521,8 @@ void dense_crf_image(const T* unary, const std::vector<const T*>& feats, const s
   };
   update(0);
   for (int64_t it = 0; it < num_iter; ++it) {
-    for (int k = 0; k < nk; ++k) {
-      ks[k].V = crf_lattice_pass<T>(lat[k], q.data(), norms[k].data(), S, va[k].data(), vb[k].data());
-    }
+    const std::vector<const T*> v = crf_lattice_pass<T>(lat, q.data(), nrm, S, va, vb);
+    for (int k = 0; k < nk; ++k) ks[k].V = v[k];
     update(nk);
   }
   at::parallel_for(0, K, 1, [&](int64_t c0, int64_t c1) {
