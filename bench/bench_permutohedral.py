@@ -9,9 +9,15 @@ Rows:
           (plain sum and normalised) measured first on the same inputs;
   loss    dense_energy_loss forward and forward+backward at image size S (grid S/2), K classes, batch B;
   crf     dense_crf (10 iterations, docs/method.md 6 defaults) on one S x S image with K classes (lattice
-          backends only).
+          backends only);
+  crf 500x375 (CPU, --cases voc): dense_crf on a VOC-size image (W x H = 500 x 375, 21 classes, 10 iterations,
+          the eval's settings, tscd/eval/crf.py) on 1 and 2 threads (torch.set_num_threads: the op's
+          at::parallel_for uses torch's intra-op threads), beside pydensecrf2's DenseCRF2D with the same
+          parameters when it is importable (an optional peer, single-threaded: it has no threading), with the
+          time ratio cpp / pydensecrf2 and the fraction of pixels whose label equals pydensecrf2's.
 Inputs: a synthetic image with smooth shading, sharp edges and noise (natural images behave alike); random
-softmax probabilities. Results: bench/results/permutohedral-<device>.json and .md.
+softmax probabilities (voc: noisy softmax probabilities that follow the image's objects on most pixels).
+Results: bench/results/permutohedral-<device>.json and .md.
 """
 from __future__ import annotations
 
@@ -44,6 +50,81 @@ def synthetic_image(B: int, S: int, device: torch.device, seed: int = 0) -> torc
         img = img * (1 - box) + torch.tensor([30.0, 200, 60]).view(3, 1, 1) * box
         imgs.append(img + 6 * torch.randn(3, S, S, generator=g))
     return torch.stack(imgs).clamp(0, 255).to(device)
+
+
+def voc_scene(W: int = 500, H: int = 375, K: int = 21, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A generated VOC-like scene: a smooth shaded background with discs and boxes of flat colours (sharp edges)
+    and small integer noise, uint8 (3, H, W); noisy softmax probabilities (1, K, H, W) whose argmax follows the
+    objects on most pixels. (The same generator as tests/kernels/test_dense_crf_pydensecrf.py.)"""
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    s = max(W, H) / 500.0
+    img = torch.stack([128 + 90 * torch.sin(x / (37 * s)), 128 + 70 * torch.cos(y / (23 * s)),
+                       128 + 50 * torch.sin((x + y) / (51 * s))])
+    lab = torch.zeros(H, W, dtype=torch.long)
+    for r in range(8):
+        cx, cy, rad = torch.rand(3, generator=g) * torch.tensor([W, H, 120.0 * s]) + torch.tensor([0, 0, 30.0 * s])
+        col = torch.randint(0, 256, (3,), generator=g).float()
+        disc = (x - cx) ** 2 + (y - cy) ** 2 < rad ** 2
+        m = disc if r % 2 == 0 else ((x - cx).abs() < rad) & ((y - cy).abs() < rad / 2)
+        img[:, m] = col.view(3, 1)
+        lab[m] = 1 + r % (K - 1) if K > 1 else 0
+    img = (img + torch.randint(-4, 5, (3, H, W), generator=g).float()).clamp(0, 255).round().to(torch.uint8)
+    logits = 1.5 * torch.randn(K, H, W, generator=g)
+    logits[lab, torch.arange(H)[:, None], torch.arange(W)] += 1.0
+    return img, logits.softmax(0)[None]
+
+
+def bench_voc_crf(threads_list: list[int], min_run_time: float, W: int = 500, H: int = 375, K: int = 21,
+                  num_iter: int = 10) -> list[dict]:
+    """dense_crf (cpp) on a W x H image vs pydensecrf2 (if importable), the eval's CRF settings."""
+    import numpy as np
+
+    from tscd.eval.crf import CRFParams
+
+    p = CRFParams(num_iter=num_iter)
+    img, probs = voc_scene(W, H, K)
+    kw = dict(num_iter=p.num_iter, gauss_sxy=p.gauss_sxy, gauss_compat=p.gauss_compat,
+              bilateral_sxy=p.bilateral_sxy, bilateral_srgb=p.bilateral_srgb, bilateral_compat=p.bilateral_compat)
+    try:
+        import pydensecrf.densecrf as dcrf
+    except ImportError:
+        dcrf = None
+    unary = np.ascontiguousarray((-torch.log(probs[0].clamp_min(1e-5))).reshape(K, -1).numpy())
+    rgb = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
+
+    def theirs():
+        d = dcrf.DenseCRF2D(W, H, K)
+        d.setUnaryEnergy(unary)
+        d.addPairwiseGaussian(sxy=p.gauss_sxy, compat=p.gauss_compat)
+        d.addPairwiseBilateral(sxy=p.bilateral_sxy, srgb=p.bilateral_srgb, rgbim=rgb, compat=p.bilateral_compat)
+        return np.array(d.inference(p.num_iter))
+
+    def ours():
+        return dense_crf(img, probs, backend="cpp", **kw)
+
+    base = {"what": "crf", "size": f"{W}x{H}", "K": K, "B": 1, "N": W * H, "mode": f"{num_iter} iter"}
+    rows, ref_labels, ref_ms = [], None, None
+    if dcrf is not None:
+        ref_labels = theirs().reshape(K, H, W).argmax(0)
+        t = time_fn(theirs, torch.device("cpu"), threads=1, min_run_time=min_run_time)
+        ref_ms = t["ms"]
+        rows.append({**base, "backend": "pydensecrf2", "threads": 1, **t})
+    old = torch.get_num_threads()
+    try:
+        for threads in threads_list:
+            torch.set_num_threads(threads)
+            labels = ours()[0].argmax(0).numpy()
+            row = {**base, "backend": "cpp", "threads": threads,
+                   "changed_pixels": float((labels != probs[0].argmax(0).numpy()).mean())}
+            row.update(time_fn(ours, torch.device("cpu"), threads=threads, min_run_time=min_run_time, warmup=False))
+            if ref_labels is not None:
+                row["ratio_pydensecrf"] = row["ms"] / ref_ms
+                row["labels_eq_pydensecrf"] = float((labels == ref_labels).mean())
+            rows.append(row)
+    finally:
+        torch.set_num_threads(old)
+    return rows
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -143,18 +224,28 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-run-time", type=float, default=1.0)
     ap.add_argument("--out", default=None, help="output folder (default bench/results)")
+    ap.add_argument("--cases", default="sizes,voc",
+                    help="sizes: the filter / loss / crf rows per --sizes; voc: dense_crf at 500x375 (CPU only)")
+    ap.add_argument("--crf-threads", default="1,2", help="thread counts of the voc crf rows")
     args = ap.parse_args()
     device = torch.device(args.device)
     setup_threads(device, args.threads)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     env = environment(device, args.threads)
-    rows = bench(device, sizes, args.classes, args.batch, args.threads, args.min_run_time)
+    cases = set(args.cases.split(","))
+    rows = []
+    if "sizes" in cases:
+        rows += bench(device, sizes, args.classes, args.batch, args.threads, args.min_run_time)
+    if "voc" in cases and device.type == "cpu":
+        rows += bench_voc_crf([int(t) for t in args.crf_threads.split(",") if t], args.min_run_time)
     notes = ("filter: the CRF loss's 5-D Gaussian (x/50, y/50, rgb/15 on the x0.5 grid) of K maps; rel_err_* = "
              "relative L2 error of the lattice vs the exact dense filter on the same inputs (gain_sum: ratio of "
              "sums; the lattice's kernel is not exactly Gaussian, see tscd/kernels/permutohedral.py). loss: "
              "dense_energy_loss per training iteration (loss_vs_exact: lattice loss / exact loss). crf: dense_crf, "
-             "10 iterations, one image. Times in ms (median, 20/80 % quantiles). peak MiB: torch tensors only (the "
-             "cpp lattice's own scratch vectors are not counted).")
+             "10 iterations, one image (crf 500x375: threads = torch.set_num_threads for cpp; pydensecrf2 is "
+             "single-threaded; cpp / pydensecrf2 = time ratio on the same image and parameters). Times in ms "
+             "(median, 20/80 % quantiles). peak MiB: torch tensors only (the cpp lattice's own scratch vectors "
+             "are not counted).")
     if device.type == "cuda":
         notes += " " + check_no_sync(device, args.classes, args.batch, max(sizes))
     else:
@@ -163,10 +254,12 @@ def main() -> None:
                   f"load average at the end of the run: {', '.join(f'{x:.1f}' for x in _loadavg())} "
                   "(other processes share this machine, so these are upper bounds).")
     columns = [("what", "what"), ("size", "size"), ("K", "K"), ("B", "B"), ("backend", "backend"), ("mode", "mode"),
-               ("ms", "ms"), ("ms_p20", "p20"), ("ms_p80", "p80"), ("torch_ms", "exact torch ms"),
+               ("threads", "threads"), ("ms", "ms"), ("ms_p20", "p20"), ("ms_p80", "p80"),
+               ("torch_ms", "exact torch ms"),
                ("speedup", "speed-up"), ("rel_err_sum", "rel err (sum)"), ("gain_sum", "sum ratio"),
                ("rel_err_normalised", "rel err (normalised)"), ("loss_vs_exact", "loss / exact"),
-               ("peak_mb", "peak MiB")]
+               ("peak_mb", "peak MiB"), ("ratio_pydensecrf", "cpp / pydensecrf2"),
+               ("labels_eq_pydensecrf", "labels equal to pydensecrf2 (fraction of pixels)")]
     out = Path(args.out) if args.out else None
     json_path, md_path = write_results("permutohedral", env, rows, columns, out, notes=notes)
     print(md_path.read_text())

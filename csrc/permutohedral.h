@@ -27,6 +27,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace tscd {
 namespace perm {
@@ -129,6 +130,18 @@ C10_HOST_DEVICE inline bool embed_point(const scalar_t* f, int64_t f_stride, int
   return valid;
 }
 
+// Float <-> bit pattern (memcpy: well defined, and vectorisable on the host).
+C10_HOST_DEVICE inline float float_from_bits(int i) {
+  float f;
+  memcpy(&f, &i, sizeof(f));
+  return f;
+}
+C10_HOST_DEVICE inline int float_bits(float f) {
+  int i;
+  memcpy(&i, &f, sizeof(i));
+  return i;
+}
+
 C10_HOST_DEVICE inline uint64_t hash_key(const int* key, int d) {
   uint64_t h = 0;
   for (int k = 0; k < d; ++k) h = (h + static_cast<uint32_t>(key[k])) * 2654435761ULL;
@@ -152,12 +165,18 @@ C10_HOST_DEVICE inline bool same_key(const int* a, const int* b, int d) {
   return true;
 }
 
+// One blur step of a value v with its two neighbours' values a, c along one lattice direction.
+template <typename scalar_t>
+C10_HOST_DEVICE inline scalar_t blur_value(scalar_t v, scalar_t a, scalar_t c) {
+  return scalar_t(0.5) * v + scalar_t(0.25) * (a + c);
+}
+
 // One blur step at vertex m: v/2 + (v(n1) + v(n2))/4 with missing neighbours (-1) as 0.
 template <typename scalar_t>
 C10_HOST_DEVICE inline scalar_t blur_at(const scalar_t* src, int64_t m, int64_t n1, int64_t n2) {
   const scalar_t a = n1 >= 0 ? src[n1] : scalar_t(0);
   const scalar_t c = n2 >= 0 ? src[n2] : scalar_t(0);
-  return scalar_t(0.5) * src[m] + scalar_t(0.25) * (a + c);
+  return blur_value(src[m], a, c);
 }
 
 // num / den for the normalised variant; a denominator <= kNormEps gives 0 (num * 0: NaN stays NaN), a NaN
@@ -175,6 +194,45 @@ C10_HOST_DEVICE inline acc_t finish(acc_t lat, acc_t v, acc_t den, bool normaliz
   if (!normalize) return num;
   return normalise(num, den);
 }
+
+// Mean-field dense CRF (docs/method.md 6), per point: the pairwise message of kernel k adds
+// w_k * n_k(i) * (lattice output / c_d) to the logits (-U plus the messages), then Q = softmax(logits).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t crf_message(acc_t logit, acc_t lat, acc_t inv_gain, acc_t norm, acc_t weight) {
+  return logit + weight * ((lat * inv_gain) * norm);
+}
+
+// n_k = (K_k 1)^-1/2 from the lattice's sliced "ones" (already divided by c_d), floored like the reference.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t crf_norm(acc_t k1) {
+  const acc_t v = k1 > acc_t(1e-20) ? k1 : acc_t(1e-20);
+  return acc_t(1) / std::sqrt(v);
+}
+
+// exp(x) for x <= 0 in float, written so that a SIMD loop vectorises it (no libm call, no float-to-int
+// conversion, selects only): x = n ln2 + r with |r| <= ln2/2 (n rounded by adding 1.5 * 2^23, whose low mantissa
+// bits then hold n), exp(r) by a degree-6 polynomial (Cephes' expf coefficients, about 1 ulp), 2^n from the
+// exponent bits. Below -87 (where expf is denormal or 0) it returns 0; NaN gives NaN.
+C10_HOST_DEVICE inline float exp_nonpositive(float x) {
+  float xc = x > -87.0f ? x : -87.0f;
+  xc = xc < 0.0f ? xc : 0.0f;
+  const float t = xc * 1.44269504088896341f + 12582912.0f;
+  const float n = t - 12582912.0f;                         // round(x / ln2), in [-126, 0]
+  const int ni = float_bits(t) - 0x4B400000;               // the same n as an int
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  float out = p * float_from_bits((ni + 127) << 23);  // times 2^n
+  out = x > -87.0f ? out : 0.0f;
+  return x == x ? out : x;
+}
+C10_HOST_DEVICE inline double exp_nonpositive(double x) { return std::exp(x); }
 
 }  // namespace perm
 }  // namespace tscd

@@ -1,16 +1,22 @@
 // permutohedral on the CPU. Per image, the lattice is built once (positions, barycentric weights, a hash table
 // of the vertices with compact indices, the blur neighbours of every vertex) and reused for all K channels;
 // then at::parallel_for (OpenMP) runs over (image, channel): splat, d+1 blur passes, slice. Math: permutohedral.h.
+// dense_crf_fwd has its own fused, channel-contiguous mean-field loop (see "Mean-field dense CRF" below). The hash
+// table is filled in point order (a vertex of the previous point is matched without probing) and probed in
+// batches with prefetches, so that the cache misses of a batch overlap.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "../permutohedral_host.h"
+#include "simd.h"
 
 namespace tscd {
 namespace {
@@ -26,10 +32,13 @@ struct Lattice {
   int64_t M = 0;               // number of lattice vertices; row M of the value buffers is a zero row
   std::vector<int32_t> vtx;    // (N, d+1): vertex index of each point's simplex vertex
   std::vector<scalar_t> w;     // (N, d+1): its barycentric weight
-  std::vector<int32_t> nbr;    // (M, d+1, 2): blur neighbours (M: not in the lattice, reads the zero row)
+  std::vector<int32_t> nbr;    // (d+1, M, 2): blur neighbours per direction (M: not in the lattice, the zero row)
 };
 
-// Open addressing with linear probing; a slot holds (hash, index) so that most mismatches skip the key compare.
+// Open addressing with linear probing; a slot packs (the low 32 hash bits, index) in 8 bytes, so that a probe
+// reads one cache line, most mismatches skip the key compare and growing needs no key. Indices are given in
+// insertion order. Callers hash first (hash()), prefetch() a batch of slots, then find(): the lookups of a batch
+// then overlap their cache misses.
 class HashTable {
  public:
   HashTable(int d, int64_t expected) : d_(d) {
@@ -38,52 +47,65 @@ class HashTable {
     resize(cap);
     keys_.reserve(static_cast<size_t>(expected) * d);
   }
-  // Index of `key`, inserted if new (insert) or -1 if absent (!insert). Not thread-safe when inserting.
-  int32_t find(const int* key, bool insert) {
-    const uint64_t hv = perm::hash_key(key, d_);
+  uint32_t hash(const int* key) const { return static_cast<uint32_t>(perm::hash_key(key, d_)); }
+  void prefetch(uint32_t hv) const { __builtin_prefetch(slots_.data() + (hv & (cap_ - 1))); }
+  // Index of `key` (hash hv), inserted if new (insert) or -1 if absent (!insert). Not thread-safe when inserting.
+  int32_t find(const int* key, uint32_t hv, bool insert) {
     uint64_t h = hv & (cap_ - 1);
     while (true) {
-      const int32_t e = idx_[h];
-      if (e < 0) {
+      const Slot e = slots_[h];
+      if (e.idx < 0) {
         if (!insert) return -1;
         const int32_t n = static_cast<int32_t>(keys_.size() / d_);
-        idx_[h] = n;
-        hash_[h] = hv;
+        slots_[h] = Slot{hv, n};
         keys_.insert(keys_.end(), key, key + d_);
         if (static_cast<uint64_t>(n + 1) * 2 > cap_) grow();
         return n;
       }
-      if (hash_[h] == hv && perm::same_key(keys_.data() + static_cast<int64_t>(e) * d_, key, d_)) return e;
+      if (e.tag == hv && perm::same_key(keys_.data() + static_cast<int64_t>(e.idx) * d_, key, d_)) return e.idx;
       h = (h + 1) & (cap_ - 1);
     }
   }
+  int32_t find(const int* key, bool insert) { return find(key, hash(key), insert); }
   int64_t size() const { return static_cast<int64_t>(keys_.size() / d_); }
   const int* key(int64_t m) const { return keys_.data() + m * d_; }
 
  private:
+  struct Slot {
+    uint32_t tag;
+    int32_t idx;
+  };
   void resize(uint64_t cap) {
     cap_ = cap;
-    idx_.assign(cap, -1);
-    hash_.assign(cap, 0);
+    slots_.assign(cap, Slot{0, -1});
   }
   void grow() {
-    std::vector<int32_t> old_idx = std::move(idx_);
-    std::vector<uint64_t> old_hash = std::move(hash_);
+    const std::vector<Slot> old = std::move(slots_);
     resize(cap_ * 2);
-    for (size_t s = 0; s < old_idx.size(); ++s) {
-      if (old_idx[s] < 0) continue;
-      uint64_t h = old_hash[s] & (cap_ - 1);
-      while (idx_[h] >= 0) h = (h + 1) & (cap_ - 1);
-      idx_[h] = old_idx[s];
-      hash_[h] = old_hash[s];
+    for (const Slot& e : old) {
+      if (e.idx < 0) continue;
+      uint64_t h = e.tag & (cap_ - 1);
+      while (slots_[h].idx >= 0) h = (h + 1) & (cap_ - 1);
+      slots_[h] = e;
     }
   }
   int d_;
   uint64_t cap_ = 0;
-  std::vector<int32_t> idx_;
-  std::vector<uint64_t> hash_;
+  std::vector<Slot> slots_;
   std::vector<int> keys_;
 };
+
+constexpr int kBatch = 16;  // points / vertices whose hash probes are issued together
+
+// Keys and barycentric weights of the points i0..i1-1 (compiled per ISA: rounding is one instruction from SSE4.1).
+template <typename scalar_t>
+TSCD_CPU_MULTIVERSION void embed_points(const scalar_t* feat, int64_t N, int d, const scalar_t* scale, int* keys,
+                                        scalar_t* w, int64_t i0, int64_t i1) {
+  const int d1 = d + 1;
+  for (int64_t i = i0; i < i1; ++i) {
+    perm::embed_point<scalar_t, scalar_t>(feat + i, N, d, scale, keys + i * d1 * d, w + i * d1);
+  }
+}
 
 template <typename scalar_t>
 void build_lattice(const scalar_t* feat, int d, int64_t N, Lattice<scalar_t>& L) {
@@ -95,24 +117,62 @@ void build_lattice(const scalar_t* feat, int d, int64_t N, Lattice<scalar_t>& L)
   scalar_t scale[kMaxDim];
   for (int j = 0; j < d; ++j) scale[j] = static_cast<scalar_t>(perm::feature_scale(j, d));
   // keys and weights of every point (parallel when the caller is not already in a parallel region)
-  std::vector<int> keys(N * d1 * d);
+  std::unique_ptr<int[]> keys(new int[N * d1 * d]);  // every entry is written below
   at::parallel_for(0, N, 2048, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      perm::embed_point<scalar_t, scalar_t>(feat + i, N, d, scale, keys.data() + i * d1 * d, L.w.data() + i * d1);
-    }
+    embed_points<scalar_t>(feat, N, d, scale, keys.get(), L.w.data(), i0, i1);
   });
-  HashTable table(d, N);
-  for (int64_t p = 0; p < N * d1; ++p) L.vtx[p] = table.find(keys.data() + p * d, true);
+  // Insertion in point order (the vertex numbering). Neighbouring points mostly share their simplex's vertices:
+  // a vertex of the previous point is matched by key compare alone, without a hash probe.
+  HashTable table(d, N / 4);
+  int prev[kMaxDim + 1];
+  uint32_t hv[kBatch * (kMaxDim + 1)];
+  for (int64_t i0 = 0; i0 < N; i0 += kBatch) {
+    const int64_t i1 = std::min<int64_t>(N, i0 + kBatch);
+    for (int64_t p = i0 * d1; p < i1 * d1; ++p) {
+      hv[p - i0 * d1] = table.hash(keys.get() + p * d);
+      table.prefetch(hv[p - i0 * d1]);
+    }
+    for (int64_t i = i0; i < i1; ++i) {
+      const int* ki = keys.get() + i * d1 * d;
+      for (int r = 0; r < d1; ++r) {
+        const int* key = ki + r * d;
+        int32_t e = -1;
+        if (i > 0) {
+          const int* kp = ki - d1 * d;
+          for (int q = 0; q < d1 && e < 0; ++q) {
+            if (perm::same_key(kp + q * d, key, d)) e = prev[q];
+          }
+        }
+        L.vtx[i * d1 + r] = e >= 0 ? e : table.find(key, hv[(i - i0) * d1 + r], true);
+      }
+      for (int r = 0; r < d1; ++r) prev[r] = L.vtx[i * d1 + r];
+    }
+  }
   const int64_t M = L.M = table.size();
   L.nbr.resize(M * d1 * 2);
+  // Only the + neighbours are looked up: n = m + u_j  <=>  m = n - u_j, so the - neighbour of n is m (the map is
+  // one-to-one, so no two threads write one entry); the rest have no - neighbour (the zero row M).
+  std::fill(L.nbr.begin(), L.nbr.end(), static_cast<int32_t>(M));
   at::parallel_for(0, M, 4096, [&](int64_t m0, int64_t m1) {
-    int nk[kMaxDim];
-    for (int64_t m = m0; m < m1; ++m) {
-      for (int j = 0; j <= d; ++j) {
-        for (int side = 0; side < 2; ++side) {
-          perm::neighbour_key(table.key(m), d, j, side == 0 ? 1 : -1, nk);
-          const int32_t e = table.find(nk, false);
-          L.nbr[(m * d1 + j) * 2 + side] = e < 0 ? static_cast<int32_t>(M) : e;
+    int nk[kBatch * (kMaxDim + 1)][kMaxDim];
+    uint32_t nh[kBatch * (kMaxDim + 1)];
+    for (int64_t mb = m0; mb < m1; mb += kBatch) {
+      const int64_t me = std::min<int64_t>(m1, mb + kBatch);
+      int q = 0;
+      for (int64_t m = mb; m < me; ++m) {
+        for (int j = 0; j <= d; ++j, ++q) {
+          perm::neighbour_key(table.key(m), d, j, 1, nk[q]);
+          nh[q] = table.hash(nk[q]);
+          table.prefetch(nh[q]);
+        }
+      }
+      q = 0;
+      for (int64_t m = mb; m < me; ++m) {
+        for (int j = 0; j <= d; ++j, ++q) {
+          const int32_t e = table.find(nk[q], nh[q], false);
+          if (e < 0) continue;
+          L.nbr[(j * M + m) * 2] = e;
+          L.nbr[(j * M + e) * 2 + 1] = static_cast<int32_t>(m);
         }
       }
     }
@@ -146,12 +206,12 @@ void filter_chunk(const Lattice<scalar_t>& L, const scalar_t* v, scalar_t* lat, 
   for (int s = 0; s <= d; ++s) {
     const int j = transpose ? d - s : s;
     for (int64_t m = 0; m < M; ++m) {
-      const int32_t* nb = nbr + (m * d1 + j) * 2;
+      const int32_t* nb = nbr + (j * M + m) * 2;
       const scalar_t* a = src + static_cast<int64_t>(nb[0]) * C;
       const scalar_t* b = src + static_cast<int64_t>(nb[1]) * C;
       const scalar_t* x = src + m * C;
       scalar_t* y = dst + m * C;
-      for (int c = 0; c < C; ++c) y[c] = scalar_t(0.5) * x[c] + scalar_t(0.25) * (a[c] + b[c]);
+      for (int c = 0; c < C; ++c) y[c] = perm::blur_value(x[c], a[c], b[c]);
     }
     std::swap(src, dst);  // row M stays 0 in both buffers
   }
@@ -246,28 +306,248 @@ at::Tensor permutohedral_cpu(const char* op, const at::Tensor& values, const at:
   return out;
 }
 
-// Mean-field dense CRF (docs/method.md 6): the lattice of each kernel and image is built once for all iterations.
+// ---------------------------------------------------------------------------------------------------------------
+// Mean-field dense CRF (docs/method.md 6). Per image, each kernel's lattice is built once. The iterations keep
+// every buffer point- or vertex-major with the channels contiguous (row stride S: K padded to a multiple of 8), so
+// that each step on a point / vertex is a SIMD loop over channels:
+//   splat (scatter in point order; threads split the channels into column groups, so no two write one value),
+//   d+1 blur passes (threads split the vertices), and one fused pass over the points (threads split the points):
+//   slice every kernel's lattice, add the messages to -U, softmax into Q.
+// The arithmetic per value is that of mean_field (permutohedral_host.h) with the filter above.
+
+constexpr int kCrfMaxKP = 32;  // widest compile-time channel row; wider rows (K > 32) use a runtime width
+
+// Calls f(std::integral_constant<int, W>()) for a channel width w: 1 or a multiple of 4 up to 32; 0 otherwise
+// (the runtime-width instantiation).
+template <typename F>
+void with_width(int64_t w, F&& f) {
+  switch (w) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 8: f(std::integral_constant<int, 8>()); break;
+    case 12: f(std::integral_constant<int, 12>()); break;
+    case 16: f(std::integral_constant<int, 16>()); break;
+    case 20: f(std::integral_constant<int, 20>()); break;
+    case 24: f(std::integral_constant<int, 24>()); break;
+    case 28: f(std::integral_constant<int, 28>()); break;
+    case 32: f(std::integral_constant<int, 32>()); break;
+    default: f(std::integral_constant<int, 0>()); break;
+  }
+}
+
+// The splat of the W (= KP, or w at run time) channels at q / V (row stride S): V[0..M] = 0, then for every point
+// in order V[vtx] += w * (q[i] * nrm[i]).
+template <typename T, int KP>
+TSCD_CPU_MULTIVERSION void crf_splat(const int32_t* vtx, const T* w, int d1, int64_t N, int64_t M, const T* q,
+                                     const T* nrm, int64_t S, int64_t width, T* V) {
+  const int64_t W = KP > 0 ? KP : width;
+  for (int64_t m = 0; m <= M; ++m) {
+    T* y = V + m * S;
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) y[c] = T(0);
+  }
+  for (int64_t i = 0; i < N; ++i) {
+    const T* qi = q + i * S;
+    const T n = nrm[i];
+    for (int r = 0; r < d1; ++r) {
+      T* y = V + static_cast<int64_t>(vtx[i * d1 + r]) * S;
+      const T wr = w[i * d1 + r];
+#pragma omp simd
+      for (int64_t c = 0; c < W; ++c) y[c] += wr * (qi[c] * n);
+    }
+  }
+}
+
+// One blur direction: dst[m] = blur(src[m], src[nb[2m]], src[nb[2m+1]]) (a missing neighbour is the zero row).
+template <typename T, int KP>
+TSCD_CPU_MULTIVERSION void crf_blur(const T* src, T* dst, const int32_t* nb, int64_t S, int64_t width, int64_t m0,
+                                    int64_t m1) {
+  const int64_t W = KP > 0 ? KP : width;
+  for (int64_t m = m0; m < m1; ++m) {
+    const T* a = src + static_cast<int64_t>(nb[2 * m]) * S;
+    const T* b = src + static_cast<int64_t>(nb[2 * m + 1]) * S;
+    const T* x = src + m * S;
+    T* y = dst + m * S;
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) y[c] = perm::blur_value(x[c], a[c], b[c]);
+  }
+}
+
+// What the fused point pass needs of one kernel's lattice.
+template <typename T>
+struct CrfKernel {
+  const int32_t* vtx;
+  const T* w;
+  const T* V;    // the blurred lattice values
+  const T* nrm;  // n_k per point
+  T inv_gain, weight;
+  int d1;
+};
+
+// For the points i0..i1-1: l = negu[i] + sum_k weight_k * n_k[i] * slice_k(V_k)[i] / c_d (in kernel order), and
+// q[i] = softmax(l) over the K channels (padding channels: negu = kPadLogit, q = 0). scratch: 2 S values (KP = 0).
+template <typename T>
+constexpr T kPadLogit = T(-1e30);
+
+template <typename T, int KP>
+TSCD_CPU_MULTIVERSION void crf_update(const CrfKernel<T>* ks, int nk, const T* negu, T* q, int K, int64_t S, T* scratch,
+                                      int64_t i0, int64_t i1) {
+  const int64_t W = KP > 0 ? KP : S;
+  T lbuf[KP > 0 ? 2 * KP : 1];
+  T* l = KP > 0 ? lbuf : scratch;
+  T* acc = l + W;
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* u = negu + i * S;
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) l[c] = u[c];
+    for (int k = 0; k < nk; ++k) {
+      const CrfKernel<T>& kk = ks[k];
+#pragma omp simd
+      for (int64_t c = 0; c < W; ++c) acc[c] = T(0);
+      for (int r = 0; r < kk.d1; ++r) {
+        const T* x = kk.V + static_cast<int64_t>(kk.vtx[i * kk.d1 + r]) * S;
+        const T wr = kk.w[i * kk.d1 + r];
+#pragma omp simd
+        for (int64_t c = 0; c < W; ++c) acc[c] += wr * x[c];
+      }
+      const T n = kk.nrm[i];
+#pragma omp simd
+      for (int64_t c = 0; c < W; ++c) l[c] = perm::crf_message(l[c], acc[c], kk.inv_gain, n, kk.weight);
+    }
+    T mx = l[0];
+    for (int c = 1; c < K; ++c) mx = l[c] > mx ? l[c] : mx;
+    T* qi = q + i * S;
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) qi[c] = perm::exp_nonpositive(l[c] - mx);
+    T sum = 0;
+    for (int c = 0; c < K; ++c) sum += qi[c];
+    const T inv = T(1) / sum;
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) qi[c] *= inv;
+  }
+}
+
+// splat + blur of the channels c0 .. c0+w-1 of q (times nrm) on lattice L, in buffers a / b ((M + 1) x S each;
+// the result ends in a if d+1 is even, else in b). One thread runs it: the threads split the channels into
+// column groups, so that the d+1 blur passes need no barrier between them.
+template <typename T>
+void crf_lattice_columns(const Lattice<T>& L, const T* q, const T* nrm, int64_t S, int64_t c0, int64_t w, T* a,
+                         T* b) {
+  const int d1 = L.d + 1;
+  with_width(w <= kCrfMaxKP ? w : 0, [&](auto kp) {
+    constexpr int KP = decltype(kp)::value;
+    T* x = a + c0;
+    T* y = b + c0;
+    crf_splat<T, KP>(L.vtx.data(), L.w.data(), d1, L.N, L.M, q + c0, nrm, S, w, x);
+    for (int j = 0; j < d1; ++j) {
+      crf_blur<T, KP>(x, y, L.nbr.data() + j * L.M * 2, S, w, 0, L.M);
+      std::fill(y + L.M * S, y + L.M * S + w, T(0));  // the zero row
+      std::swap(x, y);
+    }
+  });
+}
+
+// Every kernel's splat + blur of the S channels of q (times its nrm): tasks (kernel, column group) in parallel,
+// the column groups (multiples of 4 channels) one per thread. Returns each kernel's result buffer.
+template <typename T>
+std::vector<const T*> crf_lattice_pass(const std::vector<Lattice<T>>& lat, const T* q,
+                                       const std::vector<const T*>& nrm, int64_t S, std::vector<std::vector<T>>& va,
+                                       std::vector<std::vector<T>>& vb) {
+  const int64_t nk = static_cast<int64_t>(lat.size());
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t gw = S == 1 ? 1 : std::max<int64_t>(4, ((S + threads - 1) / threads + 3) / 4 * 4);
+  const int64_t groups = (S + gw - 1) / gw;
+  // task t: kernel t % nk, group t / nk (at::parallel_for gives each thread a contiguous range of tasks: this
+  // order gives each thread its groups of every kernel, so cheap and costly kernels are shared evenly)
+  at::parallel_for(0, nk * groups, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k = t % nk, c0 = (t / nk) * gw;
+      crf_lattice_columns<T>(lat[k], q, nrm[k], S, c0, std::min<int64_t>(gw, S - c0), va[k].data(), vb[k].data());
+    }
+  });
+  std::vector<const T*> out(nk);
+  for (int64_t k = 0; k < nk; ++k) out[k] = (lat[k].d + 1) % 2 == 0 ? va[k].data() : vb[k].data();
+  return out;
+}
+
+template <typename T>
+void dense_crf_image(const T* unary, const std::vector<const T*>& feats, const std::vector<int>& dims,
+                     at::ArrayRef<double> weights, int64_t num_iter, int K, int64_t N, T* out) {
+  const int nk = static_cast<int>(feats.size());
+  const int64_t S = (K + 7) / 8 * 8;
+  std::vector<Lattice<T>> lat(nk);
+  for (int k = 0; k < nk; ++k) build_lattice<T>(feats[k], dims[k], N, lat[k]);
+  std::vector<std::vector<T>> va(nk), vb(nk);
+  std::vector<CrfKernel<T>> ks(nk);
+  std::vector<std::vector<T>> norms(nk);
+  std::vector<const T*> ones(nk), nrm(nk);
+  const std::vector<T> one(N, T(1));
+  for (int k = 0; k < nk; ++k) {
+    va[k].resize((lat[k].M + 1) * S);
+    vb[k].resize((lat[k].M + 1) * S);
+    ones[k] = one.data();
+  }
+  // n_k = (K_k 1)^-1/2: the lattice applied to ones (one channel, row stride 1)
+  const std::vector<const T*> v1 = crf_lattice_pass<T>(lat, one.data(), ones, 1, va, vb);
+  for (int k = 0; k < nk; ++k) {
+    const Lattice<T>& L = lat[k];
+    const T inv_gain = static_cast<T>(1.0 / perm::lattice_gain(L.d));
+    norms[k].resize(N);
+    at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        T acc = 0;
+        for (int r = 0; r <= L.d; ++r) acc += L.w[i * (L.d + 1) + r] * v1[k][L.vtx[i * (L.d + 1) + r]];
+        norms[k][i] = perm::crf_norm(acc * inv_gain);
+      }
+    });
+    nrm[k] = norms[k].data();
+    ks[k] = CrfKernel<T>{L.vtx.data(), L.w.data(), nullptr, norms[k].data(), inv_gain,
+                         static_cast<T>(weights[k]), L.d + 1};
+  }
+  std::vector<T> negu(N * S), q(N * S, T(0));
+  at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t c = 0; c < S; ++c) negu[i * S + c] = c < K ? -unary[c * N + i] : kPadLogit<T>;
+    }
+  });
+  auto update = [&](int nkern) {  // Q = softmax(-U + the messages of the first nkern kernels)
+    with_width(S <= kCrfMaxKP ? S : 0, [&](auto kp) {
+      constexpr int KP = decltype(kp)::value;
+      at::parallel_for(0, N, 2048, [&](int64_t i0, int64_t i1) {
+        std::vector<T> scratch(KP > 0 ? 0 : 2 * S);
+        crf_update<T, KP>(ks.data(), nkern, negu.data(), q.data(), K, S, scratch.data(), i0, i1);
+      });
+    });
+  };
+  update(0);
+  for (int64_t it = 0; it < num_iter; ++it) {
+    const std::vector<const T*> v = crf_lattice_pass<T>(lat, q.data(), nrm, S, va, vb);
+    for (int k = 0; k < nk; ++k) ks[k].V = v[k];
+    update(nk);
+  }
+  at::parallel_for(0, K, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t i = 0; i < N; ++i) out[c * N + i] = q[i * S + c];
+    }
+  });
+}
+
 at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::ArrayRef<double> weights,
                          int64_t num_iter) {
   const char* op = "dense_crf";
   TSCD_CHECK_CPU(op, unary);
   perm::check_crf_inputs(op, unary, features, weights, num_iter);
-  const int64_t B = unary.size(0), N = unary.size(2);
-  at::Tensor q;
+  const int64_t B = unary.size(0), K = unary.size(1), N = unary.size(2);
+  at::Tensor q = at::empty_like(unary);
   AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "dense_crf_cpu", [&] {
-    std::vector<std::vector<Lattice<scalar_t>>> lattices(features.size());
-    std::vector<scalar_t> no_den;
-    for (size_t k = 0; k < features.size(); ++k) {
-      const int d = static_cast<int>(features[k].size(1));
-      build_all<scalar_t>(features[k].data_ptr<scalar_t>(), d, B, N, lattices[k], no_den, false, true);
+    std::vector<int> dims;
+    for (const at::Tensor& f : features) dims.push_back(static_cast<int>(f.size(1)));
+    for (int64_t b = 0; b < B; ++b) {
+      std::vector<const scalar_t*> feats;
+      for (const at::Tensor& f : features) feats.push_back(f.data_ptr<scalar_t>() + b * f.size(1) * N);
+      dense_crf_image<scalar_t>(unary.data_ptr<scalar_t>() + b * K * N, feats, dims, weights, num_iter,
+                                static_cast<int>(K), N, q.data_ptr<scalar_t>() + b * K * N);
     }
-    auto filter = [&](size_t k, const at::Tensor& v) {
-      at::Tensor o = at::empty_like(v);
-      apply_all<scalar_t>(lattices[k], no_den, v.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), B, v.size(1), N,
-                          false, true, false);
-      return o;
-    };
-    q = perm::mean_field(unary, weights, num_iter, filter);
   });
   return q;
 }

@@ -543,3 +543,45 @@ def test_dense_crf_op_matches_python_mean_field_on_the_lattice():
     assert_close(fused, loop, rtol=1e-10, atol=1e-12, name="fused vs loop")
     torch.library.opcheck(torch.ops.tscd.dense_crf_fwd.default,
                           (torch.rand(1, 3, 20), [torch.rand(1, 2, 20), torch.rand(1, 5, 20)], [3.0, 4.0], 2))
+
+
+@needs_cpp
+@pytest.mark.parametrize("K, dtype, kernels", [
+    (3, torch.float64, "both"), (5, torch.float64, "both"), (8, torch.float32, "both"), (21, torch.float32, "both"),
+    (21, torch.float64, "gauss"), (13, torch.float64, "bilateral"), (33, torch.float64, "both"),
+    (40, torch.float32, "both")])
+def test_dense_crf_op_channel_layouts(K, dtype, kernels):
+    """The fused op's channel-row layouts (K padded to a multiple of 8; SIMD widths 8..32 and the runtime width
+    beyond 32; channel groups split across threads) give the reference loop's result with the same lattice
+    filter, for a batch of two different images (different lattices), on 1 and 2 threads (bit-identical)."""
+    from tscd.kernels.permutohedral import _filter_fn
+    from tscd.kernels.reference.permutohedral import dense_crf_with
+
+    scenes = [_noisy_label_scene(21, 27, K=K, seed=s) for s in (4, 5)]
+    img = torch.stack([s[0] for s in scenes]).to(dtype)
+    probs = torch.cat([s[1] for s in scenes]).to(dtype)
+    kw = dict(num_iter=4, gauss_sxy=3.0, gauss_compat=3.0 if kernels != "bilateral" else 0.0, bilateral_sxy=20.0,
+              bilateral_srgb=13.0, bilateral_compat=4.0 if kernels != "gauss" else 0.0)
+    loop = dense_crf_with(_filter_fn("cpp"), img, probs, **kw)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dense_crf(img, probs, backend="cpp", **kw)
+        torch.set_num_threads(2)
+        two = dense_crf(img, probs, backend="cpp", **kw)
+    finally:
+        torch.set_num_threads(old)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+    assert_close(one, loop, **tol, name=f"fused vs loop K={K}")
+    assert torch.equal(one, two), "1 vs 2 threads"
+    assert (one.argmax(1) != probs.argmax(1)).any()  # the CRF does change labels here
+
+
+@needs_cpp
+def test_dense_crf_extreme_logits():
+    """Probabilities at the clip (unary up to -log 1e-5) and certain pixels: finite marginals summing to 1."""
+    img, probs, _ = _noisy_label_scene(19, 23, K=4, seed=6)
+    hard = torch.nn.functional.one_hot(probs.argmax(1), 4).permute(0, 3, 1, 2).float()
+    q = dense_crf(img, hard, backend="cpp", bilateral_compat=400.0)
+    assert torch.isfinite(q).all()
+    assert_close(q.sum(1), torch.ones_like(q[:, 0]), rtol=1e-5, atol=1e-5, name="sum")
