@@ -62,6 +62,13 @@ void make_slots(const Params& p, const Layout& L, int y, Slots& s) {
   }
 }
 
+// (d0, d1, H, Wp) with kV elements of slack after the end (the border sums of the transposed step read
+// whole vectors).
+at::Tensor empty_padded(int64_t d0, int64_t d1, const Layout& L, const at::TensorOptions& opt) {
+  const int64_t numel = d0 * d1 * L.plane;
+  return at::empty({numel + kV}, opt).narrow(0, 0, numel).view({d0, d1, L.H, L.Wp});
+}
+
 template <typename T>
 void fill_pads(T* row, const Layout& L, bool replicate) {
   const T left = replicate ? row[L.P] : T(0), right = replicate ? row[L.P + L.W - 1] : T(0);
@@ -237,7 +244,7 @@ TSCD_CPU_MULTIVERSION void weights_row(const T* imgp, const T* dd, const T* dr, 
 template <typename T>
 at::Tensor weights_padded(const at::Tensor& image, const T* prior, const Params& p, const Layout& L) {
   const int64_t B = image.size(0), H = p.H, n = p.num_dil * refine::kOffsets, HW = (int64_t)p.H * p.W;
-  at::Tensor w = at::empty({B, n, H, L.Wp}, image.options());
+  at::Tensor w = empty_padded(B, n, L, image.options());
   at::Tensor aux = at::empty({B, 5, H, L.Wp}, image.options());  // 3 image planes, down and right differences
   const T* img = image.data_ptr<T>();
   T* ap = aux.data_ptr<T>();
@@ -327,21 +334,40 @@ TSCD_CPU_MULTIVERSION void step_transpose_row(const T* g, T* dst, const T* w, co
       for (int x = 0; x < kV; ++x) dst[t * plane + qo + x0 + x] = acc[t][x];
     }
   }
+  // border columns, 16 lanes at a time (lanes past the run are discarded; reads may pass the row's end by
+  // < 16 elements, which the buffers' tail slack covers)
+  T left[KC][kV], right[KC][kV];
+  for (int t = 0; t < KC; ++t) {
+#pragma omp simd
+    for (int x = 0; x < kV; ++x) {
+      left[t][x] = 0;
+      right[t][x] = 0;
+    }
+  }
   for (int k = 0; k < n; ++k) {
     if (sx[k] == 0) continue;
     // sx < 0: columns [0, -sx) clamp onto column 0; sx > 0: columns [W - sx, W) onto column W - 1
     const int x_lo = sx[k] < 0 ? 0 : W - sx[k], x_hi = sx[k] < 0 ? -sx[k] : W;
-    const int64_t col = sx[k] < 0 ? qo : qo + W - 1;
+    T(*sum)[kV] = sx[k] < 0 ? left : right;
     for (int y = lo[k]; y <= hi[k]; ++y) {
       const T* wr = w + k * plane + (int64_t)y * Wp + P;
       const T* gr = g + (int64_t)y * Wp + P;
-      for (int t = 0; t < KC; ++t) {
-        T sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int x = x_lo; x < x_hi; ++x) sum += wr[x] * gr[t * plane + x];
-        dst[t * plane + col] += sum;
+      for (int xx = x_lo; xx < x_hi; xx += kV) {
+        for (int t = 0; t < KC; ++t) {
+#pragma omp simd
+          for (int x = 0; x < kV; ++x) sum[t][x] += xx + x < x_hi ? wr[xx + x] * gr[t * plane + xx + x] : T(0);
+        }
       }
     }
+  }
+  for (int t = 0; t < KC; ++t) {
+    T l = 0, r = 0;
+    for (int x = 0; x < kV; ++x) {
+      l += left[t][x];
+      r += right[t][x];
+    }
+    dst[t * plane + qo] += l;
+    dst[t * plane + qo + W - 1] += r;
   }
   for (int t = 0; t < KC; ++t) fill_pads(dst + t * plane + (int64_t)qy * Wp, L, false);
 }
@@ -390,8 +416,7 @@ at::Tensor propagate_cpu(bool transpose, const at::Tensor& maps, const at::Tenso
                          int64_t num_iter) {
   TORCH_CHECK(num_iter >= 1, "refine: `num_iter` must be >= 1 in the kernel; got ", num_iter);
   const int64_t B = maps.size(0), K = maps.size(1);
-  const auto shape = std::vector<int64_t>{B, K, p.H, L.Wp};
-  at::Tensor bufs[2] = {at::empty(shape, maps.options()), at::empty(shape, maps.options())};
+  at::Tensor bufs[2] = {empty_padded(B, K, L, maps.options()), empty_padded(B, K, L, maps.options())};
   const int64_t* nc = num_channels.has_value() ? num_channels->data_ptr<int64_t>() : nullptr;
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "refine_propagate_cpu", [&] {
