@@ -137,7 +137,12 @@ C10_HOST_DEVICE inline acc_t right_sq(const scalar_t* img, int64_t plane, int64_
 C10_HOST_DEVICE inline bool variation_down_ok(int y, int sy, int H) { return y + 1 < H && y + sy >= 0 && y + sy + 1 < H; }
 C10_HOST_DEVICE inline bool variation_right_ok(int x, int sx, int W) { return x + 1 < W && x + sx >= 0 && x + sx + 1 < W; }
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t variation(acc_t down, acc_t right) { return (down + right) / acc_t(3); }
+C10_HOST_DEVICE inline acc_t variation(acc_t down, acc_t right) { return (down + right) * acc_t(1.0 / 3.0); }
+
+// The appearance logit from the sum of the 3 channels' appearance_sq: minus their mean. (A multiplication by
+// the rounded 1/3, not a division: the CPU kernel runs it 96 times per pixel, and a vector division is slow.)
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t appearance_logit(acc_t sum_sq) { return sum_sq * acc_t(-1.0 / 3.0); }
 
 // The weights of pixel (y, x), scalar (the CUDA kernel; the CPU kernel runs the same steps 16 pixels at a
 // time): written to w[k * w_stride], k = j * 8 + o. img: (3, H, W); prior: (n,) (PAR only).
@@ -173,7 +178,7 @@ C10_HOST_DEVICE inline void pixel_weights(const scalar_t* img, const Params& p, 
     acc_t a = 0;
     for (int c = 0; c < 3; ++c) a += appearance_sq(centre[c], static_cast<acc_t>(img[c * HW + (int64_t)yq * W + xq]),
                                                    isg[c], scale);
-    a = -a / acc_t(3);
+    a = appearance_logit(a);
     w[(int64_t)k * w_stride] = a;
     max_a = a > max_a ? a : max_a;
     if (varm) {

@@ -183,7 +183,7 @@ TSCD_CPU_MULTIVERSION void weights_row(const T* imgp, const T* dd, const T* dr, 
         a += refine::appearance_sq(cen[0][x], r0[x], isg[0][x], scale);
         a += refine::appearance_sq(cen[1][x], r1[x], isg[1][x], scale);
         a += refine::appearance_sq(cen[2][x], r2[x], isg[2][x], scale);
-        a = -a / T(3);
+        a = refine::appearance_logit(a);
         a_k[x] = a;
         max_a[x] = a > max_a[x] ? a : max_a[x];
       }
