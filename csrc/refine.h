@@ -5,7 +5,7 @@
 // Neighbourhood: for each dilation d (dilation-major) and the 8 offsets o in order
 //   (-1,-1) (-1,0) (-1,1) (0,-1) (0,1) (1,-1) (1,0) (1,1)    as (dy, dx),
 // the neighbour of p=(y,x) is clamp(p + d*o) (replicate border). n = 8 * num_dilations.
-// Weights (per pixel, n of them, stored o-major as (n, H, W) per image):
+// Weights (per pixel, n of them, stored o-major as (n, H, W) per image; the CPU pads each row):
 //   a_o = -mean_c[(rgb_scale * |I_c(p) - I_c(q_o)| / (sigma_c(p) + 1e-8))^2]
 //   sigma_c(p) = unbiased std over the n neighbour values of channel c
 //   VARM: w_o = softmax(a)_o + aux_weight * softmax(v)_o   (aux_weight = -0.01 by default)
