@@ -94,7 +94,9 @@ def main(argv=None) -> int:
                ("speedup", "speed-up vs torch"), ("mem_ratio", "memory ratio (torch / this)"),
                ("max_err", "max abs err vs torch")]
     notes = ("refine, mode varm, 6 dilations, 10 iterations, maps at 1/4 resolution resized inside. "
-             "CPU peak memory: highest live bytes of torch's CPU allocator during one call (profiler events).")
+             "fwd_bwd: the gradient w.r.t. the maps (the fused backends recompute the weights, then run the "
+             "transposed steps). CPU peak memory: highest live bytes of torch's CPU allocator during one call "
+             "(profiler events).")
     paths = write_results("refine", env, rows, columns, args.out, notes=notes)
     logger.info("wrote %s and %s", *paths)
     return 0

@@ -27,15 +27,18 @@ def traffic(op: str, row: dict) -> tuple[float, float] | None:
     """(minimal DRAM bytes, FLOPs) of the fused kernel for one benchmark row, or None if not modelled.
 
     refine (fwd): read the image (3N) and write n=48 weights per pixel, then per step read the weights
-    and the maps (48N + KN) and write the maps (KN); FLOPs: ~40 per neighbour and pixel for the weights,
-    2 per neighbour, channel and pixel per step. fwd_bwd doubles both (the backward recomputes).
+    and the maps (48N + KN) and write the maps (KN); FLOPs: ~70 per neighbour and pixel for the weights
+    (mean and variance 12, appearance logit 18, variation 2, the two softmaxes 34 with an exp counted as
+    15, the sum 4), 2 per neighbour, channel and pixel per step. fwd_bwd doubles both (the backward
+    recomputes the weights; its transposed step moves the same bytes). The CPU kernel's padded rows
+    (max dilation columns per side) add up to 2 * 24 / W of the weight traffic: not counted.
     """
     if op == "refine":
         side = int(str(row["size"]).split("x")[0])
         n_pix = row["B"] * side * side
         K, steps, n = row["K"], 10, 48
         bytes_ = 4 * n_pix * (3 + n + steps * (n + 2 * K))
-        flops = n_pix * (40 * n + steps * 2 * n * K)
+        flops = n_pix * (70 * n + steps * 2 * n * K)
         mult = 2 if row.get("mode") == "fwd_bwd" else 1
         return bytes_ * mult, flops * mult
     if op == "correlation" and row.get("N1") and row.get("N2"):

@@ -5,7 +5,7 @@
 // Neighbourhood: for each dilation d (dilation-major) and the 8 offsets o in order
 //   (-1,-1) (-1,0) (-1,1) (0,-1) (0,1) (1,-1) (1,0) (1,1)    as (dy, dx),
 // the neighbour of p=(y,x) is clamp(p + d*o) (replicate border). n = 8 * num_dilations.
-// Weights (per pixel, n of them, stored o-major as (n, H, W) per image):
+// Weights (per pixel, n of them, stored o-major as (n, H, W) per image; the CPU pads each row):
 //   a_o = -mean_c[(rgb_scale * |I_c(p) - I_c(q_o)| / (sigma_c(p) + 1e-8))^2]
 //   sigma_c(p) = unbiased std over the n neighbour values of channel c
 //   VARM: w_o = softmax(a)_o + aux_weight * softmax(v)_o   (aux_weight = -0.01 by default)
@@ -13,8 +13,9 @@
 //         p_down = (min(y+1, H-1), x), p_right = (y, min(x+1, W-1))
 //   PAR:  w_o = softmax(a)_o + aux_weight * prior_o         (prior: softmax of the position term, host-made)
 // Propagation (one step, per channel): M'(p) = sum_o w_o(p) * M(clamp(p + d*o)).
-// Its transpose (the backward): G'(q) = sum_o sum_{p : clamp(p + d*o) = q} w_o(p) * G(p), computed as a
-// scatter from each p (border pixels receive many contributions, so a gather would be uneven).
+// Its transpose (the backward): G'(q) = sum_o sum_{p : clamp(p + d*o) = q} w_o(p) * G(p). The CUDA kernel
+// scatters from each p (atomics); the CPU kernel gathers per output row (source_rows below), reading the
+// weights and G of the shifted pixel, and adds the clamped columns' sums at the two border columns.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -56,98 +57,162 @@ C10_HOST_DEVICE inline int64_t neighbour(const Params& p, int j, int o, int y, i
   return (int64_t)clampi(y + p.dil[j] * off_y(o), 0, p.H - 1) * p.W + clampi(x + p.dil[j] * off_x(o), 0, p.W - 1);
 }
 
-// Squared forward differences (down + right) of the shifted image X = I(clamp(. + s)) at p, summed over
-// channels and divided by 3 (the channel mean). img: (3, H, W) of one image.
-template <typename scalar_t, typename acc_t>
-C10_HOST_DEVICE inline acc_t variation(const scalar_t* img, int64_t HW, int H, int W, int y, int x, int sy, int sx) {
-  const int yq = clampi(y + sy, 0, H - 1), xq = clampi(x + sx, 0, W - 1);
-  const int yd = clampi((y + 1 < H ? y + 1 : H - 1) + sy, 0, H - 1);
-  const int xr = clampi((x + 1 < W ? x + 1 : W - 1) + sx, 0, W - 1);
-  acc_t v = 0;
-  for (int c = 0; c < 3; ++c) {
-    const scalar_t* ch = img + c * HW;
-    const acc_t xc = static_cast<acc_t>(ch[(int64_t)yq * W + xq]);
-    const acc_t dd = xc - static_cast<acc_t>(ch[(int64_t)yd * W + xq]);
-    const acc_t dr = xc - static_cast<acc_t>(ch[(int64_t)yq * W + xr]);
-    v += dd * dd + dr * dr;
-  }
-  return v / acc_t(3);
+// Slot k = j * 8 + o: its shift (sy, sx) = dil[j] * (off_y(o), off_x(o)).
+C10_HOST_DEVICE inline int shift_y(const Params& p, int k) { return p.dil[k / kOffsets] * off_y(k % kOffsets); }
+C10_HOST_DEVICE inline int shift_x(const Params& p, int k) { return p.dil[k / kOffsets] * off_x(k % kOffsets); }
+
+// exp for the softmaxes, in plain arithmetic so that a loop over pixels vectorises (the CPU kernel runs it
+// 16 pixels at a time): Cody-Waite reduction to r in [-ln2/2, ln2/2], a degree-7 polynomial (Cephes expf,
+// ~1 ulp), and 2^n built from its exponent bits. Underflow flushes to 0 (below e^-87.3), overflow gives +inf,
+// NaN stays NaN. float64 uses std::exp.
+template <typename T>
+C10_HOST_DEVICE inline T exp_approx(T x) { return static_cast<T>(std::exp(x)); }
+
+template <>
+C10_HOST_DEVICE inline float exp_approx<float>(float x) {
+  const float xc = x < -87.33654f ? -87.33654f : (x > 88.72283f ? 88.72283f : x);  // NaN passes through
+  const float n = (xc * 1.44269504089f + 12582912.f) - 12582912.f;              // round to nearest
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float q = 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  q = q * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+#if defined(__CUDA_ARCH__)
+  const float scale = __int_as_float(bits);
+#else
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(float));
+#endif
+  const float e = q * scale;
+  return x < -87.33654f ? 0.f : (x > 88.72283f ? INFINITY : e);
 }
 
-// The n weights of pixel (y, x): written to w[k * w_stride], k = j * 8 + o. img: (3, H, W); prior: (n,) (PAR only).
+// 1 / (sigma + eps) from the sum of squared deviations of n samples (unbiased std).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t inv_sigma(acc_t sq_dev, int n) {
+  return acc_t(1) / (static_cast<acc_t>(std::sqrt(sq_dev / acc_t(n - 1))) + acc_t(kStdEps));
+}
+
+// One channel's contribution to the appearance logit: (scale * |centre - q| * inv_sigma)^2.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t appearance_sq(acc_t centre, acc_t q, acc_t inv_sig, acc_t scale) {
+  const acc_t t = scale * std::fabs(centre - q) * inv_sig;
+  return t * t;
+}
+
+// Squared down / right differences of the image at q = (y, x), summed over the 3 channels (0 on the last
+// row / column). img: channel planes `plane` apart, rows `row` apart.
+template <typename scalar_t, typename acc_t>
+C10_HOST_DEVICE inline acc_t down_sq(const scalar_t* img, int64_t plane, int64_t row, int H, int y, int x) {
+  if (y + 1 >= H) return acc_t(0);
+  acc_t s = 0;
+  for (int c = 0; c < 3; ++c) {
+    const acc_t d = static_cast<acc_t>(img[c * plane + (int64_t)y * row + x]) -
+                    static_cast<acc_t>(img[c * plane + (int64_t)(y + 1) * row + x]);
+    s += d * d;
+  }
+  return s;
+}
+template <typename scalar_t, typename acc_t>
+C10_HOST_DEVICE inline acc_t right_sq(const scalar_t* img, int64_t plane, int64_t row, int W, int y, int x) {
+  if (x + 1 >= W) return acc_t(0);
+  acc_t s = 0;
+  for (int c = 0; c < 3; ++c) {
+    const acc_t d = static_cast<acc_t>(img[c * plane + (int64_t)y * row + x]) -
+                    static_cast<acc_t>(img[c * plane + (int64_t)y * row + x + 1]);
+    s += d * d;
+  }
+  return s;
+}
+
+// The variation term v of slot (sy, sx) at p = (y, x): the squared forward differences of the shifted image
+// X = I(clamp(. + s)) at p, channel mean. X(p) - X(p_down) is the down difference of I at q = p + s when
+// p_down is a different pixel and q is not clamped in y (y < H-1, 0 <= y+sy < H-1), else it is I(q) - I(q)
+// = 0 (NaN for a non-finite I(q), which makes the pixel's appearance logits NaN anyway); same for x.
+C10_HOST_DEVICE inline bool variation_down_ok(int y, int sy, int H) { return y + 1 < H && y + sy >= 0 && y + sy + 1 < H; }
+C10_HOST_DEVICE inline bool variation_right_ok(int x, int sx, int W) { return x + 1 < W && x + sx >= 0 && x + sx + 1 < W; }
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t variation(acc_t down, acc_t right) { return (down + right) * acc_t(1.0 / 3.0); }
+
+// The appearance logit from the sum of the 3 channels' appearance_sq: minus their mean. (A multiplication by
+// the rounded 1/3, not a division: the CPU kernel runs it 96 times per pixel, and a vector division is slow.)
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t appearance_logit(acc_t sum_sq) { return sum_sq * acc_t(-1.0 / 3.0); }
+
+// The weights of pixel (y, x), scalar (the CUDA kernel; the CPU kernel runs the same steps 16 pixels at a
+// time): written to w[k * w_stride], k = j * 8 + o. img: (3, H, W); prior: (n,) (PAR only).
+// Steps: neighbour mean, unbiased variance -> 1 / (sigma + eps); logits a_k and v_k with their maxima;
+// the two softmaxes; w_k = softmax(a)_k + aux * (softmax(v)_k or prior_k).
 template <typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline void pixel_weights(const scalar_t* img, const Params& p, int y, int x, const scalar_t* prior,
                                           acc_t* w, int64_t w_stride) {
   const int H = p.H, W = p.W;
   const int64_t HW = (int64_t)H * W;
   const int n = p.num_dil * kOffsets;
-  acc_t centre[3], mean[3] = {0, 0, 0}, inv_sigma[3] = {0, 0, 0};
+  acc_t centre[3], mean[3] = {0, 0, 0}, var[3] = {0, 0, 0}, isg[3];
   for (int c = 0; c < 3; ++c) centre[c] = static_cast<acc_t>(img[c * HW + (int64_t)y * W + x]);
-  // pass 1: mean of the neighbours per channel
-  for (int j = 0; j < p.num_dil; ++j) {
-    for (int o = 0; o < kOffsets; ++o) {
-      const int64_t q = neighbour(p, j, o, y, x);
-      for (int c = 0; c < 3; ++c) mean[c] += static_cast<acc_t>(img[c * HW + q]);
-    }
+  for (int k = 0; k < n; ++k) {
+    const int64_t q = (int64_t)clampi(y + shift_y(p, k), 0, H - 1) * W + clampi(x + shift_x(p, k), 0, W - 1);
+    for (int c = 0; c < 3; ++c) mean[c] += static_cast<acc_t>(img[c * HW + q]);
   }
   for (int c = 0; c < 3; ++c) mean[c] /= acc_t(n);
-  // pass 2: unbiased variance -> 1 / (sigma + eps)
-  acc_t var[3] = {0, 0, 0};
-  for (int j = 0; j < p.num_dil; ++j) {
-    for (int o = 0; o < kOffsets; ++o) {
-      const int64_t q = neighbour(p, j, o, y, x);
-      for (int c = 0; c < 3; ++c) {
-        const acc_t dv = static_cast<acc_t>(img[c * HW + q]) - mean[c];
-        var[c] += dv * dv;
-      }
+  for (int k = 0; k < n; ++k) {
+    const int64_t q = (int64_t)clampi(y + shift_y(p, k), 0, H - 1) * W + clampi(x + shift_x(p, k), 0, W - 1);
+    for (int c = 0; c < 3; ++c) {
+      const acc_t dv = static_cast<acc_t>(img[c * HW + q]) - mean[c];
+      var[c] += dv * dv;
     }
   }
-  for (int c = 0; c < 3; ++c) inv_sigma[c] = acc_t(1) / (static_cast<acc_t>(std::sqrt(var[c] / acc_t(n - 1))) + acc_t(kStdEps));
-  // pass 3: appearance logits (kept in w) and online softmax statistics of both terms
-  const acc_t scale = static_cast<acc_t>(p.rgb_scale);
-  acc_t max_a = -INFINITY, sum_a = 0, max_v = -INFINITY, sum_v = 0;
-  for (int j = 0; j < p.num_dil; ++j) {
-    for (int o = 0; o < kOffsets; ++o) {
-      const int sy = p.dil[j] * off_y(o), sx = p.dil[j] * off_x(o);
-      const int64_t q = (int64_t)clampi(y + sy, 0, H - 1) * W + clampi(x + sx, 0, W - 1);
-      acc_t a = 0;
-      for (int c = 0; c < 3; ++c) {
-        const acc_t t = scale * std::fabs(centre[c] - static_cast<acc_t>(img[c * HW + q])) * inv_sigma[c];
-        a += t * t;
-      }
-      a = -a / acc_t(3);
-      w[(int64_t)(j * kOffsets + o) * w_stride] = a;
-      if (a > max_a) {
-        sum_a = sum_a * static_cast<acc_t>(std::exp(max_a - a)) + acc_t(1);
-        max_a = a;
-      } else {
-        sum_a += static_cast<acc_t>(std::exp(a - max_a));
-      }
-      if (p.mode == kModeVarm) {
-        const acc_t v = variation<scalar_t, acc_t>(img, HW, H, W, y, x, sy, sx);
-        if (v > max_v) {
-          sum_v = sum_v * static_cast<acc_t>(std::exp(max_v - v)) + acc_t(1);
-          max_v = v;
-        } else {
-          sum_v += static_cast<acc_t>(std::exp(v - max_v));
-        }
-      }
+  for (int c = 0; c < 3; ++c) isg[c] = inv_sigma(var[c], n);
+  const acc_t scale = static_cast<acc_t>(p.rgb_scale), aux = static_cast<acc_t>(p.aux_weight);
+  const bool varm = p.mode == kModeVarm;
+  acc_t max_a = -INFINITY, max_v = -INFINITY;
+  for (int k = 0; k < n; ++k) {  // logits: a_k kept in w, v_k recomputed below
+    const int sy = shift_y(p, k), sx = shift_x(p, k);
+    const int yq = clampi(y + sy, 0, H - 1), xq = clampi(x + sx, 0, W - 1);
+    acc_t a = 0;
+    for (int c = 0; c < 3; ++c) a += appearance_sq(centre[c], static_cast<acc_t>(img[c * HW + (int64_t)yq * W + xq]),
+                                                   isg[c], scale);
+    a = appearance_logit(a);
+    w[(int64_t)k * w_stride] = a;
+    max_a = a > max_a ? a : max_a;
+    if (varm) {
+      const acc_t v = variation(variation_down_ok(y, sy, H) ? down_sq<scalar_t, acc_t>(img, HW, W, H, yq, xq) : 0,
+                                variation_right_ok(x, sx, W) ? right_sq<scalar_t, acc_t>(img, HW, W, W, yq, xq) : 0);
+      max_v = v > max_v ? v : max_v;
     }
   }
-  // pass 4: normalise and add the second term
-  const acc_t aux = static_cast<acc_t>(p.aux_weight);
-  for (int j = 0; j < p.num_dil; ++j) {
-    for (int o = 0; o < kOffsets; ++o) {
-      const int k = j * kOffsets + o;
-      acc_t wk = static_cast<acc_t>(std::exp(w[(int64_t)k * w_stride] - max_a)) / sum_a;
-      if (p.mode == kModeVarm) {
-        const acc_t v = variation<scalar_t, acc_t>(img, HW, H, W, y, x, p.dil[j] * off_y(o), p.dil[j] * off_x(o));
-        wk += aux * static_cast<acc_t>(std::exp(v - max_v)) / sum_v;
-      } else {
-        wk += aux * static_cast<acc_t>(prior[k]);
-      }
-      w[(int64_t)k * w_stride] = wk;
+  acc_t sum_a = 0, sum_v = 0;
+  for (int k = 0; k < n; ++k) {
+    const acc_t e = exp_approx(w[(int64_t)k * w_stride] - max_a);
+    w[(int64_t)k * w_stride] = e;
+    sum_a += e;
+    if (varm) {
+      const int sy = shift_y(p, k), sx = shift_x(p, k);
+      const int yq = clampi(y + sy, 0, H - 1), xq = clampi(x + sx, 0, W - 1);
+      const acc_t v = variation(variation_down_ok(y, sy, H) ? down_sq<scalar_t, acc_t>(img, HW, W, H, yq, xq) : 0,
+                                variation_right_ok(x, sx, W) ? right_sq<scalar_t, acc_t>(img, HW, W, W, yq, xq) : 0);
+      sum_v += exp_approx(v - max_v);
     }
+  }
+  const acc_t inv_a = acc_t(1) / sum_a, inv_v = acc_t(1) / sum_v;
+  for (int k = 0; k < n; ++k) {
+    acc_t second;
+    if (varm) {
+      const int sy = shift_y(p, k), sx = shift_x(p, k);
+      const int yq = clampi(y + sy, 0, H - 1), xq = clampi(x + sx, 0, W - 1);
+      const acc_t v = variation(variation_down_ok(y, sy, H) ? down_sq<scalar_t, acc_t>(img, HW, W, H, yq, xq) : 0,
+                                variation_right_ok(x, sx, W) ? right_sq<scalar_t, acc_t>(img, HW, W, W, yq, xq) : 0);
+      second = exp_approx(v - max_v) * inv_v;
+    } else {
+      second = static_cast<acc_t>(prior[k]);
+    }
+    w[(int64_t)k * w_stride] = w[(int64_t)k * w_stride] * inv_a + aux * second;
   }
 }
 
@@ -175,6 +240,16 @@ TSCD_UNROLL
   for (int t = 0; t < KC; ++t) {
     if (t < kc) dst[(int64_t)(k0 + t) * HW + pix] = static_cast<scalar_t>(acc[t]);
   }
+}
+
+// The source rows of the transposed step: the rows y in [0, H) with clamp(y + sy) = qy form [*lo, *hi]
+// (empty when *lo > *hi): one row inside, a run of rows at the two borders.
+C10_HOST_DEVICE inline void source_rows(int qy, int sy, int H, int* lo, int* hi) {
+  int a = qy - sy, b = qy - sy;
+  if (qy == 0) a = 0;
+  if (qy == H - 1) b = H - 1;
+  *lo = a < 0 ? 0 : a;
+  *hi = b > H - 1 ? H - 1 : b;
 }
 
 // Accumulation policies for the transpose: a plain add where one thread owns the output plane (CPU),

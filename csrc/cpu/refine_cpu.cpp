@@ -1,109 +1,441 @@
-// refine (VARM / PAR) on the CPU: at::parallel_for (OpenMP) over image rows; the math is csrc/refine.h.
+// refine (VARM / PAR) on the CPU; the math is csrc/refine.h (the CUDA kernel runs the same functions per pixel).
+//
+// Layout: every plane the kernels read (the image, its squared down / right differences, the n weights and
+// the propagated maps) is stored with its rows padded by P = min(max dilation, W - 1) columns on each side
+// and rounded up to whole 16-pixel vectors, so a neighbour clamp(x + sx) in x is the plain address x + sx
+// (replicate padding; zeros where the math needs zeros) and every inner loop runs over 16 consecutive pixels
+// without clamping (TSCD_CPU_MULTIVERSION: AVX-512 / AVX2 / baseline). Rows are clamped once per row and
+// slot. The pixels past W in the last vector compute values that are never read (the pads are refilled).
+// Parallel over (image, row) everywhere: the forward step gathers, and so does the transposed step (per
+// output row, from the rows that clamp onto it), so no two threads write the same row.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../refine_host.h"
+#include "simd.h"
 
 namespace tscd {
 namespace {
 
 using refine::Params;
-constexpr int kChunk = 4;  // channels per pixel visit: the 48 weights are read once per chunk
+constexpr int kV = 16;       // pixels per inner loop (one AVX-512 vector of float)
+constexpr int kChunk = 8;    // channels per pass over a row's weights
+constexpr int kMaxN = refine::kMaxDilations * refine::kOffsets;
 
-template <typename scalar_t>
-void weights_cpu(const at::Tensor& image, const scalar_t* prior, const Params& p, at::Tensor& w) {
-  const int64_t B = image.size(0), H = p.H, W = p.W, HW = H * W, n = p.num_dil * refine::kOffsets;
-  const scalar_t* img = image.data_ptr<scalar_t>();
-  scalar_t* wp = w.data_ptr<scalar_t>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+struct Layout {
+  int H, W, P, Wp;  // pad columns per side, padded row length
+  int64_t plane;    // H * Wp
+};
+
+Layout make_layout(const Params& p) {
+  int dmax = 0;
+  for (int j = 0; j < p.num_dil; ++j) dmax = std::max(dmax, p.dil[j]);
+  Layout L;
+  L.H = p.H;
+  L.W = p.W;
+  L.P = std::min(dmax, p.W - 1);
+  const int Wv = (p.W + kV - 1) / kV * kV;
+  L.Wp = (Wv + 2 * L.P + kV - 1) / kV * kV;
+  L.plane = (int64_t)p.H * L.Wp;
+  return L;
+}
+
+// Per-row slot offsets: the clamped source row (times Wp) and the column shift, clamped to [-P, P] (the same
+// clamp(x + sx) for every x in [0, W)).
+struct Slots {
+  int64_t row[kMaxN];
+  int sx[kMaxN];
+  int sy[kMaxN];
+};
+
+void make_slots(const Params& p, const Layout& L, int y, Slots& s) {
+  const int n = p.num_dil * refine::kOffsets;
+  for (int k = 0; k < n; ++k) {
+    s.sy[k] = refine::shift_y(p, k);
+    s.row[k] = (int64_t)refine::clampi(y + s.sy[k], 0, p.H - 1) * L.Wp;
+    s.sx[k] = refine::clampi(refine::shift_x(p, k), -L.P, L.P);
+  }
+}
+
+// (d0, d1, H, Wp) with kV elements of slack after the end (the border sums of the transposed step read
+// whole vectors).
+at::Tensor empty_padded(int64_t d0, int64_t d1, const Layout& L, const at::TensorOptions& opt) {
+  const int64_t numel = d0 * d1 * L.plane;
+  return at::empty({numel + kV}, opt).narrow(0, 0, numel).view({d0, d1, L.H, L.Wp});
+}
+
+template <typename T>
+void fill_pads(T* row, const Layout& L, bool replicate) {
+  const T left = replicate ? row[L.P] : T(0), right = replicate ? row[L.P + L.W - 1] : T(0);
+  std::fill(row, row + L.P, left);
+  std::fill(row + L.P + L.W, row + L.Wp, right);
+}
+
+// Copies (K, H, W) planes into the padded layout.
+template <typename T>
+void to_padded(const T* src, T* dst, int64_t planes, const Layout& L, bool replicate) {
+  at::parallel_for(0, planes * L.H, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / H, y = r % H;
-      for (int64_t x = 0; x < W; ++x) {
-        refine::pixel_weights<scalar_t, scalar_t>(img + b * 3 * HW, p, (int)y, (int)x, prior,
-                                                  wp + b * n * HW + y * W + x, HW);
-      }
+      T* d = dst + r * L.Wp;
+      std::copy(src + r * L.W, src + (r + 1) * L.W, d + L.P);
+      fill_pads(d, L, replicate);
     }
   });
 }
 
-// One step for all images and channels; channels >= num_channels[b] are set to 0. Parallel over rows.
-template <typename scalar_t>
-void step_cpu(const scalar_t* src, scalar_t* dst, const scalar_t* w, const int64_t* nc, const Params& p, int64_t B,
-              int64_t K) {
-  const int64_t H = p.H, W = p.W, HW = H * W, n = p.num_dil * refine::kOffsets;
-  const int64_t chunks = (K + kChunk - 1) / kChunk;
-  at::parallel_for(0, B * chunks * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / (chunks * H), c = (r / H) % chunks, y = r % H;
-      const int64_t k0 = c * kChunk, k_valid = nc ? std::min<int64_t>(nc[b], K) : K;
-      const int kc = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kChunk, k_valid - k0)));
-      scalar_t* d = dst + b * K * HW;
-      for (int64_t x = 0; x < W; ++x) {
-        refine::propagate_pixel<scalar_t, scalar_t, kChunk>(src + b * K * HW, d, w + b * n * HW, p, (int)y, (int)x,
-                                                            (int)k0, kc);
-      }
-      for (int64_t k = k0 + kc; k < std::min<int64_t>(k0 + kChunk, K); ++k) {
-        std::fill(d + k * HW + y * W, d + k * HW + (y + 1) * W, scalar_t(0));
-      }
-    }
-  });
+template <typename T>
+at::Tensor from_padded(const at::Tensor& padded, const Layout& L) {
+  return padded.narrow(3, L.P, L.W).contiguous();
 }
 
-// The transposed step (a scatter): one task owns a (image, channel chunk) block of planes, so plain adds
-// are race-free; channels >= num_channels[b] stay 0.
-template <typename scalar_t>
-void step_transpose_cpu(const scalar_t* src, scalar_t* dst, const scalar_t* w, const int64_t* nc, const Params& p,
-                        int64_t B, int64_t K) {
-  const int64_t H = p.H, W = p.W, HW = H * W, n = p.num_dil * refine::kOffsets;
-  const int64_t chunks = (K + kChunk - 1) / kChunk;
-  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / chunks, k0 = (r % chunks) * kChunk, k_valid = nc ? std::min<int64_t>(nc[b], K) : K;
-      const int kc = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kChunk, k_valid - k0)));
-      scalar_t* d = dst + b * K * HW;
-      std::fill(d + k0 * HW, d + std::min<int64_t>(k0 + kChunk, K) * HW, scalar_t(0));
-      if (kc == 0) continue;
-      for (int64_t y = 0; y < H; ++y) {
-        for (int64_t x = 0; x < W; ++x) {
-          refine::propagate_transpose_pixel<scalar_t, scalar_t, kChunk, refine::PlainAdd>(
-              src + b * K * HW, d, w + b * n * HW, p, (int)y, (int)x, (int)k0, kc);
+// ------------------------------------------------------------------------------------------------
+// Weights
+// ------------------------------------------------------------------------------------------------
+
+// The padded image planes, its squared down differences (replicate pads: the column is clamp(x + sx)) and
+// its squared right differences (zero pads: x + sx outside [0, W - 1) contributes 0), for one row.
+template <typename T>
+void prepare_row(const T* img, const Layout& L, int y, T* imgp, T* dd, T* dr) {
+  const int64_t HW = (int64_t)L.H * L.W, yo = (int64_t)y * L.Wp;
+  for (int c = 0; c < 3; ++c) {
+    T* d = imgp + c * L.plane + yo;
+    std::copy(img + c * HW + (int64_t)y * L.W, img + c * HW + (int64_t)(y + 1) * L.W, d + L.P);
+    fill_pads(d, L, true);
+  }
+  for (int x = 0; x < L.W; ++x) {
+    dd[yo + L.P + x] = refine::down_sq<T, T>(img, HW, L.W, L.H, y, x);
+    dr[yo + L.P + x] = refine::right_sq<T, T>(img, HW, L.W, L.W, y, x);
+  }
+  fill_pads(dd + yo, L, true);
+  fill_pads(dr + yo, L, false);
+}
+
+// The n weights of row y (all W pixels, kV at a time), the steps of refine::pixel_weights.
+template <typename T>
+TSCD_CPU_MULTIVERSION void weights_row(const T* imgp, const T* dd, const T* dr, const T* prior, const Params& p,
+                                       const Layout& L, int y, T* w, T* scratch) {
+  const int n = p.num_dil * refine::kOffsets, W = p.W, P = L.P;
+  const int64_t plane = L.plane, yo = (int64_t)y * L.Wp + P;
+  Slots s;
+  make_slots(p, L, y, s);
+  bool down_ok[kMaxN];
+  for (int k = 0; k < n; ++k) down_ok[k] = refine::variation_down_ok(y, s.sy[k], p.H);
+  const T scale = static_cast<T>(p.rgb_scale), aux = static_cast<T>(p.aux_weight);
+  const bool varm = p.mode == refine::kModeVarm;
+  T* A = scratch;            // (n, kV): logits, then exponentials
+  T* Vt = scratch + n * kV;  // (n, kV)
+  for (int x0 = 0; x0 < W; x0 += kV) {
+    T cen[3][kV], mean[3][kV], var[3][kV], isg[3][kV];
+    for (int c = 0; c < 3; ++c) {
+      const T* r = imgp + c * plane + yo + x0;
+#pragma omp simd
+      for (int x = 0; x < kV; ++x) {
+        cen[c][x] = r[x];
+        mean[c][x] = 0;
+        var[c][x] = 0;
+      }
+    }
+    for (int k = 0; k < n; ++k) {
+      for (int c = 0; c < 3; ++c) {
+        const T* r = imgp + c * plane + s.row[k] + P + s.sx[k] + x0;
+#pragma omp simd
+        for (int x = 0; x < kV; ++x) mean[c][x] += r[x];
+      }
+    }
+    for (int c = 0; c < 3; ++c) {
+#pragma omp simd
+      for (int x = 0; x < kV; ++x) mean[c][x] /= T(n);
+    }
+    for (int k = 0; k < n; ++k) {
+      for (int c = 0; c < 3; ++c) {
+        const T* r = imgp + c * plane + s.row[k] + P + s.sx[k] + x0;
+#pragma omp simd
+        for (int x = 0; x < kV; ++x) {
+          const T dv = r[x] - mean[c][x];
+          var[c][x] += dv * dv;
         }
       }
     }
-  });
+    for (int c = 0; c < 3; ++c) {
+#pragma omp simd
+      for (int x = 0; x < kV; ++x) isg[c][x] = refine::inv_sigma(var[c][x], n);
+    }
+    T max_a[kV], max_v[kV], sum_a[kV], sum_v[kV];
+#pragma omp simd
+    for (int x = 0; x < kV; ++x) {
+      max_a[x] = -INFINITY;
+      max_v[x] = -INFINITY;
+      sum_a[x] = 0;
+      sum_v[x] = 0;
+    }
+    for (int k = 0; k < n; ++k) {
+      const int64_t off = s.row[k] + P + s.sx[k] + x0;
+      const T *r0 = imgp + off, *r1 = imgp + plane + off, *r2 = imgp + 2 * plane + off;
+      T* a_k = A + k * kV;
+#pragma omp simd
+      for (int x = 0; x < kV; ++x) {
+        T a = 0;
+        a += refine::appearance_sq(cen[0][x], r0[x], isg[0][x], scale);
+        a += refine::appearance_sq(cen[1][x], r1[x], isg[1][x], scale);
+        a += refine::appearance_sq(cen[2][x], r2[x], isg[2][x], scale);
+        a = refine::appearance_logit(a);
+        a_k[x] = a;
+        max_a[x] = a > max_a[x] ? a : max_a[x];
+      }
+      if (varm) {
+        const T* dn = dd + off;
+        const T* rt = dr + off;
+        const bool dok = down_ok[k];
+        T* v_k = Vt + k * kV;
+#pragma omp simd
+        for (int x = 0; x < kV; ++x) {
+          const T v = refine::variation<T>(dok ? dn[x] : T(0), x0 + x + 1 < W ? rt[x] : T(0));
+          v_k[x] = v;
+          max_v[x] = v > max_v[x] ? v : max_v[x];
+        }
+      }
+    }
+    for (int k = 0; k < n; ++k) {
+      T* a_k = A + k * kV;
+#pragma omp simd
+      for (int x = 0; x < kV; ++x) {
+        const T e = refine::exp_approx<T>(a_k[x] - max_a[x]);
+        a_k[x] = e;
+        sum_a[x] += e;
+      }
+      if (varm) {
+        T* v_k = Vt + k * kV;
+#pragma omp simd
+        for (int x = 0; x < kV; ++x) {
+          const T e = refine::exp_approx<T>(v_k[x] - max_v[x]);
+          v_k[x] = e;
+          sum_v[x] += e;
+        }
+      }
+    }
+#pragma omp simd
+    for (int x = 0; x < kV; ++x) {
+      sum_a[x] = T(1) / sum_a[x];
+      sum_v[x] = T(1) / sum_v[x];
+    }
+    for (int k = 0; k < n; ++k) {
+      const T* a_k = A + k * kV;
+      const T* v_k = Vt + k * kV;
+      T* wr = w + k * plane + yo + x0;
+      if (varm) {
+#pragma omp simd
+        for (int x = 0; x < kV; ++x) wr[x] = a_k[x] * sum_a[x] + aux * (v_k[x] * sum_v[x]);
+      } else {
+        const T pk = prior[k];
+#pragma omp simd
+        for (int x = 0; x < kV; ++x) wr[x] = a_k[x] * sum_a[x] + aux * pk;
+      }
+    }
+  }
+  for (int k = 0; k < n; ++k) fill_pads(w + k * plane + (int64_t)y * L.Wp, L, false);  // zeros: the transpose
 }
 
-template <bool kTranspose>
-at::Tensor propagate_cpu(const at::Tensor& maps, const at::Tensor& w, const c10::optional<at::Tensor>& num_channels,
-                         const Params& p, int64_t num_iter) {
-  TORCH_CHECK(num_iter >= 1, "refine: `num_iter` must be >= 1 in the kernel; got ", num_iter);
-  const int64_t B = maps.size(0), K = maps.size(1);
-  at::Tensor bufs[2] = {at::empty_like(maps), num_iter > 1 ? at::empty_like(maps) : at::Tensor()};
-  const int64_t* nc = num_channels.has_value() ? num_channels->data_ptr<int64_t>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "refine_propagate_cpu", [&] {
-    const scalar_t* src = maps.data_ptr<scalar_t>();
-    for (int64_t t = 0; t < num_iter; ++t) {
-      // the last step writes bufs[0], which is returned
-      scalar_t* dst = bufs[(num_iter - 1 - t) % 2].data_ptr<scalar_t>();
-      if (kTranspose) {
-        step_transpose_cpu<scalar_t>(src, dst, w.data_ptr<scalar_t>(), nc, p, B, K);
-      } else {
-        step_cpu<scalar_t>(src, dst, w.data_ptr<scalar_t>(), nc, p, B, K);
-      }
-      src = dst;
+// (B, n, H, Wp) weights in the padded layout (zero pads).
+template <typename T>
+at::Tensor weights_padded(const at::Tensor& image, const T* prior, const Params& p, const Layout& L) {
+  const int64_t B = image.size(0), H = p.H, n = p.num_dil * refine::kOffsets, HW = (int64_t)p.H * p.W;
+  at::Tensor w = empty_padded(B, n, L, image.options());
+  at::Tensor aux = at::empty({B, 5, H, L.Wp}, image.options());  // 3 image planes, down and right differences
+  const T* img = image.data_ptr<T>();
+  T* ap = aux.data_ptr<T>();
+  T* wp = w.data_ptr<T>();
+  at::parallel_for(0, B * H, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / H;
+      T* base = ap + b * 5 * L.plane;
+      prepare_row<T>(img + b * 3 * HW, L, (int)(r % H), base, base + 3 * L.plane, base + 4 * L.plane);
     }
   });
-  return bufs[0];
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(2 * n * kV);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / H;
+      const T* base = ap + b * 5 * L.plane;
+      weights_row<T>(base, base + 3 * L.plane, base + 4 * L.plane, prior, p, L, (int)(r % H), wp + b * n * L.plane,
+                     scratch.data());
+    }
+  });
+  return w;
 }
 
-at::Tensor weights_for(const char* op, const at::Tensor& image, const c10::optional<at::Tensor>& prior,
-                       const Params& p, int64_t mode) {
-  const int64_t n = p.num_dil * refine::kOffsets;
-  at::Tensor w = at::empty({image.size(0), n, image.size(2), image.size(3)}, image.options());
+// ------------------------------------------------------------------------------------------------
+// Propagation
+// ------------------------------------------------------------------------------------------------
+
+// One step of row y for KC channels: dst(t, y, x) = sum_k w_k(y, x) * src(t, row_k, x + sx_k).
+template <typename T, int KC>
+TSCD_CPU_MULTIVERSION void step_row(const T* src, T* dst, const T* w, const Slots& s, int n, const Layout& L,
+                                    int y) {
+  const int64_t plane = L.plane, yo = (int64_t)y * L.Wp + L.P;
+  for (int x0 = 0; x0 < L.W; x0 += kV) {
+    T acc[KC][kV];
+    for (int t = 0; t < KC; ++t) {
+#pragma omp simd
+      for (int x = 0; x < kV; ++x) acc[t][x] = 0;
+    }
+    for (int k = 0; k < n; ++k) {
+      const T* wr = w + k * plane + yo + x0;
+      const T* sr = src + s.row[k] + L.P + s.sx[k] + x0;
+      for (int t = 0; t < KC; ++t) {
+#pragma omp simd
+        for (int x = 0; x < kV; ++x) acc[t][x] += wr[x] * sr[t * plane + x];
+      }
+    }
+    for (int t = 0; t < KC; ++t) {
+#pragma omp simd
+      for (int x = 0; x < kV; ++x) dst[t * plane + yo + x0 + x] = acc[t][x];
+    }
+  }
+  for (int t = 0; t < KC; ++t) fill_pads(dst + t * plane + (int64_t)y * L.Wp, L, true);
+}
+
+// The transposed step for output row qy and KC channels (a gather): dst(t, qy, qx) = sum_k sum_{y : clamp(y +
+// sy_k) = qy} w_k(y, qx - sx_k) * g(t, y, qx - sx_k), with zero pads in w and g; then the pixels whose column
+// clamp(x + sx_k) was clamped onto column 0 or W - 1 are added there.
+template <typename T, int KC>
+TSCD_CPU_MULTIVERSION void step_transpose_row(const T* g, T* dst, const T* w, const Params& p, const Layout& L,
+                                              int qy) {
+  const int n = p.num_dil * refine::kOffsets, W = L.W, P = L.P;
+  const int64_t plane = L.plane, Wp = L.Wp, qo = (int64_t)qy * Wp + P;
+  int lo[kMaxN], hi[kMaxN], sx[kMaxN];
+  for (int k = 0; k < n; ++k) {
+    refine::source_rows(qy, refine::shift_y(p, k), p.H, &lo[k], &hi[k]);
+    sx[k] = refine::clampi(refine::shift_x(p, k), -P, P);
+  }
+  for (int x0 = 0; x0 < W; x0 += kV) {
+    T acc[KC][kV];
+    for (int t = 0; t < KC; ++t) {
+#pragma omp simd
+      for (int x = 0; x < kV; ++x) acc[t][x] = 0;
+    }
+    for (int k = 0; k < n; ++k) {
+      for (int y = lo[k]; y <= hi[k]; ++y) {
+        const int64_t off = (int64_t)y * Wp + P - sx[k] + x0;
+        const T* wr = w + k * plane + off;
+        const T* gr = g + off;
+        for (int t = 0; t < KC; ++t) {
+#pragma omp simd
+          for (int x = 0; x < kV; ++x) acc[t][x] += wr[x] * gr[t * plane + x];
+        }
+      }
+    }
+    for (int t = 0; t < KC; ++t) {
+#pragma omp simd
+      for (int x = 0; x < kV; ++x) dst[t * plane + qo + x0 + x] = acc[t][x];
+    }
+  }
+  // border columns, 16 lanes at a time (lanes past the run are discarded; reads may pass the row's end by
+  // < 16 elements, which the buffers' tail slack covers)
+  T left[KC][kV], right[KC][kV];
+  for (int t = 0; t < KC; ++t) {
+#pragma omp simd
+    for (int x = 0; x < kV; ++x) {
+      left[t][x] = 0;
+      right[t][x] = 0;
+    }
+  }
+  for (int k = 0; k < n; ++k) {
+    if (sx[k] == 0) continue;
+    // sx < 0: columns [0, -sx) clamp onto column 0; sx > 0: columns [W - sx, W) onto column W - 1
+    const int x_lo = sx[k] < 0 ? 0 : W - sx[k], x_hi = sx[k] < 0 ? -sx[k] : W;
+    T(*sum)[kV] = sx[k] < 0 ? left : right;
+    for (int y = lo[k]; y <= hi[k]; ++y) {
+      const T* wr = w + k * plane + (int64_t)y * Wp + P;
+      const T* gr = g + (int64_t)y * Wp + P;
+      for (int xx = x_lo; xx < x_hi; xx += kV) {
+        for (int t = 0; t < KC; ++t) {
+#pragma omp simd
+          for (int x = 0; x < kV; ++x) sum[t][x] += xx + x < x_hi ? wr[xx + x] * gr[t * plane + xx + x] : T(0);
+        }
+      }
+    }
+  }
+  for (int t = 0; t < KC; ++t) {
+    T l = 0, r = 0;
+    for (int x = 0; x < kV; ++x) {
+      l += left[t][x];
+      r += right[t][x];
+    }
+    dst[t * plane + qo] += l;
+    dst[t * plane + qo + W - 1] += r;
+  }
+  for (int t = 0; t < KC; ++t) fill_pads(dst + t * plane + (int64_t)qy * Wp, L, false);
+}
+
+template <typename T, int KC>
+void row_dispatch(bool transpose, const T* src, T* dst, const T* w, const Slots* s, const Params& p, const Layout& L,
+                  int y, int kc) {
+  if (kc == KC) {
+    if (transpose) {
+      step_transpose_row<T, KC>(src, dst, w, p, L, y);
+    } else {
+      step_row<T, KC>(src, dst, w, *s, p.num_dil * refine::kOffsets, L, y);
+    }
+  } else if constexpr (KC > 1) {
+    row_dispatch<T, KC - 1>(transpose, src, dst, w, s, p, L, y, kc);
+  }
+}
+
+// One step (forward or transposed) for all images, rows and channels; channels >= num_channels[b] are 0.
+template <typename T>
+void step_cpu(bool transpose, const T* src, T* dst, const T* w, const int64_t* nc, const Params& p, const Layout& L,
+              int64_t B, int64_t K) {
+  const int64_t H = p.H, n = p.num_dil * refine::kOffsets;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    Slots s;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / H;
+      const int y = (int)(r % H);
+      const int64_t k_valid = nc ? std::min<int64_t>(nc[b], K) : K;
+      if (!transpose) make_slots(p, L, y, s);
+      for (int64_t k0 = 0; k0 < k_valid; k0 += kChunk) {
+        const int kc = (int)std::min<int64_t>(kChunk, k_valid - k0);
+        const int64_t off = (b * K + k0) * L.plane;
+        row_dispatch<T, kChunk>(transpose, src + off, dst + off, w + b * n * L.plane, &s, p, L, y, kc);
+      }
+      for (int64_t k = std::max<int64_t>(k_valid, 0); k < K; ++k) {
+        T* d = dst + (b * K + k) * L.plane + (int64_t)y * L.Wp;
+        std::fill(d, d + L.Wp, T(0));
+      }
+    }
+  });
+}
+
+at::Tensor propagate_cpu(bool transpose, const at::Tensor& maps, const at::Tensor& w,
+                         const c10::optional<at::Tensor>& num_channels, const Params& p, const Layout& L,
+                         int64_t num_iter) {
+  TORCH_CHECK(num_iter >= 1, "refine: `num_iter` must be >= 1 in the kernel; got ", num_iter);
+  const int64_t B = maps.size(0), K = maps.size(1);
+  at::Tensor bufs[2] = {empty_padded(B, K, L, maps.options()), empty_padded(B, K, L, maps.options())};
+  const int64_t* nc = num_channels.has_value() ? num_channels->data_ptr<int64_t>() : nullptr;
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "refine_propagate_cpu", [&] {
+    to_padded<scalar_t>(maps.data_ptr<scalar_t>(), bufs[1].data_ptr<scalar_t>(), B * K, L, !transpose);
+    for (int64_t t = 0; t < num_iter; ++t) {
+      const scalar_t* src = bufs[(t + 1) % 2].data_ptr<scalar_t>();
+      scalar_t* dst = bufs[t % 2].data_ptr<scalar_t>();
+      step_cpu<scalar_t>(transpose, src, dst, w.data_ptr<scalar_t>(), nc, p, L, B, K);
+    }
+    out = from_padded<scalar_t>(bufs[(num_iter - 1) % 2], L);
+  });
+  return out;
+}
+
+at::Tensor weights_for(const at::Tensor& image, const c10::optional<at::Tensor>& prior, const Params& p,
+                       const Layout& L, int64_t mode) {
+  at::Tensor w;
   AT_DISPATCH_FLOATING_TYPES(image.scalar_type(), "refine_weights_cpu", [&] {
-    weights_cpu<scalar_t>(image, static_cast<const scalar_t*>(refine::prior_ptr(prior, mode)), p, w);
+    w = weights_padded<scalar_t>(image, static_cast<const scalar_t*>(refine::prior_ptr(prior, mode)), p, L);
   });
   return w;
 }
@@ -113,7 +445,8 @@ at::Tensor refine_weights_cpu(const at::Tensor& image, at::IntArrayRef dilations
   TSCD_CHECK_CPU("refine", image);
   const Params p = refine::make_params("refine", image, at::Tensor(), c10::nullopt, dilations, mode, rgb_scale,
                                        aux_weight, prior);
-  return weights_for("refine_weights_cpu", image, prior, p, mode);
+  const Layout L = make_layout(p);
+  return weights_for(image, prior, p, L, mode).narrow(3, L.P, L.W).contiguous();
 }
 
 at::Tensor refine_fwd_cpu(const at::Tensor& image, const at::Tensor& cam, const c10::optional<at::Tensor>& num_channels,
@@ -122,8 +455,8 @@ at::Tensor refine_fwd_cpu(const at::Tensor& image, const at::Tensor& cam, const 
   TSCD_CHECK_CPU("refine", image);
   const Params p = refine::make_params("refine", image, cam, num_channels, dilations, mode, rgb_scale, aux_weight,
                                        prior);
-  const at::Tensor w = weights_for("refine_weights_cpu", image, prior, p, mode);
-  return propagate_cpu<false>(cam, w, num_channels, p, num_iter);
+  const Layout L = make_layout(p);
+  return propagate_cpu(false, cam, weights_for(image, prior, p, L, mode), num_channels, p, L, num_iter);
 }
 
 at::Tensor refine_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& image,
@@ -132,8 +465,8 @@ at::Tensor refine_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& image,
   TSCD_CHECK_CPU("refine", image);
   const Params p = refine::make_params("refine", image, grad_out, num_channels, dilations, mode, rgb_scale,
                                        aux_weight, prior);
-  const at::Tensor w = weights_for("refine_weights_cpu", image, prior, p, mode);
-  return propagate_cpu<true>(grad_out, w, num_channels, p, num_iter);
+  const Layout L = make_layout(p);
+  return propagate_cpu(true, grad_out, weights_for(image, prior, p, L, mode), num_channels, p, L, num_iter);
 }
 
 }  // namespace

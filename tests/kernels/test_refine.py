@@ -154,6 +154,16 @@ CASES = {
     "K21-30x26": (2, 21, 30, 26, (8, 7), DEFAULT_DILATIONS, 10, None),
     "border-heavy-40x9": (1, 2, 40, 9, (40, 9), (1, 8, 24, 33), 5, None),
     "ragged-K": (3, 5, 10, 11, (5, 6), (1, 2, 4), 3, [5, 2, 0]),
+    # the CPU kernel's padded rows and 16-pixel vectors: 1- and 2-pixel rows/columns, widths that are not a
+    # multiple of 16, images smaller than the dilations, K across the 8-channel chunks with num_channels masks
+    "W1-tall": (1, 3, 19, 1, (19, 1), DEFAULT_DILATIONS, 3, None),
+    "H1-wide": (2, 2, 1, 37, (1, 19), DEFAULT_DILATIONS, 3, None),
+    "H2-W17": (2, 2, 2, 17, (2, 17), (1, 3), 4, None),
+    "W2-H17": (1, 3, 17, 2, (17, 2), (1, 5, 30), 3, None),
+    "small-5x6-all-dil": (2, 2, 5, 6, (3, 3), DEFAULT_DILATIONS, 4, None),
+    "odd-W33-K9-masked": (2, 9, 11, 33, (6, 17), DEFAULT_DILATIONS, 4, [9, 5]),
+    "K13-W47-ragged": (3, 13, 7, 47, (7, 47), (1, 3, 24), 3, [13, 8, 1]),
+    "large-dil-21x45": (1, 2, 21, 45, (21, 45), (2, 40), 3, None),
 }
 TINY = {"1x1", "2x3", "B3-K3-nonsquare", "ragged-K"}
 
@@ -196,14 +206,57 @@ def test_refine_parity_par(backend_device, case):
 
 
 @pytest.mark.parametrize("mode", ["varm", "par"])
+@pytest.mark.parametrize("case", ["W1-tall", "H1-wide", "odd-W33-K9-masked", "K13-W47-ragged", "large-dil-21x45"])
+def test_refine_float64_tight(case, mode):
+    """float64 runs the kernel's own math (exact exp): it matches the reference to rounding, so an index
+    off by one at a border, a pad, a clamp or a vector tail shows up far above the tolerance."""
+    require_backend("refine_fwd", "cpp", "cpu", SUPPORTED_BACKENDS)
+    img, cam, kw = _inputs(case, "cpu", torch.float64)
+    cam_ref = cam.detach().requires_grad_()
+    cam_k = cam.detach().requires_grad_()
+    ref = refine_reference(img, cam_ref, mode=mode, **kw)
+    out = refine(img, cam_k, mode=mode, backend="cpp", **kw)
+    assert out.dtype == torch.float64
+    assert_close(out, ref, rtol=1e-11, atol=1e-12, name=f"float64 forward {case}")
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    out.backward(grad)
+    assert_close(cam_k.grad, cam_ref.grad, rtol=1e-11, atol=1e-12, name=f"float64 grad {case}")
+    w = refine_weights(img, dilations=kw["dilations"], mode=mode, backend="cpp")
+    w_ref = refine_weights_reference(img, dilations=kw["dilations"], mode=mode)
+    assert_close(w, w_ref, rtol=1e-12, atol=1e-14, name=f"float64 weights {case}")
+
+
+@pytest.mark.skipif(not has_cpp(), reason="tscd._C not built")
+@pytest.mark.parametrize("shape,dil", [((1, 1), (1,)), ((3, 40), (1, 2, 4, 8, 12, 24)), ((23, 5), (7, 30)),
+                                       ((16, 16), (1, 15, 16)), ((9, 18), (3,))])
+def test_refine_cpp_transpose_is_adjoint(shape, dil):
+    """refine_bwd (the transposed step, a gather with border sums on the CPU) is the adjoint of refine_fwd:
+    <A x, y> = <x, A^T y> for one step, in float64."""
+    g = torch.Generator().manual_seed(1)
+    img = torch.rand(2, 3, *shape, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 10, *shape, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 10, *shape, generator=g, dtype=torch.float64)
+    nc = torch.tensor([10, 9])
+    args = (nc, list(dil), 1, 0, 4.0, -0.01, None)
+    ax = torch.ops.tscd.refine_fwd(img, x, *args)
+    aty = torch.ops.tscd.refine_bwd(y, img, *args)
+    assert bool((ax[1, 9] == 0).all()) and bool((aty[1, 9] == 0).all())
+    lhs, rhs = (ax * y).sum().item(), (x * aty).sum().item()
+    assert abs(lhs - rhs) <= 1e-11 * max(1.0, abs(lhs)), (lhs, rhs)
+
+
+@pytest.mark.parametrize("mode", ["varm", "par"])
 def test_refine_weights_parity(backend_device, mode):
     backend, device = backend_device
     require_backend("refine_weights", backend, device, SUPPORTED_BACKENDS)
-    img = torch.rand(2, 3, 9, 14, device=device)
-    img[0, :, :, :3] = 0.25  # a flat region: zero variance in some neighbourhoods
-    ref = refine_weights_reference(img.double(), mode=mode)
-    out = refine_weights(img, mode=mode, backend=backend)
-    assert_close(out, ref, rtol=1e-4, atol=1e-6, name=f"{backend} weights")
+    for size in [(9, 14), (5, 37)]:  # 37: two 16-pixel vectors and a tail
+        img = torch.rand(2, 3, *size, device=device)
+        img[0, :, :, :3] = 0.25  # a flat region: zero variance in some neighbourhoods
+        ref = refine_weights_reference(img.double(), mode=mode)
+        out = refine_weights(img, mode=mode, backend=backend)
+        assert out.shape == ref.shape
+        assert_close(out, ref, rtol=1e-4, atol=1e-6, name=f"{backend} weights {size}")
 
 
 def test_refine_non_contiguous_inputs(backend_device):
