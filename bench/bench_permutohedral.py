@@ -55,7 +55,8 @@ def synthetic_image(B: int, S: int, device: torch.device, seed: int = 0) -> torc
 def voc_scene(W: int = 500, H: int = 375, K: int = 21, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """A generated VOC-like scene: a smooth shaded background with discs and boxes of flat colours (sharp edges)
     and small integer noise, uint8 (3, H, W); noisy softmax probabilities (1, K, H, W) whose argmax follows the
-    objects on most pixels. (The same generator as tests/kernels/test_dense_crf_pydensecrf.py.)"""
+    objects on most pixels. tests/kernels/test_dense_crf_pydensecrf.py draws its fixture from it: change it only
+    with that fixture."""
     g = torch.Generator().manual_seed(seed)
     y, x = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
     s = max(W, H) / 500.0

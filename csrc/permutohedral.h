@@ -25,6 +25,8 @@
 
 #include <c10/macros/Macros.h>
 
+#include "fast_exp.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -130,18 +132,6 @@ C10_HOST_DEVICE inline bool embed_point(const scalar_t* f, int64_t f_stride, int
   return valid;
 }
 
-// Float <-> bit pattern (memcpy: well defined, and vectorisable on the host).
-C10_HOST_DEVICE inline float float_from_bits(int i) {
-  float f;
-  memcpy(&f, &i, sizeof(f));
-  return f;
-}
-C10_HOST_DEVICE inline int float_bits(float f) {
-  int i;
-  memcpy(&i, &f, sizeof(i));
-  return i;
-}
-
 C10_HOST_DEVICE inline uint64_t hash_key(const int* key, int d) {
   uint64_t h = 0;
   for (int k = 0; k < d; ++k) h = (h + static_cast<uint32_t>(key[k])) * 2654435761ULL;
@@ -209,29 +199,8 @@ C10_HOST_DEVICE inline acc_t crf_norm(acc_t k1) {
   return acc_t(1) / std::sqrt(v);
 }
 
-// exp(x) for x <= 0 in float, written so that a SIMD loop vectorises it (no libm call, no float-to-int
-// conversion, selects only): x = n ln2 + r with |r| <= ln2/2 (n rounded by adding 1.5 * 2^23, whose low mantissa
-// bits then hold n), exp(r) by a degree-6 polynomial (Cephes' expf coefficients, about 1 ulp), 2^n from the
-// exponent bits. Below -87 (where expf is denormal or 0) it returns 0; NaN gives NaN.
-C10_HOST_DEVICE inline float exp_nonpositive(float x) {
-  float xc = x > -87.0f ? x : -87.0f;
-  xc = xc < 0.0f ? xc : 0.0f;
-  const float t = xc * 1.44269504088896341f + 12582912.0f;
-  const float n = t - 12582912.0f;                         // round(x / ln2), in [-126, 0]
-  const int ni = float_bits(t) - 0x4B400000;               // the same n as an int
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  float out = p * float_from_bits((ni + 127) << 23);  // times 2^n
-  out = x > -87.0f ? out : 0.0f;
-  return x == x ? out : x;
-}
+// exp(x) for x <= 0 (the mean field's softmax after subtracting the max): fast_exp.h's vectorisable expf.
+C10_HOST_DEVICE inline float exp_nonpositive(float x) { return fast_expf(x > 0.f ? 0.f : x); }
 C10_HOST_DEVICE inline double exp_nonpositive(double x) { return std::exp(x); }
 
 }  // namespace perm

@@ -20,6 +20,8 @@
 
 #include <c10/macros/Macros.h>
 
+#include "fast_exp.h"
+
 #include <cmath>
 #include <cstdint>
 
@@ -61,36 +63,13 @@ C10_HOST_DEVICE inline int64_t neighbour(const Params& p, int j, int o, int y, i
 C10_HOST_DEVICE inline int shift_y(const Params& p, int k) { return p.dil[k / kOffsets] * off_y(k % kOffsets); }
 C10_HOST_DEVICE inline int shift_x(const Params& p, int k) { return p.dil[k / kOffsets] * off_x(k % kOffsets); }
 
-// exp for the softmaxes, in plain arithmetic so that a loop over pixels vectorises (the CPU kernel runs it
-// 16 pixels at a time): Cody-Waite reduction to r in [-ln2/2, ln2/2], a degree-7 polynomial (Cephes expf,
-// ~1 ulp), and 2^n built from its exponent bits. Underflow flushes to 0 (below e^-87.3), overflow gives +inf,
-// NaN stays NaN. float64 uses std::exp.
+// exp for the softmaxes: float uses fast_expf (fast_exp.h: vectorisable, about 1 ulp; the CPU kernel runs it 16
+// pixels at a time), float64 std::exp.
 template <typename T>
 C10_HOST_DEVICE inline T exp_approx(T x) { return static_cast<T>(std::exp(x)); }
 
 template <>
-C10_HOST_DEVICE inline float exp_approx<float>(float x) {
-  const float xc = x < -87.33654f ? -87.33654f : (x > 88.72283f ? 88.72283f : x);  // NaN passes through
-  const float n = (xc * 1.44269504089f + 12582912.f) - 12582912.f;              // round to nearest
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float q = 1.9875691500e-4f;
-  q = q * r + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  q = q * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-#if defined(__CUDA_ARCH__)
-  const float scale = __int_as_float(bits);
-#else
-  float scale;
-  __builtin_memcpy(&scale, &bits, sizeof(float));
-#endif
-  const float e = q * scale;
-  return x < -87.33654f ? 0.f : (x > 88.72283f ? INFINITY : e);
-}
+C10_HOST_DEVICE inline float exp_approx<float>(float x) { return fast_expf(x); }
 
 // 1 / (sigma + eps) from the sum of squared deviations of n samples (unbiased std).
 template <typename acc_t>

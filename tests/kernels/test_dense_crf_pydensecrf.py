@@ -16,35 +16,23 @@ import numpy as np
 import pytest
 import torch
 
-from tscd.eval.crf import CRFParams
-from tscd.kernels import dense_crf
-from tscd.kernels._ext import has_cpp
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_permutohedral import voc_scene  # noqa: E402
+from tscd.eval.crf import CRFParams  # noqa: E402
+from tscd.kernels import dense_crf  # noqa: E402
+from tscd.kernels._ext import has_cpp  # noqa: E402
 
 needs_cpp = pytest.mark.skipif(not has_cpp(), reason="tscd._C not built")
 FIXTURE = Path(__file__).parent / "data" / "dense_crf_100x75.npz"
 
 
 def crf_scene(W: int, H: int, K: int = 21, seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
-    """A generated scene: a smooth shaded background with discs and boxes of flat colours (sharp edges), small
-    integer noise, as uint8 (3, H, W); and noisy softmax probabilities (1, K, H, W) whose argmax follows the
-    objects on most pixels (the kind of network output the CRF refines)."""
-    g = torch.Generator().manual_seed(seed)
-    y, x = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
-    s = max(W, H) / 500.0
-    img = torch.stack([128 + 90 * torch.sin(x / (37 * s)), 128 + 70 * torch.cos(y / (23 * s)),
-                       128 + 50 * torch.sin((x + y) / (51 * s))])
-    lab = torch.zeros(H, W, dtype=torch.long)
-    for r in range(8):
-        cx, cy, rad = (torch.rand(3, generator=g) * torch.tensor([W, H, 120.0 * s]) + torch.tensor([0, 0, 30.0 * s]))
-        col = torch.randint(0, 256, (3,), generator=g).float()
-        disc = (x - cx) ** 2 + (y - cy) ** 2 < rad ** 2
-        m = disc if r % 2 == 0 else ((x - cx).abs() < rad) & ((y - cy).abs() < rad / 2)
-        img[:, m] = col.view(3, 1)
-        lab[m] = 1 + r % (K - 1) if K > 1 else 0
-    img = (img + torch.randint(-4, 5, (3, H, W), generator=g).float()).clamp(0, 255).round().to(torch.uint8)
-    logits = 1.5 * torch.randn(K, H, W, generator=g)
-    logits[lab, torch.arange(H)[:, None], torch.arange(W)] += 1.0
-    return img.numpy(), logits.softmax(0)[None]
+    """The benchmark's generated scene (``bench.bench_permutohedral.voc_scene``): uint8 image (3, H, W) as numpy
+    and noisy softmax probabilities (1, K, H, W)."""
+    img, probs = voc_scene(W, H, K, seed)
+    return img.numpy(), probs
 
 
 def pydensecrf_labels(img: np.ndarray, probs: torch.Tensor, p: CRFParams = CRFParams()) -> np.ndarray:
