@@ -130,9 +130,12 @@ def roofline(data: dict) -> list[str]:
         if peak:
             line += f" ({100 * achieved / peak:.0f} % of the {peak:.0f} GB/s peak)"
         if env.get("peak_fp32_gflops"):
-            cpu_peak = env["peak_fp32_gflops"]
+            # the peak was measured on the run's threads; a row on fewer (dense_crf on 1) gets its linear share
+            threads = r.get("threads") or env.get("threads") or 1
+            cpu_peak = env["peak_fp32_gflops"] * threads / (env.get("threads") or threads)
             line += (f" ({100 * flops / secs / 1e9 / cpu_peak:.1f} % of this CPU's {cpu_peak:.0f} GFLOP/s fp32 "
-                     f"matmul peak on {env.get('threads')} threads)")
+                     f"matmul peak on {threads} thread{'s' if threads > 1 else ''}"
+                     + (", scaled from the measured one" if threads != env.get("threads") else "") + ")")
         lines.append(line)
     return lines
 
