@@ -12,8 +12,8 @@ a protocol (then reported as ``<protocol>+custom``). The model and the dataset c
 protocol; it is saved as ``results_<split>_<protocol>.json`` / ``.csv`` in ``--out`` (default ``<run dir>/eval``),
 numbered ``.2``, ``.3``, ... rather than overwriting an earlier result (``--overwrite`` replaces it). ``--save-preds``
 also writes palette PNGs per output; ``--grid N`` draws the first N images (image | CAM | pseudo label | prediction |
-ground truth, as training's val_grid.png) to ``grid_<split>_<protocol>.png``. mIoU convention: classes absent from both ground truth and prediction are
-excluded from the mean.
+ground truth, as training's val_grid.png) to ``grid_<split>_<protocol>.png``. mIoU convention: classes absent from
+both ground truth and prediction are excluded from the mean.
 """
 from __future__ import annotations
 
