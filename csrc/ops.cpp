@@ -46,6 +46,10 @@ TORCH_LIBRARY(tscd, m) {
   m.def("correlation_fwd(Tensor t1, Tensor t2, Tensor s1, Tensor s2, Tensor offset, bool clamp_student) -> Tensor");
   m.def("correlation_bwd(Tensor grad, Tensor t1, Tensor t2, Tensor s1, Tensor s2, Tensor offset, bool clamp_student, "
         "bool teacher_grad) -> Tensor[]");
+  // fwd_grad (CPU): fwd and the gradients of its output itself (grad = 1) from one sweep over the tiles, for a
+  // training step: (out, ds1, ds2, dt1, dt2, doffset), the teacher grads empty (shape (0,)) unless teacher_grad.
+  m.def("correlation_fwd_grad(Tensor t1, Tensor t2, Tensor s1, Tensor s2, Tensor offset, bool clamp_student, "
+        "bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // permutohedral: Gaussian filtering on a permutohedral lattice (docs/method.md 4.5, 6); values (B, K, N), features
   // (B, D, N) in std-1 units. bwd: the gradient w.r.t. values (the transposed lattice). See csrc/permutohedral.h.

@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../correlation_host.h"
@@ -95,26 +97,32 @@ void forward_all(const at::Tensor& t1, const at::Tensor& s1, const at::Tensor& s
 // One sweep over (image, panel of kPanel view-1 points), split into `parts` contiguous ranges run in parallel.
 // The view-1 gradients (ds1, dt1, dc) belong to their panel; the view-2 ones are summed over all panels, so each
 // part accumulates them into its own transposed buffer (parts, B, C, N2), reduced at the end (the split and the
-// summation order depend only on the thread count: deterministic for a given one).
+// summation order depend only on the thread count: deterministic for a given one). g == nullptr: the gradient of
+// out_b itself (g_b = 1), and with `totals` (parts * B) the forward's per-image sums from the same tiles (the
+// fused forward+backward).
 template <template <typename> class PassT, typename scalar_t>
 void backward_all(const scalar_t* g, const at::Tensor& t1, const at::Tensor& t2, const at::Tensor& s1,
                   const at::Tensor& s2, const at::Tensor& offset, const Sizes& z, bool clamp, bool teacher_grad,
-                  at::Tensor& ds1, at::Tensor& ds2, at::Tensor& dt1, at::Tensor& dt2, at::Tensor& dc) {
+                  at::Tensor& ds1, at::Tensor& ds2, at::Tensor& dt1, at::Tensor& dt2, at::Tensor& dc,
+                  std::vector<double>* totals = nullptr) {
   const at::Tensor s2T = s2.transpose(1, 2).contiguous(), t2T = t2.transpose(1, 2).contiguous();
   const int64_t np = (z.N1 + kPanel - 1) / kPanel, work = z.B * np;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work));
   at::Tensor ds2T = at::zeros({parts, z.B, z.Cs, z.N2}, s2.options());
   at::Tensor dt2T = teacher_grad ? at::zeros({parts, z.B, z.Ct, z.N2}, t2.options()) : at::Tensor();
+  if (totals != nullptr) totals->assign(parts * z.B, 0.0);
   at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       for (int64_t w = work * q / parts; w < work * (q + 1) / parts; ++w) {
         const int64_t b = w / np, p0 = (w % np) * kPanel;
         const auto pass = make_pass<PassT<scalar_t>, scalar_t>(s1, t1, s2T, t2T, offset, b, clamp);
         scalar_t* dt2q = teacher_grad ? dt2T.data_ptr<scalar_t>() + (q * z.B + b) * z.Ct * z.N2 : nullptr;
-        pass.backward(p0, std::min<int64_t>(kPanel, z.N1 - p0), g[b], teacher_grad, teacher_grad,
-                      ds1.data_ptr<scalar_t>() + b * z.N1 * z.Cs, dt1.data_ptr<scalar_t>() + b * z.N1 * z.Ct,
-                      dc.data_ptr<scalar_t>() + b * z.N1, ds2T.data_ptr<scalar_t>() + (q * z.B + b) * z.Cs * z.N2,
-                      dt2q);
+        pass.backward(p0, std::min<int64_t>(kPanel, z.N1 - p0), g != nullptr ? g[b] : scalar_t(1), teacher_grad,
+                      teacher_grad, ds1.data_ptr<scalar_t>() + b * z.N1 * z.Cs,
+                      teacher_grad ? dt1.data_ptr<scalar_t>() + b * z.N1 * z.Ct : nullptr,
+                      teacher_grad ? dc.data_ptr<scalar_t>() + b * z.N1 : nullptr,
+                      ds2T.data_ptr<scalar_t>() + (q * z.B + b) * z.Cs * z.N2, dt2q,
+                      totals != nullptr ? totals->data() + q * z.B + b : nullptr);
       }
     }
   });
@@ -150,6 +158,16 @@ at::Tensor correlation_fwd_cpu(const at::Tensor& t1, const at::Tensor& t2, const
   return out;
 }
 
+// Runs backward_all with the widest Pass this CPU supports.
+template <typename scalar_t, typename... Args>
+void backward_dispatch(Args&&... args) {
+#ifdef TSCD_CORRELATION_X86
+  if (isa_level() == 2) return backward_all<isa_avx512::Pass, scalar_t>(std::forward<Args>(args)...);
+  if (isa_level() == 1) return backward_all<isa_avx2::Pass, scalar_t>(std::forward<Args>(args)...);
+#endif
+  backward_all<isa_default::Pass, scalar_t>(std::forward<Args>(args)...);
+}
+
 std::vector<at::Tensor> correlation_bwd_cpu(const at::Tensor& grad, const at::Tensor& t1, const at::Tensor& t2,
                                             const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& offset,
                                             bool clamp_student, bool teacher_grad) {
@@ -158,23 +176,38 @@ std::vector<at::Tensor> correlation_bwd_cpu(const at::Tensor& grad, const at::Te
   at::Tensor ds1 = at::zeros_like(s1), ds2;
   at::Tensor dt1 = at::zeros_like(t1), dt2, dc = at::zeros_like(offset);
   AT_DISPATCH_FLOATING_TYPES(t1.scalar_type(), "correlation_bwd_cpu", [&] {
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-#ifdef TSCD_CORRELATION_X86
-    if (isa_level() == 2) {
-      backward_all<isa_avx512::Pass, scalar_t>(g, t1, t2, s1, s2, offset, z, clamp_student, teacher_grad, ds1, ds2,
-                                               dt1, dt2, dc);
-    } else if (isa_level() == 1) {
-      backward_all<isa_avx2::Pass, scalar_t>(g, t1, t2, s1, s2, offset, z, clamp_student, teacher_grad, ds1, ds2,
-                                             dt1, dt2, dc);
-    } else
-#endif
-    {
-      backward_all<isa_default::Pass, scalar_t>(g, t1, t2, s1, s2, offset, z, clamp_student, teacher_grad, ds1,
-                                                ds2, dt1, dt2, dc);
-    }
+    backward_dispatch<scalar_t>(grad.data_ptr<scalar_t>(), t1, t2, s1, s2, offset, z, clamp_student, teacher_grad,
+                                ds1, ds2, dt1, dt2, dc);
   });
   if (!dt2.defined()) dt2 = at::zeros_like(t2);
   return {ds1, ds2, dt1, dt2, dc};
+}
+
+// The fused forward+backward: out_b and the gradients of out_b itself (g_b = 1; the autograd backward scales them by
+// the incoming g_b), from one sweep over the tiles, so a training step computes each tile once instead of twice
+// (forward, then backward). The teacher gradients are empty (shape (0,)) unless teacher_grad.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> correlation_fwd_grad_cpu(
+    const at::Tensor& t1, const at::Tensor& t2, const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& offset,
+    bool clamp_student, bool teacher_grad) {
+  TSCD_CHECK_CPU("correlation", t1);
+  const Sizes z = correlation::check_inputs("correlation", t1, t2, s1, s2, offset, at::Tensor());
+  at::Tensor ds1 = at::zeros_like(s1), ds2;
+  at::Tensor dt1 = teacher_grad ? at::zeros_like(t1) : t1.new_empty({0}), dt2;
+  at::Tensor dc = teacher_grad ? at::zeros_like(offset) : offset.new_empty({0});
+  at::Tensor out = at::empty({z.B}, t1.options());
+  std::vector<double> totals;
+  AT_DISPATCH_FLOATING_TYPES(t1.scalar_type(), "correlation_fwd_grad_cpu", [&] {
+    backward_dispatch<scalar_t>(static_cast<const scalar_t*>(nullptr), t1, t2, s1, s2, offset, z, clamp_student,
+                                teacher_grad, ds1, ds2, dt1, dt2, dc, &totals);
+    const int64_t parts = static_cast<int64_t>(totals.size()) / z.B;
+    for (int64_t b = 0; b < z.B; ++b) {  // in double, in a fixed order (deterministic for a thread count)
+      double s = 0;
+      for (int64_t q = 0; q < parts; ++q) s += totals[q * z.B + b];
+      out.data_ptr<scalar_t>()[b] = static_cast<scalar_t>(s);
+    }
+  });
+  if (!dt2.defined()) dt2 = t2.new_empty({0});
+  return {out, ds1, ds2, dt1, dt2, dc};
 }
 
 }  // namespace
@@ -182,6 +215,7 @@ std::vector<at::Tensor> correlation_bwd_cpu(const at::Tensor& grad, const at::Te
 TORCH_LIBRARY_IMPL(tscd, CPU, m) {
   m.impl("correlation_fwd", &correlation_fwd_cpu);
   m.impl("correlation_bwd", &correlation_bwd_cpu);
+  m.impl("correlation_fwd_grad", &correlation_fwd_grad_cpu);
 }
 
 }  // namespace tscd

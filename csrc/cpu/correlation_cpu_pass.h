@@ -140,8 +140,10 @@ struct Pass {
   // a chunk's inner features and gradients stay in cache while every kRows block of the panel visits them.
   // Outer side, owned by the panel: ds (n_out, Cs), dt (n_out, Ct) (if with_t), dc (n_out) (if with_c). Inner
   // side, accumulated into the caller's (per-part) transposed buffers ds_inT (Cs, n_in), dt_inT (Ct, n_in).
+  // With `total` (the fused forward+backward), the panel's sum of P(G) * (F + c) (the forward's value) is added to
+  // *total from the same tiles.
   void backward(int64_t p0, int64_t prows, scalar_t grad, bool with_t, bool with_c, scalar_t* ds, scalar_t* dt,
-                scalar_t* dc, scalar_t* ds_inT, scalar_t* dt_inT) const {
+                scalar_t* dc, scalar_t* ds_inT, scalar_t* dt_inT, double* total = nullptr) const {
     scalar_t d[kRows][kChunk], e[kRows][kChunk];
     std::vector<scalar_t> ds_acc(prows * Cs * kV, scalar_t(0)), dt_acc(with_t ? prows * Ct * kV : 0, scalar_t(0));
     const bool cl = clamp;
@@ -153,6 +155,12 @@ struct Pass {
         for (int r = 0; r < rows; ++r) {
           scalar_t* dr = d[r];
           scalar_t* er = e[r];
+          if (total != nullptr) {
+            scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+            for (int j = 0; j < nj; ++j) s += correlation::pair_value<scalar_t>(dr[j], er[j], cl);
+            *total += static_cast<double>(s);
+          }
 #pragma omp simd
           for (int j = 0; j < nj; ++j) {
             scalar_t dd, ee;

@@ -305,7 +305,7 @@ def test_correlation_cpp_core_tiling(B, N1, N2, threads):
         for clamp in (True, False):
             leaves = [x.clone().requires_grad_() for x in (t1, t2, s1, s2, offset)]
             ref = _core_torch(*leaves, clamp)
-            ref_grads = torch.autograd.grad(ref, leaves, grad)
+            ref_grads = torch.autograd.grad(ref, leaves, grad, retain_graph=True)
             out = torch.ops.tscd.correlation_fwd(t1, t2, s1, s2, offset, clamp)
             assert_close(out, ref, rtol=1e-12, atol=1e-12, name=f"core fwd {B, N1, N2}")
             ds1, ds2, dt1, dt2, dc = torch.ops.tscd.correlation_bwd(grad, t1, t2, s1, s2, offset, clamp, True)
@@ -316,6 +316,16 @@ def test_correlation_cpp_core_tiling(B, N1, N2, threads):
                                                                                False)
             assert torch.equal(ds1_s, ds1) and torch.equal(ds2_s, ds2)
             assert not (dt1_s.any() or dt2_s.any() or dc_s.any())
+            # the fused forward+backward: the same value, and the gradients of out itself (grad = 1 per image)
+            unit_grads = torch.autograd.grad(ref, leaves, torch.ones_like(grad))
+            fused = torch.ops.tscd.correlation_fwd_grad(t1, t2, s1, s2, offset, clamp, True)
+            assert_close(fused[0], ref, rtol=1e-12, atol=1e-12, name=f"fused fwd {B, N1, N2}")
+            for name, g, r in zip(("ds1", "ds2", "dt1", "dt2", "dc"), fused[1:], [unit_grads[i] for i in (2, 3, 0, 1, 4)]):
+                assert_close(g, r, rtol=1e-10, atol=1e-12, name=f"fused {name} {B, N1, N2} clamp={clamp}")
+            student_only = torch.ops.tscd.correlation_fwd_grad(t1, t2, s1, s2, offset, clamp, False)
+            assert torch.equal(student_only[0], fused[0])
+            assert torch.equal(student_only[1], fused[1]) and torch.equal(student_only[2], fused[2])
+            assert all(x.numel() == 0 for x in student_only[3:])  # teacher gradients not computed
     finally:
         torch.set_num_threads(before)
 
@@ -333,11 +343,12 @@ def test_correlation_cpp_core_nan_stays_local(N1):
     grad = torch.ones(B, dtype=torch.float64)
     leaves = [x.clone().requires_grad_() for x in (t1, t2, s1, s2, offset)]
     ref_grads = torch.autograd.grad(_core_torch(*leaves, True), leaves, grad)
-    got = torch.ops.tscd.correlation_bwd(grad, t1, t2, s1, s2, offset, True, True)
-    for name, g, r in zip(("ds1", "ds2", "dt1", "dt2", "dc"), got, [ref_grads[i] for i in (2, 3, 0, 1, 4)]):
-        assert torch.equal(torch.isnan(g), torch.isnan(r)), name
-        assert_close(torch.nan_to_num(g), torch.nan_to_num(r), rtol=1e-10, atol=1e-12, name=name)
-    assert not torch.isnan(got[1]).any()  # ds2, the NaN point's included
+    for got in (torch.ops.tscd.correlation_bwd(grad, t1, t2, s1, s2, offset, True, True),
+                torch.ops.tscd.correlation_fwd_grad(t1, t2, s1, s2, offset, True, True)[1:]):  # grad = 1: the same
+        for name, g, r in zip(("ds1", "ds2", "dt1", "dt2", "dc"), got, [ref_grads[i] for i in (2, 3, 0, 1, 4)]):
+            assert torch.equal(torch.isnan(g), torch.isnan(r)), name
+            assert_close(torch.nan_to_num(g), torch.nan_to_num(r), rtol=1e-10, atol=1e-12, name=name)
+        assert not torch.isnan(got[1]).any()  # ds2, the NaN point's included
 
 
 @pytest.mark.skipif(not has_cpp(), reason="tscd._C not built")
@@ -348,6 +359,47 @@ def test_correlation_opcheck_cpp():
     t1, t2, s1, s2, off = args
     torch.library.opcheck(torch.ops.tscd.correlation_bwd.default,
                           (torch.randn(2), t1, t2, s1.detach(), s2.detach(), off, True, True))
+
+
+@pytest.mark.skipif(not has_cpp(), reason="tscd._C not built")
+@pytest.mark.parametrize("teacher_grad", [True, False])
+def test_correlation_opcheck_cpp_fused(teacher_grad):
+    t1, t2, s1, s2, off = (x.detach() for x in _core_args())
+    if teacher_grad:
+        t1, t2, off = (x.requires_grad_() for x in (t1, t2, off))
+    s1.requires_grad_()
+    torch.library.opcheck(torch.ops.tscd.correlation_fwd_grad.default, (t1, t2, s1, s2, off, True, teacher_grad))
+
+
+@pytest.mark.skipif(not has_cpp(), reason="tscd._C not built")
+def test_correlation_cpp_training_uses_the_fused_op():
+    """With autograd on, the cpp loss takes its gradients from the forward's sweep (tscd::correlation_fwd_grad) and
+    runs no separate backward kernel; under no_grad it runs the forward kernel only. Same loss either way."""
+    from torch.profiler import ProfilerActivity, profile
+
+    maps, kw = _case_inputs("S5-Ct20-Cs21", "cpu", torch.float32)
+    t1, t2, s1, s2 = maps
+    s1.requires_grad_()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss = correlation_loss(t1, t2, s1, s2, generator=torch.Generator().manual_seed(0), backend="cpp", **kw)
+        loss.backward()
+    names = {e.name for e in prof.events()}
+    assert "tscd::correlation_fwd_grad" in names and not names & {"tscd::correlation_fwd", "tscd::correlation_bwd"}
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        value = correlation_loss(t1, t2, s1, s2, generator=torch.Generator().manual_seed(0), backend="cpp", **kw)
+    names = {e.name for e in prof.events()}
+    assert "tscd::correlation_fwd" in names and "tscd::correlation_fwd_grad" not in names
+    assert_close(value, loss.detach(), rtol=1e-6, atol=1e-9, name="no-grad loss vs training loss")
+
+
+@pytest.mark.skipif(not has_cpp(), reason="tscd._C not built")
+def test_correlation_cpp_fused_op_refuses_missing_teacher_grads():
+    t1, t2, s1, s2, off = (x.detach() for x in _core_args())
+    t1.requires_grad_()
+    s1.requires_grad_()
+    out = torch.ops.tscd.correlation_fwd_grad(t1, t2, s1, s2, off, True, False)[0]
+    with pytest.raises(RuntimeError, match="teacher_grad=False"):
+        out.sum().backward()
 
 
 def test_correlation_opcheck_triton():

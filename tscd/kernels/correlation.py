@@ -207,6 +207,10 @@ def correlation_loss(teacher1: torch.Tensor, teacher2: torch.Tensor, student1: t
     offset = teacher_offset(t1, t2, center_teacher=center_teacher, shift=shift)
     if name == "triton":
         per_image = torch.ops.tscd.correlation_fwd_triton(t1, t2, s1, s2, offset, bool(clamp_student))
+    elif name == "cpp" and torch.is_grad_enabled() and (s1.requires_grad or s2.requires_grad or teacher_grad):
+        # a training step: the gradients come from the forward's own tiles (one sweep instead of two)
+        per_image = torch.ops.tscd.correlation_fwd_grad(t1, t2, s1, s2, offset, bool(clamp_student),
+                                                        bool(teacher_grad))[0]
     else:
         per_image = torch.ops.tscd.correlation_fwd(t1, t2, s1, s2, offset, bool(clamp_student))
     loss = -per_image.sum() / (B * t1.shape[1] * t2.shape[1])
@@ -249,6 +253,33 @@ def _make_backward(bwd_op):
     return backward
 
 
+def _fwd_grad_setup_context(ctx, inputs, output):
+    ctx.teacher_grad = inputs[6]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[1:])
+
+
+def _fwd_grad_backward(ctx, grad, *unused):
+    """The fused op's gradients were computed for grad = 1 per image: scale them by the incoming one."""
+    ds1, ds2, dt1, dt2, dc = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if (need[0] or need[1] or need[4]) and not ctx.teacher_grad:
+        raise RuntimeError("tscd::correlation_fwd_grad: a teacher input or the offset requires grad, but the op ran "
+                           "with teacher_grad=False, so their gradients were not computed")
+    g = grad.contiguous()
+    g3 = g.view(-1, 1, 1)
+    return (dt1 * g3 if need[0] else None, dt2 * g3 if need[1] else None, ds1 * g3 if need[2] else None,
+            ds2 * g3 if need[3] else None, dc * g.view(-1, 1) if need[4] else None, None, None)
+
+
+def _fwd_grad_fake(t1, t2, s1, s2, offset, clamp_student, teacher_grad):
+    def teacher(x):
+        return torch.empty_like(x) if teacher_grad else x.new_empty(0)
+
+    return (t1.new_empty(t1.shape[0]), torch.empty_like(s1), torch.empty_like(s2), teacher(t1), teacher(t2),
+            teacher(offset))
+
+
 def _fwd_fake(t1, t2, s1, s2, offset, clamp_student):
     return t1.new_empty(t1.shape[0])
 
@@ -263,6 +294,9 @@ def _register_cpp_ops() -> None:
     torch.library.register_fake("tscd::correlation_bwd")(_bwd_fake)
     torch.library.register_autograd("tscd::correlation_fwd", _make_backward(torch.ops.tscd.correlation_bwd),
                                     setup_context=_setup_context)
+    torch.library.register_fake("tscd::correlation_fwd_grad")(_fwd_grad_fake)
+    torch.library.register_autograd("tscd::correlation_fwd_grad", _fwd_grad_backward,
+                                    setup_context=_fwd_grad_setup_context)
 
 
 def _triton_args(*tensors: torch.Tensor) -> list[torch.Tensor]:
