@@ -45,11 +45,17 @@ def _inputs(device: torch.device):
     return t1, t2, s1, s2
 
 
+MODES = ("fwd", "fwd_grad", "fwd_bwd")
+
+
 def _call(maps, kw: dict, backend: str, mode: str):
+    """fwd: the loss alone (no_grad: evaluation, logging); fwd_grad: the forward of a training step (autograd on,
+    the cpp backend then computes the gradients in this sweep); fwd_bwd: forward and backward of a training step."""
     def fn():
         t1, t2, s1, s2 = maps
         s1.grad = s2.grad = None
-        loss = correlation_loss(t1, t2, s1, s2, generator=torch.Generator().manual_seed(1), backend=backend, **kw)
+        with torch.set_grad_enabled(mode != "fwd"):
+            loss = correlation_loss(t1, t2, s1, s2, generator=torch.Generator().manual_seed(1), backend=backend, **kw)
         if mode == "fwd_bwd":
             loss.backward()
         return loss
@@ -62,7 +68,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--backends", default="torch,cpp")
     ap.add_argument("--sizes", default="40,80,160,dense")
-    ap.add_argument("--modes", default="fwd,fwd_bwd")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (CPU)")
     ap.add_argument("--out", default=None)
@@ -122,10 +128,12 @@ def main() -> None:
                ("note", "note")]
     notes = (f"Batch {B}, teacher Ct={CT}, student Cs={CS}, view 1 {SIZE1[0]}x{SIZE1[1]}, view 2 {SIZE2[0]}x{SIZE2[1]} "
              "(1/4 resolution of a 320 crop, view 2 at x0.3). S: random S x S points per view; dense: every pixel. "
-             "Time and peak memory cover the sampling, normalisation and the loss (fwd) plus its backward to the "
-             "student maps (fwd_bwd). CPU peak memory: torch CPU allocator, replayed from the profiler's "
-             "memory events (tensor bytes, not RSS). fwd_bwd / fwd: forward+backward time over "
-             "forward time (same backend and size).")
+             "Time and peak memory cover the sampling, normalisation and the loss. Modes: fwd = the loss alone "
+             "(under no_grad: evaluation, logging); fwd_grad = the forward of a training step (autograd on: the "
+             "cpp backend computes the gradients in the same sweep over the point pairs, so its fwd_grad "
+             "carries nearly all of the backward's work); fwd_bwd = forward and backward to the student maps. "
+             "CPU peak memory: torch CPU allocator, replayed from the profiler's memory events (tensor bytes, not "
+             "RSS). fwd_bwd / fwd: a training step's time over the loss alone (same backend and size).")
     paths = write_results("correlation", env, rows, columns, out_dir=args.out, notes=notes)
     print("wrote", *paths)
 

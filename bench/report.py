@@ -43,15 +43,21 @@ def traffic(op: str, row: dict) -> tuple[float, float] | None:
         return bytes_ * mult, flops * mult
     if op == "correlation" and row.get("N1") and row.get("N2"):
         # sampled features in, nothing N1 x N2 out, B = 2, t1, t2 (Ct = 20), s1, s2 (Cs = 21). fwd: read the four
-        # once; two dot products per pair (teacher and student). The backward computes each (i, j) tile of G and
-        # F once more and takes both student gradients from it (ds1 += D s2, ds2 += D^T s1: 2 Cs FMAs per pair),
-        # reading the features again and writing ds1, ds2 (the bench's gradients reach the student only).
+        # once; two dot products per pair (teacher and student). Student gradients (the bench's gradients reach
+        # the student only): ds1 += D s2 and ds2 += D^T s1, 2 Cs FMAs per pair, writing ds1 and ds2. The cpp
+        # backend computes them in the forward's sweep when autograd is on (fwd_grad; its backward only scales
+        # them): fwd_grad = fwd_bwd = one sweep with both. The other fused backends compute each tile once more
+        # in the backward (fwd_bwd: two sweeps; fwd_grad = fwd).
         B, ct, cs = 2, 20, 21
         n1, n2 = row["N1"], row["N2"]
         bytes_ = 4 * B * (n1 + n2) * (ct + cs)
         flops = 2 * B * n1 * n2 * (ct + cs)
-        if row.get("mode") == "fwd_bwd":
-            return 2 * bytes_ + 4 * B * (n1 + n2) * cs, 2 * flops + 2 * B * n1 * n2 * 2 * cs
+        grads_bytes, grads_flops = 4 * B * (n1 + n2) * cs, 2 * B * n1 * n2 * 2 * cs
+        mode = row.get("mode")
+        if row.get("backend") == "cpp" and mode in ("fwd_grad", "fwd_bwd"):
+            return bytes_ + grads_bytes, flops + grads_flops
+        if mode == "fwd_bwd":
+            return 2 * bytes_ + grads_bytes, 2 * flops + grads_flops
         return bytes_, flops
     if op == "permutohedral" and row.get("what") == "filter":
         # estimate: N points on the x0.5 grid, D = 5, each splats to D + 1 vertices; K values per vertex are

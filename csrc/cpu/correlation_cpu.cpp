@@ -42,7 +42,9 @@ constexpr int kPanel = 64;    // outer points per backward work item (a multiple
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
 #define TSCD_CORRELATION_ISA isa_avx512
+#define TSCD_CORRELATION_DOT_V 32
 #include "correlation_cpu_pass.h"
+#undef TSCD_CORRELATION_DOT_V
 #undef TSCD_CORRELATION_ISA
 #pragma GCC pop_options
 #endif

@@ -4,6 +4,14 @@
 // Expects kRows, kChunk, kV and the includes of correlation_cpu.cpp.
 namespace TSCD_CORRELATION_ISA {
 
+// inner points per register block of the dot products: TSCD_CORRELATION_DOT_V where the caller sets it (two
+// AVX-512 vectors: 16 accumulators of the 32 registers), else kV
+#ifdef TSCD_CORRELATION_DOT_V
+constexpr int kDotV = TSCD_CORRELATION_DOT_V;
+#else
+constexpr int kDotV = kV;
+#endif
+
 // The loops over one image. Outer (view-1) points o (n_out, *) row-major, inner (view-2) points transposed
 // (C, n_in); the offset c is indexed by the outer point.
 template <typename scalar_t>
@@ -16,41 +24,65 @@ struct Pass {
   int64_t n_out, n_in, Cs, Ct;
   bool clamp;
 
-  // acc[r][j] = sum_c out[o0 + r][c] * inT[c][j0 + j] for r < rows, j < nj; kV inner points at a time in
-  // registers (kRows x kV accumulators), so each inner feature read feeds kRows FMAs.
-  static void dots(const scalar_t* out, const scalar_t* inT, int64_t C, int64_t n_in, int64_t o0, int rows,
-                   int64_t j0, int nj, scalar_t (*acc)[kChunk]) {
-    scalar_t a[kRows];
-    int j = 0;
-    for (; j + kV <= nj; j += kV) {
-      scalar_t s[kRows][kV] = {};
+  // pk[c * kRows + r] = out[o0 + r][c] for r < rows, 0 for the padding rows: one block of outer features, packed
+  // so that the dot products read kRows consecutive scalars per channel (memory-operand broadcasts, no branches).
+  static void pack(const scalar_t* out, int64_t C, int64_t o0, int rows, scalar_t* pk) {
+    for (int64_t c = 0; c < C; ++c) {
+      for (int r = 0; r < kRows; ++r) pk[c * kRows + r] = r < rows ? out[(o0 + r) * C + c] : scalar_t(0);
+    }
+  }
+
+  // acc[r][j] for j in [j, nj) in blocks of W inner points, W in registers (kRows x W accumulators), so each inner
+  // feature read feeds kRows FMAs; returns where it stopped (the first j with j + W > nj).
+  template <int W>
+  static int dots_block(const scalar_t* pk, const scalar_t* inT, int64_t C, int64_t n_in, int64_t j0, int j, int nj,
+                        scalar_t (*acc)[kChunk]) {
+    for (; j + W <= nj; j += W) {
+      scalar_t s[kRows][W] = {};
       for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* col = inT + c * n_in + j0 + j;
-        for (int r = 0; r < kRows; ++r) a[r] = r < rows ? out[(o0 + r) * C + c] : scalar_t(0);
+        const scalar_t* __restrict col = inT + c * n_in + j0 + j;
+        const scalar_t* __restrict a = pk + c * kRows;
         for (int r = 0; r < kRows; ++r) {
 #pragma omp simd
-          for (int v = 0; v < kV; ++v) s[r][v] += a[r] * col[v];
+          for (int v = 0; v < W; ++v) s[r][v] += a[r] * col[v];
         }
       }
       for (int r = 0; r < kRows; ++r) {
-        for (int v = 0; v < kV; ++v) acc[r][j + v] = s[r][v];
+        for (int v = 0; v < W; ++v) acc[r][j + v] = s[r][v];
       }
     }
+    return j;
+  }
+
+  // acc[r][j] = sum_c pk[c][r] * inT[c][j0 + j] for j < nj (all kRows rows; the padding rows give 0 where the inner
+  // features are finite): blocks of kDotV inner points (two vectors where the registers allow), then kV, then one
+  // at a time.
+  static void dots(const scalar_t* pk, const scalar_t* inT, int64_t C, int64_t n_in, int64_t j0, int nj,
+                   scalar_t (*acc)[kChunk]) {
+    int j = 0;
+    if (kDotV != kV) j = dots_block<kDotV>(pk, inT, C, n_in, j0, j, nj, acc);
+    j = dots_block<kV>(pk, inT, C, n_in, j0, j, nj, acc);
     for (; j < nj; ++j) {
       for (int r = 0; r < kRows; ++r) {
         scalar_t s = 0;
-        if (r < rows) {
-          for (int64_t c = 0; c < C; ++c) s += out[(o0 + r) * C + c] * inT[c * n_in + j0 + j];
-        }
+        for (int64_t c = 0; c < C; ++c) s += pk[c * kRows + r] * inT[c * n_in + j0 + j];
         acc[r][j] = s;
       }
     }
   }
 
-  // g[r][j] = out_s[o0 + r] . in_s[j0 + j], f[r][j] = out_t[o0 + r] . in_t[j0 + j] + c (r < rows, j < nj)
-  void tile(int64_t o0, int rows, int64_t j0, int nj, scalar_t (*g)[kChunk], scalar_t (*f)[kChunk]) const {
-    dots(out_s, in_sT, Cs, n_in, o0, rows, j0, nj, g);
-    dots(out_t, in_tT, Ct, n_in, o0, rows, j0, nj, f);
+  // The packed outer features of the block at o0: student (Cs, kRows) then teacher (Ct, kRows), in pk.
+  void pack_block(int64_t o0, int rows, scalar_t* pk) const {
+    pack(out_s, Cs, o0, rows, pk);
+    pack(out_t, Ct, o0, rows, pk + Cs * kRows);
+  }
+
+  // g[r][j] = out_s[o0 + r] . in_s[j0 + j], f[r][j] = out_t[o0 + r] . in_t[j0 + j] + c (r < rows, j < nj), from
+  // the block's packed features pk (pack_block); rows >= `rows` hold garbage-free products of zero features.
+  void tile(const scalar_t* pk, int64_t o0, int rows, int64_t j0, int nj, scalar_t (*g)[kChunk],
+            scalar_t (*f)[kChunk]) const {
+    dots(pk, in_sT, Cs, n_in, j0, nj, g);
+    dots(pk + Cs * kRows, in_tT, Ct, n_in, j0, nj, f);
     for (int r = 0; r < rows; ++r) {
       scalar_t* fr = f[r];
       const scalar_t off = offset[o0 + r];
@@ -62,10 +94,12 @@ struct Pass {
   // sum over the block's pairs of P(G) * (F + c), accumulated in double across tiles
   double forward(int64_t o0, int rows) const {
     scalar_t g[kRows][kChunk], f[kRows][kChunk];
+    std::vector<scalar_t> pk(kRows * (Cs + Ct));
+    pack_block(o0, rows, pk.data());
     double total = 0;
     for (int64_t j0 = 0; j0 < n_in; j0 += kChunk) {
       const int nj = static_cast<int>(std::min<int64_t>(kChunk, n_in - j0));
-      tile(o0, rows, j0, nj, g, f);
+      tile(pk.data(), o0, rows, j0, nj, g, f);
       for (int r = 0; r < rows; ++r) {
         scalar_t s = 0;
         const bool cl = clamp;
@@ -146,12 +180,17 @@ struct Pass {
                 scalar_t* dc, scalar_t* ds_inT, scalar_t* dt_inT, double* total = nullptr) const {
     scalar_t d[kRows][kChunk], e[kRows][kChunk];
     std::vector<scalar_t> ds_acc(prows * Cs * kV, scalar_t(0)), dt_acc(with_t ? prows * Ct * kV : 0, scalar_t(0));
+    const int64_t blocks = (prows + kRows - 1) / kRows, pk_size = kRows * (Cs + Ct);
+    std::vector<scalar_t> pk(blocks * pk_size);  // every block's packed outer features, for all chunks
+    for (int64_t k = 0; k < blocks; ++k) {
+      pack_block(p0 + k * kRows, static_cast<int>(std::min<int64_t>(kRows, prows - k * kRows)), pk.data() + k * pk_size);
+    }
     const bool cl = clamp;
     for (int64_t j0 = 0; j0 < n_in; j0 += kChunk) {
       const int nj = static_cast<int>(std::min<int64_t>(kChunk, n_in - j0));
       for (int64_t o0 = p0; o0 < p0 + prows; o0 += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, p0 + prows - o0));
-        tile(o0, rows, j0, nj, d, e);  // d <- G, e <- F + c
+        tile(pk.data() + (o0 - p0) / kRows * pk_size, o0, rows, j0, nj, d, e);  // d <- G, e <- F + c
         for (int r = 0; r < rows; ++r) {
           scalar_t* dr = d[r];
           scalar_t* er = e[r];

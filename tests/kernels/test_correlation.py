@@ -320,7 +320,8 @@ def test_correlation_cpp_core_tiling(B, N1, N2, threads):
             unit_grads = torch.autograd.grad(ref, leaves, torch.ones_like(grad))
             fused = torch.ops.tscd.correlation_fwd_grad(t1, t2, s1, s2, offset, clamp, True)
             assert_close(fused[0], ref, rtol=1e-12, atol=1e-12, name=f"fused fwd {B, N1, N2}")
-            for name, g, r in zip(("ds1", "ds2", "dt1", "dt2", "dc"), fused[1:], [unit_grads[i] for i in (2, 3, 0, 1, 4)]):
+            unit_grads = [unit_grads[i] for i in (2, 3, 0, 1, 4)]  # the op's order: ds1, ds2, dt1, dt2, dc
+            for name, g, r in zip(("ds1", "ds2", "dt1", "dt2", "dc"), fused[1:], unit_grads):
                 assert_close(g, r, rtol=1e-10, atol=1e-12, name=f"fused {name} {B, N1, N2} clamp={clamp}")
             student_only = torch.ops.tscd.correlation_fwd_grad(t1, t2, s1, s2, offset, clamp, False)
             assert torch.equal(student_only[0], fused[0])

