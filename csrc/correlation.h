@@ -45,9 +45,12 @@ C10_HOST_DEVICE inline acc_t pair_value(acc_t g, acc_t f_plus_c, bool clamp) {
 
 // One pair's gradient factors: *d = dLoss/dG_ij, *e = dLoss/dF_ij (= dLoss/dc_i share). The clamp selects
 // (as torch's clamp backward), not multiplies: a clamped pair's d is 0 even when F + c is NaN or inf.
+// Both products are computed unconditionally and then selected, so that compilers without masked vector arithmetic
+// (AVX2) can vectorise the loop (they do not speculate a conditional multiply, which could raise an FP exception).
 template <typename acc_t>
 C10_HOST_DEVICE inline void pair_grads(acc_t g, acc_t f_plus_c, bool clamp, acc_t grad, acc_t* d, acc_t* e) {
-  *d = student_mask(g, clamp) != acc_t(0) ? grad * f_plus_c : acc_t(0);
+  const acc_t d_pass = grad * f_plus_c;
+  *d = student_mask(g, clamp) != acc_t(0) ? d_pass : acc_t(0);
   *e = grad * student_weight(g, clamp);
 }
 

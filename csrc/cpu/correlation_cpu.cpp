@@ -1,16 +1,21 @@
 // correlation (SCD loss) on the CPU: at::parallel_for (OpenMP) over (image, block of kRows view-1 points);
 // each block streams the view-2 points in chunks of kChunk, computing its (kRows x kChunk) tile of F and G
 // in a small stack buffer. The backward computes each tile once and takes both sides' gradients from it
-// (ds1 += D s2 and ds2 += D^T s1 in one sweep over the channels; view-2 sums in per-part buffers). The
+// (ds1 += D s2 and ds2 += D^T s1 in one sweep over the channels; view-2 sums in per-part buffers); the fused
+// forward+backward (correlation_fwd_grad, for training) is that sweep with grad = 1 plus the forward's sums. The
 // per-pair math is csrc/correlation.h; memory beyond the inputs is O(threads*B*N*C).
 // Inner features are read transposed ((C, N) per image) so the innermost loops run over points, contiguous
-// and vectorisable; reductions use `omp simd reduction`.
+// and vectorisable; each block of outer features is packed (C, kRows) so that the register blocks read it by
+// broadcasts from memory; reductions use `omp simd reduction`. The loops are compiled for AVX-512, AVX2 + FMA and
+// the baseline, each with register blocks sized to its vector registers, and picked at run time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -23,12 +28,13 @@ namespace {
 using correlation::Sizes;
 constexpr int kRows = 8;      // outer points per block (register/L1 reuse of each inner feature read)
 constexpr int kChunk = 256;   // inner points per tile
-constexpr int kV = 16;        // inner points per register block (one AVX-512 / two AVX2 vectors of floats)
 constexpr int kPanel = 64;    // outer points per backward work item (a multiple of kRows): each chunk of inner
                               // features and gradients is read from cache by its kPanel / kRows blocks
 
 #define TSCD_CORRELATION_ISA isa_default
+#define TSCD_CORRELATION_VEC 4  // SSE2
 #include "correlation_cpu_pass.h"
+#undef TSCD_CORRELATION_VEC
 #undef TSCD_CORRELATION_ISA
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -36,26 +42,42 @@ constexpr int kPanel = 64;    // outer points per backward work item (a multiple
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define TSCD_CORRELATION_ISA isa_avx2
+#define TSCD_CORRELATION_VEC 8
 #include "correlation_cpu_pass.h"
+#undef TSCD_CORRELATION_VEC
 #undef TSCD_CORRELATION_ISA
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
 #define TSCD_CORRELATION_ISA isa_avx512
+#define TSCD_CORRELATION_VEC 16
 #define TSCD_CORRELATION_DOT_V 32
 #include "correlation_cpu_pass.h"
 #undef TSCD_CORRELATION_DOT_V
+#undef TSCD_CORRELATION_VEC
 #undef TSCD_CORRELATION_ISA
 #pragma GCC pop_options
 #endif
 
-// 2 = AVX-512, 1 = AVX2 + FMA, 0 = baseline (checked once)
+// 2 = AVX-512, 1 = AVX2 + FMA, 0 = baseline (checked once): the widest the CPU supports, capped by the environment
+// variable TSCD_CORRELATION_ISA ("avx512", "avx2" or "baseline"; read once, at the first call) so that the narrower
+// paths can be tested and timed on a wider CPU.
 int isa_level() {
 #ifdef TSCD_CORRELATION_X86
-  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                                   __builtin_cpu_supports("avx512dq")
-                               ? 2
-                               : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0);
+  static const int level = [] {
+    int hw = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                     __builtin_cpu_supports("avx512dq")
+                 ? 2
+                 : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0);
+    if (const char* cap = std::getenv("TSCD_CORRELATION_ISA")) {
+      const std::string c(cap);
+      TORCH_CHECK(c == "avx512" || c == "avx2" || c == "baseline" || c.empty(),
+                  "TSCD_CORRELATION_ISA must be avx512, avx2 or baseline; got '", c, "'");
+      if (c == "avx2") hw = std::min(hw, 1);
+      if (c == "baseline") hw = 0;
+    }
+    return hw;
+  }();
   return level;
 #else
   return 0;
@@ -213,6 +235,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
+
+// The instruction set the CPU kernels run (2 = AVX-512, 1 = AVX2 + FMA, 0 = baseline), for tests and `tscd info`.
+int64_t correlation_isa_level() { return isa_level(); }
+
+TORCH_LIBRARY_FRAGMENT(tscd, m) {
+  m.def("correlation_isa_level() -> int", &correlation_isa_level);
+}
 
 TORCH_LIBRARY_IMPL(tscd, CPU, m) {
   m.impl("correlation_fwd", &correlation_fwd_cpu);

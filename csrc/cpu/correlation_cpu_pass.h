@@ -1,11 +1,14 @@
 // correlation on the CPU: the tile loops of one pass (see correlation_cpu.cpp). Included once per
 // instruction set, each time inside `namespace TSCD_CORRELATION_ISA` under a matching `#pragma GCC target`,
 // so the same source is vectorised for AVX-512, AVX2+FMA and the baseline; the caller picks at run time.
-// Expects kRows, kChunk, kV and the includes of correlation_cpu.cpp.
+// Expects kRows, kChunk, the includes of correlation_cpu.cpp and TSCD_CORRELATION_VEC (floats per vector register
+// of the instruction set); TSCD_CORRELATION_DOT_V optionally.
 namespace TSCD_CORRELATION_ISA {
 
-// inner points per register block of the dot products: TSCD_CORRELATION_DOT_V where the caller sets it (two
-// AVX-512 vectors: 16 accumulators of the 32 registers), else kV
+// inner points per register block: kV (one vector) in the gradient products, kDotV in the dot products
+// (TSCD_CORRELATION_DOT_V where the caller sets it: two AVX-512 vectors, 16 accumulators of the 32 registers).
+// kRows x kV accumulators plus the operands must fit the registers, or the inner loops spill.
+constexpr int kV = TSCD_CORRELATION_VEC;
 #ifdef TSCD_CORRELATION_DOT_V
 constexpr int kDotV = TSCD_CORRELATION_DOT_V;
 #else
@@ -91,6 +94,29 @@ struct Pass {
     }
   }
 
+  // The per-pair math of one tile row, with the clamp a compile-time constant so that the selects vectorise on every
+  // instruction set (with a run-time flag GCC kept the AVX2 loops scalar).
+  // sum_j P(g[j]) * f[j]  (f = F + c)
+  template <bool kClamp>
+  static scalar_t row_value(const scalar_t* __restrict g, const scalar_t* __restrict f, int nj) {
+    scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int j = 0; j < nj; ++j) s += correlation::pair_value<scalar_t>(g[j], f[j], kClamp);
+    return s;
+  }
+
+  // d[j] <- dLoss/dG, e[j] <- dLoss/dF (on entry d holds G, e holds F + c)
+  template <bool kClamp>
+  static void grads_row(scalar_t* __restrict d, scalar_t* __restrict e, int nj, scalar_t grad) {
+#pragma omp simd
+    for (int j = 0; j < nj; ++j) {
+      scalar_t dd, ee;
+      correlation::pair_grads<scalar_t>(d[j], e[j], kClamp, grad, &dd, &ee);
+      d[j] = dd;
+      e[j] = ee;
+    }
+  }
+
   // sum over the block's pairs of P(G) * (F + c), accumulated in double across tiles
   double forward(int64_t o0, int rows) const {
     scalar_t g[kRows][kChunk], f[kRows][kChunk];
@@ -101,11 +127,7 @@ struct Pass {
       const int nj = static_cast<int>(std::min<int64_t>(kChunk, n_in - j0));
       tile(pk.data(), o0, rows, j0, nj, g, f);
       for (int r = 0; r < rows; ++r) {
-        scalar_t s = 0;
-        const bool cl = clamp;
-#pragma omp simd reduction(+ : s)
-        for (int j = 0; j < nj; ++j) s += correlation::pair_value<scalar_t>(g[r][j], f[r][j], cl);
-        total += static_cast<double>(s);
+        total += static_cast<double>(clamp ? row_value<true>(g[r], f[r], nj) : row_value<false>(g[r], f[r], nj));
       }
     }
     return total;
@@ -116,14 +138,12 @@ struct Pass {
   //   colsT[c][j0 + j]        += sum_r out[o0 + r][c] * w[r][j]      (the inner points' gradient, transposed)
   // Each w vector loaded for one channel feeds both (2 FMAs per load); kRows row accumulators per channel, kept
   // as vectors (rows_acc, (rows, C, kV)) so the horizontal sums happen once per panel, not once per tile.
-  static void accumulate_both(const scalar_t (*w)[kChunk], const scalar_t* inT, const scalar_t* out, int64_t C,
-                              int64_t n_in, int64_t o0, int rows, int64_t j0, int nj, scalar_t* rows_acc,
-                              scalar_t* colsT) {
+  static void accumulate_both(const scalar_t (*w)[kChunk], const scalar_t* inT, const scalar_t* pk, int64_t C,
+                              int64_t n_in, int rows, int64_t j0, int nj, scalar_t* rows_acc, scalar_t* colsT) {
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* __restrict col = inT + c * n_in + j0;
       scalar_t* __restrict dst = colsT + c * n_in + j0;
-      scalar_t a[kRows];
-      for (int r = 0; r < kRows; ++r) a[r] = r < rows ? out[(o0 + r) * C + c] : scalar_t(0);
+      const scalar_t* __restrict a = pk + c * kRows;  // the block's packed outer features (zero padding rows)
       scalar_t s[kRows][kV] = {};
       int j = 0;
       for (; j + kV <= nj; j += kV) {
@@ -194,18 +214,11 @@ struct Pass {
         for (int r = 0; r < rows; ++r) {
           scalar_t* dr = d[r];
           scalar_t* er = e[r];
-          if (total != nullptr) {
-            scalar_t s = 0;
-#pragma omp simd reduction(+ : s)
-            for (int j = 0; j < nj; ++j) s += correlation::pair_value<scalar_t>(dr[j], er[j], cl);
-            *total += static_cast<double>(s);
-          }
-#pragma omp simd
-          for (int j = 0; j < nj; ++j) {
-            scalar_t dd, ee;
-            correlation::pair_grads<scalar_t>(dr[j], er[j], cl, grad, &dd, &ee);
-            dr[j] = dd;
-            er[j] = ee;
+          if (total != nullptr) *total += static_cast<double>(cl ? row_value<true>(dr, er, nj) : row_value<false>(dr, er, nj));
+          if (cl) {
+            grads_row<true>(dr, er, nj, grad);
+          } else {
+            grads_row<false>(dr, er, nj, grad);
           }
           if (with_c) {
             scalar_t s = 0;
@@ -218,9 +231,11 @@ struct Pass {
           std::fill(d[r], d[r] + nj, scalar_t(0));
           std::fill(e[r], e[r] + nj, scalar_t(0));
         }
-        accumulate_both(d, in_sT, out_s, Cs, n_in, o0, rows, j0, nj, ds_acc.data() + (o0 - p0) * Cs * kV, ds_inT);
+        const scalar_t* pk_block = pk.data() + (o0 - p0) / kRows * pk_size;
+        accumulate_both(d, in_sT, pk_block, Cs, n_in, rows, j0, nj, ds_acc.data() + (o0 - p0) * Cs * kV, ds_inT);
         if (with_t) {
-          accumulate_both(e, in_tT, out_t, Ct, n_in, o0, rows, j0, nj, dt_acc.data() + (o0 - p0) * Ct * kV, dt_inT);
+          accumulate_both(e, in_tT, pk_block + Cs * kRows, Ct, n_in, rows, j0, nj,
+                          dt_acc.data() + (o0 - p0) * Ct * kV, dt_inT);
         }
       }
     }
