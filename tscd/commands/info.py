@@ -78,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
         + ("  [TRITON_INTERPRET=1]" if info["triton_interpret"] else ""),
         f"GPU         {info['gpu'] or 'none visible'}",
         f"threads     {info['torch_threads']}",
-        "extension   " + ("tscd._C built; OpenMP threads {}; CUDA kernels compiled: {}".format(
-            ext.get("openmp_threads"), "yes" if ext.get("cuda_kernels") else "no") if ext["built"]
+        "extension   " + ("tscd._C built; OpenMP threads {}; correlation CPU path {}; CUDA kernels compiled: {}".format(
+            ext.get("openmp_threads"), ext.get("cpu_correlation_isa"), "yes" if ext.get("cuda_kernels") else "no")
+            if ext["built"]
             else f"NOT built: {ext['error']}"),
         *(f"  build     {line}" for line in (ext["build_report"] or {}).get("summary", [])
           if not line.startswith("`tscd info`")),

@@ -67,5 +67,7 @@ def build_info() -> dict:
         return {}
     return {
         "openmp_threads": int(torch.ops.tscd.openmp_max_threads()),
+        # the vector path the CPU correlation kernel picked (capped by TSCD_CORRELATION_ISA)
+        "cpu_correlation_isa": {2: "avx512", 1: "avx2"}.get(int(torch.ops.tscd.correlation_isa_level()), "baseline"),
         "cuda_kernels": has_cuda_kernels(),
     }
