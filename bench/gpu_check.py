@@ -232,8 +232,8 @@ class Check:
                                      "torch,cpp", "--modes", "fwd"],
                           "correlation": ["--modes", "fwd", "--min-run-time", "0.01", "--backends", "torch,cpp"],
                           "permutohedral": ["--classes", "2", "--batch", "1", "--min-run-time", "0.01"]}[op]
-            elif op == "correlation":
-                extra += ["--backends", "torch,cuda,triton"]
+            elif op == "correlation":  # fwd_grad is fwd on the GPU backends (only cpp fuses the gradients)
+                extra += ["--backends", "torch,cuda,triton", "--modes", "fwd,fwd_bwd"]
             cmd += ["--"] + extra
             rc, out, dt = self.run(f"bench {op}", cmd, left)
             per_op[op] = {"rc": rc, "seconds": round(dt, 1)}
