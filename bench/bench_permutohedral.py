@@ -14,7 +14,8 @@ Rows:
           the eval's settings, tscd/eval/crf.py) on 1 and 2 threads (torch.set_num_threads: the op's
           at::parallel_for uses torch's intra-op threads), beside pydensecrf2's DenseCRF2D with the same
           parameters when it is importable (an optional peer, single-threaded: it has no threading), with the
-          time ratio cpp / pydensecrf2 and the fraction of pixels whose label equals pydensecrf2's.
+          time ratio cpp / pydensecrf2 (the two timed alternately, the median of the per-round ratios) and the
+          fraction of pixels whose label equals pydensecrf2's.
 Inputs: a synthetic image with smooth shading, sharp edges and noise (natural images behave alike); random
 softmax probabilities (voc: noisy softmax probabilities that follow the image's objects on most pixels).
 Results: bench/results/permutohedral-<device>.json and .md.
@@ -24,7 +25,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -76,6 +79,28 @@ def voc_scene(W: int = 500, H: int = 375, K: int = 21, seed: int = 1) -> tuple[t
     return img, logits.softmax(0)[None]
 
 
+def _interleaved(fn_a, fn_b, min_run_time: float, min_rounds: int = 7) -> tuple[list[float], list[float]]:
+    """Times (ms) of fn_a and fn_b called alternately, for at least min_rounds rounds and 2 * min_run_time s."""
+    fn_a()
+    fn_b()
+    a, b = [], []
+    end = time.perf_counter() + 2 * min_run_time
+    while len(a) < min_rounds or time.perf_counter() < end:
+        t = time.perf_counter()
+        fn_a()
+        a.append(1e3 * (time.perf_counter() - t))
+        t = time.perf_counter()
+        fn_b()
+        b.append(1e3 * (time.perf_counter() - t))
+    return a, b
+
+
+def _quantiles(times: list[float]) -> dict:
+    ts = sorted(times)
+    return {"ms": statistics.median(ts), "ms_p20": ts[int(0.2 * len(ts))],
+            "ms_p80": ts[min(len(ts) - 1, int(0.8 * len(ts)))]}
+
+
 def bench_voc_crf(threads_list: list[int], min_run_time: float, W: int = 500, H: int = 375, K: int = 21,
                   num_iter: int = 10) -> list[dict]:
     """dense_crf (cpp) on a W x H image vs pydensecrf2 (if importable), the eval's CRF settings."""
@@ -105,23 +130,28 @@ def bench_voc_crf(threads_list: list[int], min_run_time: float, W: int = 500, H:
         return dense_crf(img, probs, backend="cpp", **kw)
 
     base = {"what": "crf", "size": f"{W}x{H}", "K": K, "B": 1, "N": W * H, "mode": f"{num_iter} iter"}
-    rows, ref_labels, ref_ms = [], None, None
+    rows, ref_labels = [], None
     if dcrf is not None:
         ref_labels = theirs().reshape(K, H, W).argmax(0)
-        t = time_fn(theirs, torch.device("cpu"), threads=1, min_run_time=min_run_time)
-        ref_ms = t["ms"]
-        rows.append({**base, "backend": "pydensecrf2", "threads": 1, **t})
     old = torch.get_num_threads()
     try:
-        for threads in threads_list:
+        for n, threads in enumerate(threads_list):
             torch.set_num_threads(threads)
             labels = ours()[0].argmax(0).numpy()
             row = {**base, "backend": "cpp", "threads": threads,
                    "changed_pixels": float((labels != probs[0].argmax(0).numpy()).mean())}
-            row.update(time_fn(ours, torch.device("cpu"), threads=threads, min_run_time=min_run_time, warmup=False))
-            if ref_labels is not None:
-                row["ratio_pydensecrf"] = row["ms"] / ref_ms
-                row["labels_eq_pydensecrf"] = float((labels == ref_labels).mean())
+            if dcrf is None:
+                row.update(time_fn(ours, torch.device("cpu"), threads=threads, min_run_time=min_run_time))
+                rows.append(row)
+                continue
+            # interleaved: each round times pydensecrf2 then ours, so that drift of a shared host hits both alike;
+            # the ratio is the median of the per-round ratios
+            t_theirs, t_ours = _interleaved(theirs, ours, min_run_time)
+            if n == 0:
+                rows.append({**base, "backend": "pydensecrf2", "threads": 1, **_quantiles(t_theirs)})
+            row.update(_quantiles(t_ours))
+            row["ratio_pydensecrf"] = statistics.median(o / t for o, t in zip(t_ours, t_theirs))
+            row["labels_eq_pydensecrf"] = float((labels == ref_labels).mean())
             rows.append(row)
     finally:
         torch.set_num_threads(old)
@@ -244,7 +274,8 @@ def main() -> None:
              "sums; the lattice's kernel is not exactly Gaussian, see tscd/kernels/permutohedral.py). loss: "
              "dense_energy_loss per training iteration (loss_vs_exact: lattice loss / exact loss). crf: dense_crf, "
              "10 iterations, one image (crf 500x375: threads = torch.set_num_threads for cpp; pydensecrf2 is "
-             "single-threaded; cpp / pydensecrf2 = time ratio on the same image and parameters). Times in ms "
+             "single-threaded; cpp / pydensecrf2 = time ratio on the same image and parameters, the two timed "
+             "alternately and the ratio the median of the per-round ratios). Times in ms "
              "(median, 20/80 % quantiles). peak MiB: torch tensors only (the cpp lattice's own scratch vectors "
              "are not counted).")
     if device.type == "cuda":
