@@ -15,6 +15,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -45,12 +46,17 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, threads: int = 2,
     if warmup:
         fn()
     m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_run_time)
-    times = sorted(m.times)
+    return {**quantiles([1e3 * t for t in m.times]), "ms": 1e3 * m.median}
+
+
+def quantiles(times_ms: list[float]) -> dict:
+    """Median and 20/80 % quantiles of run times already measured, in milliseconds."""
+    ts = sorted(times_ms)
 
     def q(p: float) -> float:
-        return 1e3 * times[min(len(times) - 1, int(p * len(times)))]
+        return ts[min(len(ts) - 1, int(p * len(ts)))]
 
-    return {"ms": 1e3 * m.median, "ms_p20": q(0.2), "ms_p80": q(0.8)}
+    return {"ms": statistics.median(ts), "ms_p20": q(0.2), "ms_p80": q(0.8)}
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import environment, peak_memory, setup_threads, sync, time_fn, write_results  # noqa: E402
+from bench._common import environment, peak_memory, quantiles, setup_threads, sync, time_fn, write_results  # noqa: E402
 from tscd.kernels import dense_crf, dense_energy_loss, permutohedral_filter  # noqa: E402
 from tscd.kernels.reference.permutohedral import MAX_DENSE_POINTS, crf_features  # noqa: E402
 
@@ -95,12 +95,6 @@ def _interleaved(fn_a, fn_b, min_run_time: float, min_rounds: int = 7) -> tuple[
     return a, b
 
 
-def _quantiles(times: list[float]) -> dict:
-    ts = sorted(times)
-    return {"ms": statistics.median(ts), "ms_p20": ts[int(0.2 * len(ts))],
-            "ms_p80": ts[min(len(ts) - 1, int(0.8 * len(ts)))]}
-
-
 def bench_voc_crf(threads_list: list[int], min_run_time: float, W: int = 500, H: int = 375, K: int = 21,
                   num_iter: int = 10) -> list[dict]:
     """dense_crf (cpp) on a W x H image vs pydensecrf2 (if importable), the eval's CRF settings."""
@@ -148,8 +142,8 @@ def bench_voc_crf(threads_list: list[int], min_run_time: float, W: int = 500, H:
             # the ratio is the median of the per-round ratios
             t_theirs, t_ours = _interleaved(theirs, ours, min_run_time)
             if n == 0:
-                rows.append({**base, "backend": "pydensecrf2", "threads": 1, **_quantiles(t_theirs)})
-            row.update(_quantiles(t_ours))
+                rows.append({**base, "backend": "pydensecrf2", "threads": 1, **quantiles(t_theirs)})
+            row.update(quantiles(t_ours))
             row["ratio_pydensecrf"] = statistics.median(o / t for o, t in zip(t_ours, t_theirs))
             row["labels_eq_pydensecrf"] = float((labels == ref_labels).mean())
             rows.append(row)

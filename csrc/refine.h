@@ -84,29 +84,27 @@ C10_HOST_DEVICE inline acc_t appearance_sq(acc_t centre, acc_t q, acc_t inv_sig,
   return t * t;
 }
 
-// Squared down / right differences of the image at q = (y, x), summed over the 3 channels (0 on the last
-// row / column). img: channel planes `plane` apart, rows `row` apart.
+// Squared difference of the image's pixels at offsets `at` and `at + step`, summed over the 3 channels (planes
+// `plane` apart).
 template <typename scalar_t, typename acc_t>
-C10_HOST_DEVICE inline acc_t down_sq(const scalar_t* img, int64_t plane, int64_t row, int H, int y, int x) {
-  if (y + 1 >= H) return acc_t(0);
+C10_HOST_DEVICE inline acc_t pair_sq(const scalar_t* img, int64_t plane, int64_t at, int64_t step) {
   acc_t s = 0;
   for (int c = 0; c < 3; ++c) {
-    const acc_t d = static_cast<acc_t>(img[c * plane + (int64_t)y * row + x]) -
-                    static_cast<acc_t>(img[c * plane + (int64_t)(y + 1) * row + x]);
+    const acc_t d = static_cast<acc_t>(img[c * plane + at]) - static_cast<acc_t>(img[c * plane + at + step]);
     s += d * d;
   }
   return s;
 }
+
+// Squared down / right differences of the image at q = (y, x), summed over the 3 channels (0 on the last
+// row / column). img: channel planes `plane` apart, rows `row` apart.
+template <typename scalar_t, typename acc_t>
+C10_HOST_DEVICE inline acc_t down_sq(const scalar_t* img, int64_t plane, int64_t row, int H, int y, int x) {
+  return y + 1 >= H ? acc_t(0) : pair_sq<scalar_t, acc_t>(img, plane, (int64_t)y * row + x, row);
+}
 template <typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline acc_t right_sq(const scalar_t* img, int64_t plane, int64_t row, int W, int y, int x) {
-  if (x + 1 >= W) return acc_t(0);
-  acc_t s = 0;
-  for (int c = 0; c < 3; ++c) {
-    const acc_t d = static_cast<acc_t>(img[c * plane + (int64_t)y * row + x]) -
-                    static_cast<acc_t>(img[c * plane + (int64_t)y * row + x + 1]);
-    s += d * d;
-  }
-  return s;
+  return x + 1 >= W ? acc_t(0) : pair_sq<scalar_t, acc_t>(img, plane, (int64_t)y * row + x, 1);
 }
 
 // The variation term v of slot (sy, sx) at p = (y, x): the squared forward differences of the shifted image

@@ -17,7 +17,6 @@
 #include <cstdlib>
 #include <string>
 #include <tuple>
-#include <utility>
 #include <vector>
 
 #include "../correlation_host.h"
@@ -104,16 +103,39 @@ PassT make_pass(const at::Tensor& out_s, const at::Tensor& out_t, const at::Tens
 
 inline int64_t blocks_of(int64_t n) { return (n + kRows - 1) / kRows; }
 
+// f(tag) with the tag of the widest instruction set this CPU supports (isa_level): tag's PassFor<scalar_t> is the
+// Pass compiled for it.
+template <typename F>
+void with_pass(F&& f) {
+#ifdef TSCD_CORRELATION_X86
+  if (isa_level() == 2) return f(isa_avx512::Isa{});
+  if (isa_level() == 1) return f(isa_avx2::Isa{});
+#endif
+  f(isa_default::Isa{});
+}
+
+// out[b] = sum_k partial[b * n + k] for b < B, in double and in a fixed order (deterministic)
+template <typename scalar_t>
+void per_image_sums(const std::vector<double>& partial, int64_t B, at::Tensor& out) {
+  const int64_t n = static_cast<int64_t>(partial.size()) / B;
+  for (int64_t b = 0; b < B; ++b) {
+    double s = 0;
+    for (int64_t k = 0; k < n; ++k) s += partial[b * n + k];
+    out.data_ptr<scalar_t>()[b] = static_cast<scalar_t>(s);
+  }
+}
+
 // The loops of the forward and of the backward, for one instruction set's Pass.
 template <template <typename> class PassT, typename scalar_t>
 void forward_all(const at::Tensor& t1, const at::Tensor& s1, const at::Tensor& s2T, const at::Tensor& t2T,
                  const at::Tensor& offset, const Sizes& z, bool clamp, std::vector<double>& partial) {
   const int64_t nb = blocks_of(z.N1);
   at::parallel_for(0, z.B * nb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> pk(kRows * (z.Cs + z.Ct));  // packed-block scratch, one per thread's range
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / nb, o0 = (w % nb) * kRows;
       const auto pass = make_pass<PassT<scalar_t>, scalar_t>(s1, t1, s2T, t2T, offset, b, clamp);
-      partial[w] = pass.forward(o0, static_cast<int>(std::min<int64_t>(kRows, z.N1 - o0)));
+      partial[w] = pass.forward(o0, static_cast<int>(std::min<int64_t>(kRows, z.N1 - o0)), pk.data());
     }
   });
 }
@@ -122,8 +144,8 @@ void forward_all(const at::Tensor& t1, const at::Tensor& s1, const at::Tensor& s
 // The view-1 gradients (ds1, dt1, dc) belong to their panel; the view-2 ones are summed over all panels, so each
 // part accumulates them into its own transposed buffer (parts, B, C, N2), reduced at the end (the split and the
 // summation order depend only on the thread count: deterministic for a given one). g == nullptr: the gradient of
-// out_b itself (g_b = 1), and with `totals` (parts * B) the forward's per-image sums from the same tiles (the
-// fused forward+backward).
+// out_b itself (g_b = 1), and with `totals` (B * parts, image-major) the forward's per-part sums from the same tiles
+// (the fused forward+backward).
 template <template <typename> class PassT, typename scalar_t>
 void backward_all(const scalar_t* g, const at::Tensor& t1, const at::Tensor& t2, const at::Tensor& s1,
                   const at::Tensor& s2, const at::Tensor& offset, const Sizes& z, bool clamp, bool teacher_grad,
@@ -134,7 +156,7 @@ void backward_all(const scalar_t* g, const at::Tensor& t1, const at::Tensor& t2,
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work));
   at::Tensor ds2T = at::zeros({parts, z.B, z.Cs, z.N2}, s2.options());
   at::Tensor dt2T = teacher_grad ? at::zeros({parts, z.B, z.Ct, z.N2}, t2.options()) : at::Tensor();
-  if (totals != nullptr) totals->assign(parts * z.B, 0.0);
+  if (totals != nullptr) totals->assign(z.B * parts, 0.0);
   at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       for (int64_t w = work * q / parts; w < work * (q + 1) / parts; ++w) {
@@ -146,7 +168,7 @@ void backward_all(const scalar_t* g, const at::Tensor& t1, const at::Tensor& t2,
                       teacher_grad ? dt1.data_ptr<scalar_t>() + b * z.N1 * z.Ct : nullptr,
                       teacher_grad ? dc.data_ptr<scalar_t>() + b * z.N1 : nullptr,
                       ds2T.data_ptr<scalar_t>() + (q * z.B + b) * z.Cs * z.N2, dt2q,
-                      totals != nullptr ? totals->data() + q * z.B + b : nullptr);
+                      totals != nullptr ? totals->data() + b * parts + q : nullptr);
       }
     }
   });
@@ -163,33 +185,12 @@ at::Tensor correlation_fwd_cpu(const at::Tensor& t1, const at::Tensor& t2, const
   std::vector<double> partial(z.B * nb, 0.0);
   at::Tensor out = at::empty({z.B}, t1.options());
   AT_DISPATCH_FLOATING_TYPES(t1.scalar_type(), "correlation_fwd_cpu", [&] {
-#ifdef TSCD_CORRELATION_X86
-    if (isa_level() == 2) {
-      forward_all<isa_avx512::Pass, scalar_t>(t1, s1, s2T, t2T, offset, z, clamp_student, partial);
-    } else if (isa_level() == 1) {
-      forward_all<isa_avx2::Pass, scalar_t>(t1, s1, s2T, t2T, offset, z, clamp_student, partial);
-    } else
-#endif
-    {
-      forward_all<isa_default::Pass, scalar_t>(t1, s1, s2T, t2T, offset, z, clamp_student, partial);
-    }
-    for (int64_t b = 0; b < z.B; ++b) {  // per image, in double, in a fixed order (deterministic)
-      double s = 0;
-      for (int64_t k = 0; k < nb; ++k) s += partial[b * nb + k];
-      out.data_ptr<scalar_t>()[b] = static_cast<scalar_t>(s);
-    }
+    with_pass([&](auto isa) {
+      forward_all<decltype(isa)::template PassFor, scalar_t>(t1, s1, s2T, t2T, offset, z, clamp_student, partial);
+    });
+    per_image_sums<scalar_t>(partial, z.B, out);
   });
   return out;
-}
-
-// Runs backward_all with the widest Pass this CPU supports.
-template <typename scalar_t, typename... Args>
-void backward_dispatch(Args&&... args) {
-#ifdef TSCD_CORRELATION_X86
-  if (isa_level() == 2) return backward_all<isa_avx512::Pass, scalar_t>(std::forward<Args>(args)...);
-  if (isa_level() == 1) return backward_all<isa_avx2::Pass, scalar_t>(std::forward<Args>(args)...);
-#endif
-  backward_all<isa_default::Pass, scalar_t>(std::forward<Args>(args)...);
 }
 
 std::vector<at::Tensor> correlation_bwd_cpu(const at::Tensor& grad, const at::Tensor& t1, const at::Tensor& t2,
@@ -200,8 +201,10 @@ std::vector<at::Tensor> correlation_bwd_cpu(const at::Tensor& grad, const at::Te
   at::Tensor ds1 = at::zeros_like(s1), ds2;
   at::Tensor dt1 = at::zeros_like(t1), dt2, dc = at::zeros_like(offset);
   AT_DISPATCH_FLOATING_TYPES(t1.scalar_type(), "correlation_bwd_cpu", [&] {
-    backward_dispatch<scalar_t>(grad.data_ptr<scalar_t>(), t1, t2, s1, s2, offset, z, clamp_student, teacher_grad,
-                                ds1, ds2, dt1, dt2, dc);
+    with_pass([&](auto isa) {
+      backward_all<decltype(isa)::template PassFor, scalar_t>(grad.data_ptr<scalar_t>(), t1, t2, s1, s2, offset, z,
+                                                              clamp_student, teacher_grad, ds1, ds2, dt1, dt2, dc);
+    });
   });
   if (!dt2.defined()) dt2 = at::zeros_like(t2);
   return {ds1, ds2, dt1, dt2, dc};
@@ -221,14 +224,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor out = at::empty({z.B}, t1.options());
   std::vector<double> totals;
   AT_DISPATCH_FLOATING_TYPES(t1.scalar_type(), "correlation_fwd_grad_cpu", [&] {
-    backward_dispatch<scalar_t>(static_cast<const scalar_t*>(nullptr), t1, t2, s1, s2, offset, z, clamp_student,
-                                teacher_grad, ds1, ds2, dt1, dt2, dc, &totals);
-    const int64_t parts = static_cast<int64_t>(totals.size()) / z.B;
-    for (int64_t b = 0; b < z.B; ++b) {  // in double, in a fixed order (deterministic for a thread count)
-      double s = 0;
-      for (int64_t q = 0; q < parts; ++q) s += totals[q * z.B + b];
-      out.data_ptr<scalar_t>()[b] = static_cast<scalar_t>(s);
-    }
+    with_pass([&](auto isa) {
+      backward_all<decltype(isa)::template PassFor, scalar_t>(nullptr, t1, t2, s1, s2, offset, z, clamp_student,
+                                                              teacher_grad, ds1, ds2, dt1, dt2, dc, &totals);
+    });
+    per_image_sums<scalar_t>(totals, z.B, out);
   });
   if (!dt2.defined()) dt2 = t2.new_empty({0});
   return {out, ds1, ds2, dt1, dt2, dc};

@@ -117,15 +117,15 @@ struct Pass {
     }
   }
 
-  // sum over the block's pairs of P(G) * (F + c), accumulated in double across tiles
-  double forward(int64_t o0, int rows) const {
+  // sum over the block's pairs of P(G) * (F + c), accumulated in double across tiles; pk: scratch for the packed
+  // block, kRows * (Cs + Ct) values
+  double forward(int64_t o0, int rows, scalar_t* pk) const {
     scalar_t g[kRows][kChunk], f[kRows][kChunk];
-    std::vector<scalar_t> pk(kRows * (Cs + Ct));
-    pack_block(o0, rows, pk.data());
+    pack_block(o0, rows, pk);
     double total = 0;
     for (int64_t j0 = 0; j0 < n_in; j0 += kChunk) {
       const int nj = static_cast<int>(std::min<int64_t>(kChunk, n_in - j0));
-      tile(pk.data(), o0, rows, j0, nj, g, f);
+      tile(pk, o0, rows, j0, nj, g, f);
       for (int r = 0; r < rows; ++r) {
         total += static_cast<double>(clamp ? row_value<true>(g[r], f[r], nj) : row_value<false>(g[r], f[r], nj));
       }
@@ -242,6 +242,12 @@ struct Pass {
     reduce_rows(ds_acc.data(), prows, Cs, ds + p0 * Cs);
     if (with_t) reduce_rows(dt_acc.data(), prows, Ct, dt + p0 * Ct);
   }
+};
+
+// This instruction set as a tag for the callers' dispatch (correlation_cpu.cpp: with_pass).
+struct Isa {
+  template <typename scalar_t>
+  using PassFor = Pass<scalar_t>;
 };
 
 }  // namespace TSCD_CORRELATION_ISA

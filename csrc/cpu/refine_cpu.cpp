@@ -272,6 +272,33 @@ at::Tensor weights_padded(const at::Tensor& image, const T* prior, const Params&
 // Propagation
 // ------------------------------------------------------------------------------------------------
 
+// The register tile of the propagation steps: KC channels x kV pixels of one row.
+template <typename T, int KC>
+TSCD_ALWAYS_INLINE void zero_tile(T (&acc)[KC][kV]) {
+  for (int t = 0; t < KC; ++t) {
+#pragma omp simd
+    for (int x = 0; x < kV; ++x) acc[t][x] = 0;
+  }
+}
+
+// acc[t][x] += w[x] * v[t * plane + x]: one neighbour's weighted maps (channels `plane` apart)
+template <typename T, int KC>
+TSCD_ALWAYS_INLINE void add_tap(T (&acc)[KC][kV], const T* w, const T* v, int64_t plane) {
+  for (int t = 0; t < KC; ++t) {
+#pragma omp simd
+    for (int x = 0; x < kV; ++x) acc[t][x] += w[x] * v[t * plane + x];
+  }
+}
+
+// dst[t * plane + x] = acc[t][x]
+template <typename T, int KC>
+TSCD_ALWAYS_INLINE void store_tile(const T (&acc)[KC][kV], T* dst, int64_t plane) {
+  for (int t = 0; t < KC; ++t) {
+#pragma omp simd
+    for (int x = 0; x < kV; ++x) dst[t * plane + x] = acc[t][x];
+  }
+}
+
 // One step of row y for KC channels: dst(t, y, x) = sum_k w_k(y, x) * src(t, row_k, x + sx_k).
 template <typename T, int KC>
 TSCD_CPU_MULTIVERSION void step_row(const T* src, T* dst, const T* w, const Slots& s, int n, const Layout& L,
@@ -279,22 +306,13 @@ TSCD_CPU_MULTIVERSION void step_row(const T* src, T* dst, const T* w, const Slot
   const int64_t plane = L.plane, yo = (int64_t)y * L.Wp + L.P;
   for (int x0 = 0; x0 < L.W; x0 += kV) {
     T acc[KC][kV];
-    for (int t = 0; t < KC; ++t) {
-#pragma omp simd
-      for (int x = 0; x < kV; ++x) acc[t][x] = 0;
-    }
+    zero_tile<T, KC>(acc);
     for (int k = 0; k < n; ++k) {
       const T* wr = w + k * plane + yo + x0;
       const T* sr = src + s.row[k] + L.P + s.sx[k] + x0;
-      for (int t = 0; t < KC; ++t) {
-#pragma omp simd
-        for (int x = 0; x < kV; ++x) acc[t][x] += wr[x] * sr[t * plane + x];
-      }
+      add_tap<T, KC>(acc, wr, sr, plane);
     }
-    for (int t = 0; t < KC; ++t) {
-#pragma omp simd
-      for (int x = 0; x < kV; ++x) dst[t * plane + yo + x0 + x] = acc[t][x];
-    }
+    store_tile<T, KC>(acc, dst + yo + x0, plane);
   }
   for (int t = 0; t < KC; ++t) fill_pads(dst + t * plane + (int64_t)y * L.Wp, L, true);
 }
@@ -314,25 +332,16 @@ TSCD_CPU_MULTIVERSION void step_transpose_row(const T* g, T* dst, const T* w, co
   }
   for (int x0 = 0; x0 < W; x0 += kV) {
     T acc[KC][kV];
-    for (int t = 0; t < KC; ++t) {
-#pragma omp simd
-      for (int x = 0; x < kV; ++x) acc[t][x] = 0;
-    }
+    zero_tile<T, KC>(acc);
     for (int k = 0; k < n; ++k) {
       for (int y = lo[k]; y <= hi[k]; ++y) {
         const int64_t off = (int64_t)y * Wp + P - sx[k] + x0;
         const T* wr = w + k * plane + off;
         const T* gr = g + off;
-        for (int t = 0; t < KC; ++t) {
-#pragma omp simd
-          for (int x = 0; x < kV; ++x) acc[t][x] += wr[x] * gr[t * plane + x];
-        }
+        add_tap<T, KC>(acc, wr, gr, plane);
       }
     }
-    for (int t = 0; t < KC; ++t) {
-#pragma omp simd
-      for (int x = 0; x < kV; ++x) dst[t * plane + qo + x0 + x] = acc[t][x];
-    }
+    store_tile<T, KC>(acc, dst + qo + x0, plane);
   }
   // border columns, 16 lanes at a time (lanes past the run are discarded; reads may pass the row's end by
   // < 16 elements, which the buffers' tail slack covers)

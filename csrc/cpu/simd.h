@@ -13,3 +13,10 @@
 #else
 #define TSCD_CPU_MULTIVERSION
 #endif
+
+// Small helpers of the multiversioned loops: always inlined, so that each clone compiles them for its own ISA.
+#if defined(__GNUC__)
+#define TSCD_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define TSCD_ALWAYS_INLINE inline
+#endif

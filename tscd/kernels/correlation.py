@@ -212,10 +212,11 @@ def correlation_loss(teacher1: torch.Tensor, teacher2: torch.Tensor, student1: t
     offset = teacher_offset(t1, t2, center_teacher=center_teacher, shift=shift)
     if name == "triton":
         per_image = torch.ops.tscd.correlation_fwd_triton(t1, t2, s1, s2, offset, bool(clamp_student))
-    elif name == "cpp" and torch.is_grad_enabled() and (s1.requires_grad or s2.requires_grad or teacher_grad):
-        # a training step: the gradients come from the forward's own tiles (one sweep instead of two)
-        per_image = torch.ops.tscd.correlation_fwd_grad(t1, t2, s1, s2, offset, bool(clamp_student),
-                                                        bool(teacher_grad))[0]
+    elif name == "cpp" and torch.is_grad_enabled() and any(x.requires_grad for x in (t1, t2, s1, s2, offset)):
+        # a training step: the gradients come from the forward's own tiles (one sweep instead of two); the teacher
+        # side's only where something of it needs them
+        per_image = torch.ops.tscd.correlation_fwd_grad(
+            t1, t2, s1, s2, offset, bool(clamp_student), any(x.requires_grad for x in (t1, t2, offset)))[0]
     else:
         per_image = torch.ops.tscd.correlation_fwd(t1, t2, s1, s2, offset, bool(clamp_student))
     loss = -per_image.sum() / (B * t1.shape[1] * t2.shape[1])
