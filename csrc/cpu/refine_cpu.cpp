@@ -115,6 +115,17 @@ void prepare_row(const T* img, const Layout& L, int y, T* imgp, T* dd, T* dr) {
   fill_pads(dr + yo, L, false);
 }
 
+// One softmax numerator row: z[x] <- exp(z[x] - mx[x]), and sum[x] += it (kV pixels).
+template <typename T>
+TSCD_ALWAYS_INLINE void exp_shifted(T* z, const T* mx, T* sum) {
+#pragma omp simd
+  for (int x = 0; x < kV; ++x) {
+    const T e = refine::exp_approx<T>(z[x] - mx[x]);
+    z[x] = e;
+    sum[x] += e;
+  }
+}
+
 // The n weights of row y (all W pixels, kV at a time), the steps of refine::pixel_weights.
 template <typename T>
 TSCD_CPU_MULTIVERSION void weights_row(const T* imgp, const T* dd, const T* dr, const T* prior, const Params& p,
@@ -201,22 +212,8 @@ TSCD_CPU_MULTIVERSION void weights_row(const T* imgp, const T* dd, const T* dr, 
       }
     }
     for (int k = 0; k < n; ++k) {
-      T* a_k = A + k * kV;
-#pragma omp simd
-      for (int x = 0; x < kV; ++x) {
-        const T e = refine::exp_approx<T>(a_k[x] - max_a[x]);
-        a_k[x] = e;
-        sum_a[x] += e;
-      }
-      if (varm) {
-        T* v_k = Vt + k * kV;
-#pragma omp simd
-        for (int x = 0; x < kV; ++x) {
-          const T e = refine::exp_approx<T>(v_k[x] - max_v[x]);
-          v_k[x] = e;
-          sum_v[x] += e;
-        }
-      }
+      exp_shifted<T>(A + k * kV, max_a, sum_a);
+      if (varm) exp_shifted<T>(Vt + k * kV, max_v, sum_v);
     }
 #pragma omp simd
     for (int x = 0; x < kV; ++x) {
