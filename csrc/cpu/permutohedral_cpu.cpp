@@ -102,8 +102,18 @@ template <typename scalar_t>
 TSCD_CPU_MULTIVERSION void embed_points(const scalar_t* feat, int64_t N, int d, const scalar_t* scale, int* keys,
                                         scalar_t* w, int64_t i0, int64_t i1) {
   const int d1 = d + 1;
-  for (int64_t i = i0; i < i1; ++i) {
-    perm::embed_point<scalar_t, scalar_t>(feat + i, N, d, scale, keys + i * d1 * d, w + i * d1);
+  // the usual dimensions (2: positions, 5: positions and colours) with d known at compile time: the per-coordinate
+  // loops of embed_point unroll and its small arrays stay in registers
+  auto run = [&](auto dd) {
+    const int dc = decltype(dd)::value > 0 ? decltype(dd)::value : d;
+    for (int64_t i = i0; i < i1; ++i) {
+      perm::embed_point<scalar_t, scalar_t>(feat + i, N, dc, scale, keys + i * d1 * dc, w + i * d1);
+    }
+  };
+  switch (d) {
+    case 2: run(std::integral_constant<int, 2>()); break;
+    case 5: run(std::integral_constant<int, 5>()); break;
+    default: run(std::integral_constant<int, 0>()); break;
   }
 }
 
@@ -125,6 +135,7 @@ void build_lattice(const scalar_t* feat, int d, int64_t N, Lattice<scalar_t>& L)
   // a vertex of the previous point is matched by key compare alone, without a hash probe.
   HashTable table(d, N / 4);
   int prev[kMaxDim + 1];
+  uint32_t prev_hv[kMaxDim + 1];
   uint32_t hv[kBatch * (kMaxDim + 1)];
   for (int64_t i0 = 0; i0 < N; i0 += kBatch) {
     const int64_t i1 = std::min<int64_t>(N, i0 + kBatch);
@@ -136,16 +147,20 @@ void build_lattice(const scalar_t* feat, int d, int64_t N, Lattice<scalar_t>& L)
       const int* ki = keys.get() + i * d1 * d;
       for (int r = 0; r < d1; ++r) {
         const int* key = ki + r * d;
+        const uint32_t h = hv[(i - i0) * d1 + r];
         int32_t e = -1;
-        if (i > 0) {
+        if (i > 0) {  // the hashes first: a full key compare only where they agree
           const int* kp = ki - d1 * d;
           for (int q = 0; q < d1 && e < 0; ++q) {
-            if (perm::same_key(kp + q * d, key, d)) e = prev[q];
+            if (prev_hv[q] == h && perm::same_key(kp + q * d, key, d)) e = prev[q];
           }
         }
-        L.vtx[i * d1 + r] = e >= 0 ? e : table.find(key, hv[(i - i0) * d1 + r], true);
+        L.vtx[i * d1 + r] = e >= 0 ? e : table.find(key, h, true);
       }
-      for (int r = 0; r < d1; ++r) prev[r] = L.vtx[i * d1 + r];
+      for (int r = 0; r < d1; ++r) {
+        prev[r] = L.vtx[i * d1 + r];
+        prev_hv[r] = hv[(i - i0) * d1 + r];
+      }
     }
   }
   const int64_t M = L.M = table.size();
@@ -316,6 +331,15 @@ at::Tensor permutohedral_cpu(const char* op, const at::Tensor& values, const at:
 // The arithmetic per value is that of mean_field (permutohedral_host.h) with the filter above.
 
 constexpr int kCrfMaxKP = 32;  // widest compile-time channel row; wider rows (K > 32) use a runtime width
+constexpr int64_t kTile = 64;   // points per block of the (K, N) <-> (N, S) transposes
+constexpr int64_t kAhead = 8;   // prefetch distance (vertices or points) of the gathers from the lattice values
+
+// Prefetch the cache lines of a row of W values (a gather a few iterations ahead).
+template <typename T>
+TSCD_ALWAYS_INLINE void prefetch_row(const T* p, int64_t W) {
+  __builtin_prefetch(p);
+  __builtin_prefetch(p + W - 1);
+}
 
 // Calls f(std::integral_constant<int, W>()) for a channel width w: 1 or a multiple of 4 up to 32; 0 otherwise
 // (the runtime-width instantiation).
@@ -364,6 +388,10 @@ TSCD_CPU_MULTIVERSION void crf_blur(const T* src, T* dst, const int32_t* nb, int
                                     int64_t m1) {
   const int64_t W = KP > 0 ? KP : width;
   for (int64_t m = m0; m < m1; ++m) {
+    if (m + kAhead < m1) {
+      prefetch_row(src + static_cast<int64_t>(nb[2 * (m + kAhead)]) * S, W);
+      prefetch_row(src + static_cast<int64_t>(nb[2 * (m + kAhead) + 1]) * S, W);
+    }
     const T* a = src + static_cast<int64_t>(nb[2 * m]) * S;
     const T* b = src + static_cast<int64_t>(nb[2 * m + 1]) * S;
     const T* x = src + m * S;
@@ -389,38 +417,111 @@ struct CrfKernel {
 template <typename T>
 constexpr T kPadLogit = T(-1e30);
 
+// l[c] += weight * n * (sum_r w_r V[vtx_r][c]) / c_d for c < W: the slice of one kernel's lattice at one point and
+// its message. D1 > 0: the d+1 vertices known at compile time (the r loop unrolls inside the SIMD loop over channels,
+// and the sum stays in registers); D1 = 0: d1 at run time.
+template <typename T, int D1>
+TSCD_ALWAYS_INLINE void crf_slice_message(const CrfKernel<T>& kk, int64_t i, int64_t S, int64_t W, T* l) {
+  const int d1 = D1 > 0 ? D1 : kk.d1;
+  const int32_t* vtx = kk.vtx + i * d1;
+  const T* w = kk.w + i * d1;
+  const T n = kk.nrm[i];
+  if constexpr (D1 > 0) {
+    const T* x[D1];
+    T wr[D1];
+    for (int r = 0; r < D1; ++r) {
+      x[r] = kk.V + static_cast<int64_t>(vtx[r]) * S;
+      wr[r] = w[r];
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) {
+      T acc = wr[0] * x[0][c];
+      for (int r = 1; r < D1; ++r) acc += wr[r] * x[r][c];
+      l[c] = perm::crf_message(l[c], acc, kk.inv_gain, n, kk.weight);
+    }
+  } else {
+    T acc[kCrfMaxKP];
+    for (int64_t c0 = 0; c0 < W; c0 += kCrfMaxKP) {
+      const int64_t cw = std::min<int64_t>(kCrfMaxKP, W - c0);
+      for (int64_t c = 0; c < cw; ++c) acc[c] = T(0);
+      for (int r = 0; r < d1; ++r) {
+        const T* x = kk.V + static_cast<int64_t>(vtx[r]) * S + c0;
+        const T wr = w[r];
+#pragma omp simd
+        for (int64_t c = 0; c < cw; ++c) acc[c] += wr * x[c];
+      }
+#pragma omp simd
+      for (int64_t c = 0; c < cw; ++c) l[c0 + c] = perm::crf_message(l[c0 + c], acc[c], kk.inv_gain, n, kk.weight);
+    }
+  }
+}
+
+// The softmax's loops run over the W channels (a multiple of 8) in blocks of kLanes = 16 and a last block of 8, so
+// that no scalar remainder is left; lane[c] holds the partial max / sum of the channels c (mod kLanes).
+constexpr int kLanes = 16;
+
+// The max and the sum of the kLanes lanes, pairwise.
+template <typename T>
+TSCD_ALWAYS_INLINE T lane_max(const T* v) {
+  T a[8];
+  for (int c = 0; c < 8; ++c) a[c] = v[c + 8] > v[c] ? v[c + 8] : v[c];
+  for (int c = 0; c < 4; ++c) a[c] = a[c + 4] > a[c] ? a[c + 4] : a[c];
+  const T b0 = a[2] > a[0] ? a[2] : a[0], b1 = a[3] > a[1] ? a[3] : a[1];
+  return b1 > b0 ? b1 : b0;
+}
+template <typename T>
+TSCD_ALWAYS_INLINE T lane_sum(const T* v) {
+  T a[8];
+  for (int c = 0; c < 8; ++c) a[c] = v[c] + v[c + 8];
+  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+// One block of L channels: lane = max(lane, l); q = exp(l - mx), lane += q.
+template <typename T, int L>
+TSCD_ALWAYS_INLINE void max_lanes(const T* l, T* lane) {
+#pragma omp simd
+  for (int c = 0; c < L; ++c) lane[c] = l[c] > lane[c] ? l[c] : lane[c];
+}
+template <typename T, int L>
+TSCD_ALWAYS_INLINE void exp_lanes(const T* l, T mx, T* q, T* lane) {
+#pragma omp simd
+  for (int c = 0; c < L; ++c) {
+    const T e = perm::exp_nonpositive(l[c] - mx);
+    q[c] = e;
+    lane[c] += e;
+  }
+}
+
 template <typename T, int KP>
-TSCD_CPU_MULTIVERSION void crf_update(const CrfKernel<T>* ks, int nk, const T* negu, T* q, int K, int64_t S, T* scratch,
+TSCD_CPU_MULTIVERSION void crf_update(const CrfKernel<T>* ks, int nk, const T* negu, T* q, int64_t S, T* scratch,
                                       int64_t i0, int64_t i1) {
   const int64_t W = KP > 0 ? KP : S;
-  T lbuf[KP > 0 ? 2 * KP : 1];
+  T lbuf[KP > 0 ? KP : 1];
   T* l = KP > 0 ? lbuf : scratch;
-  T* acc = l + W;
   for (int64_t i = i0; i < i1; ++i) {
     const T* u = negu + i * S;
 #pragma omp simd
     for (int64_t c = 0; c < W; ++c) l[c] = u[c];
     for (int k = 0; k < nk; ++k) {
-      const CrfKernel<T>& kk = ks[k];
-#pragma omp simd
-      for (int64_t c = 0; c < W; ++c) acc[c] = T(0);
-      for (int r = 0; r < kk.d1; ++r) {
-        const T* x = kk.V + static_cast<int64_t>(kk.vtx[i * kk.d1 + r]) * S;
-        const T wr = kk.w[i * kk.d1 + r];
-#pragma omp simd
-        for (int64_t c = 0; c < W; ++c) acc[c] += wr * x[c];
+      switch (ks[k].d1) {  // the lattices of the usual kernels (d = 2: positions, d = 5: positions and colours)
+        case 3: crf_slice_message<T, 3>(ks[k], i, S, W, l); break;
+        case 6: crf_slice_message<T, 6>(ks[k], i, S, W, l); break;
+        default: crf_slice_message<T, 0>(ks[k], i, S, W, l); break;
       }
-      const T n = kk.nrm[i];
-#pragma omp simd
-      for (int64_t c = 0; c < W; ++c) l[c] = perm::crf_message(l[c], acc[c], kk.inv_gain, n, kk.weight);
     }
-    T mx = l[0];
-    for (int c = 1; c < K; ++c) mx = l[c] > mx ? l[c] : mx;
+    // softmax over all W channels: a padding channel's logit is kPadLogit (its messages are 0), so it changes
+    // neither the max nor the sum (its exp underflows to 0)
+    T lane[kLanes];
+    for (int c = 0; c < kLanes; ++c) lane[c] = kPadLogit<T>;
+    int64_t c0 = 0;
+    for (; c0 + kLanes <= W; c0 += kLanes) max_lanes<T, kLanes>(l + c0, lane);
+    if (c0 < W) max_lanes<T, 8>(l + c0, lane);
+    const T mx = lane_max(lane);
     T* qi = q + i * S;
-#pragma omp simd
-    for (int64_t c = 0; c < W; ++c) qi[c] = perm::exp_nonpositive(l[c] - mx);
-    T sum = 0;
-    for (int c = 0; c < K; ++c) sum += qi[c];
+    for (int c = 0; c < kLanes; ++c) lane[c] = T(0);
+    for (c0 = 0; c0 + kLanes <= W; c0 += kLanes) exp_lanes<T, kLanes>(l + c0, mx, qi + c0, lane);
+    if (c0 < W) exp_lanes<T, 8>(l + c0, mx, qi + c0, lane);
+    const T sum = lane_sum(lane);
     const T inv = T(1) / sum;
 #pragma omp simd
     for (int64_t c = 0; c < W; ++c) qi[c] *= inv;
@@ -505,17 +606,21 @@ void dense_crf_image(const T* unary, const std::vector<const T*>& feats, const s
                          static_cast<T>(weights[k]), L.d + 1};
   }
   std::vector<T> negu(N * S), q(N * S, T(0));
+  // -U, point-major: blocks of kTile points, so that each (K, N) row and each (N, S) block is read in cache lines
   at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      for (int64_t c = 0; c < S; ++c) negu[i * S + c] = c < K ? -unary[c * N + i] : kPadLogit<T>;
+    for (int64_t ib = i0; ib < i1; ib += kTile) {
+      const int64_t ie = std::min<int64_t>(i1, ib + kTile);
+      for (int64_t c = 0; c < S; ++c) {
+        for (int64_t i = ib; i < ie; ++i) negu[i * S + c] = c < K ? -unary[c * N + i] : kPadLogit<T>;
+      }
     }
   });
   auto update = [&](int nkern) {  // Q = softmax(-U + the messages of the first nkern kernels)
     with_width(S <= kCrfMaxKP ? S : 0, [&](auto kp) {
       constexpr int KP = decltype(kp)::value;
       at::parallel_for(0, N, 2048, [&](int64_t i0, int64_t i1) {
-        std::vector<T> scratch(KP > 0 ? 0 : 2 * S);
-        crf_update<T, KP>(ks.data(), nkern, negu.data(), q.data(), K, S, scratch.data(), i0, i1);
+        std::vector<T> scratch(KP > 0 ? 0 : S);
+        crf_update<T, KP>(ks.data(), nkern, negu.data(), q.data(), S, scratch.data(), i0, i1);
       });
     });
   };
@@ -525,9 +630,12 @@ void dense_crf_image(const T* unary, const std::vector<const T*>& feats, const s
     for (int k = 0; k < nk; ++k) ks[k].V = v[k];
     update(nk);
   }
-  at::parallel_for(0, K, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t i = 0; i < N; ++i) out[c * N + i] = q[i * S + c];
+  at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t ib = i0; ib < i1; ib += kTile) {
+      const int64_t ie = std::min<int64_t>(i1, ib + kTile);
+      for (int64_t c = 0; c < K; ++c) {
+        for (int64_t i = ib; i < ie; ++i) out[c * N + i] = q[i * S + c];
+      }
     }
   });
 }
