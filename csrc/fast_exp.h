@@ -11,9 +11,9 @@
 
 namespace tscd {
 
-C10_HOST_DEVICE inline float fast_expf(float x) {
-  const float xc = x < -87.33654f ? -87.33654f : (x > 88.72283f ? 88.72283f : x);  // NaN passes through
-  const float n = (xc * 1.44269504089f + 12582912.f) - 12582912.f;              // round to nearest
+// 2^n exp(r) for xc in [-87.33654, 88.72283] (or NaN): the reduction and polynomial shared by the two below.
+C10_HOST_DEVICE inline float fast_expf_in_range(float xc) {
+  const float n = (xc * 1.44269504089f + 12582912.f) - 12582912.f;  // round to nearest
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float q = 1.9875691500e-4f;
@@ -30,8 +30,20 @@ C10_HOST_DEVICE inline float fast_expf(float x) {
   float scale;
   __builtin_memcpy(&scale, &bits, sizeof(float));
 #endif
-  const float e = q * scale;
+  return q * scale;
+}
+
+C10_HOST_DEVICE inline float fast_expf(float x) {
+  const float xc = x < -87.33654f ? -87.33654f : (x > 88.72283f ? 88.72283f : x);  // NaN passes through
+  const float e = fast_expf_in_range(xc);
   return x < -87.33654f ? 0.f : (x > 88.72283f ? INFINITY : e);
+}
+
+// fast_expf for x <= 0 (a softmax's argument after subtracting the max), the same values with one clamp and one
+// select fewer (a positive x below 88.7 still gives exp(x); NaN stays NaN).
+C10_HOST_DEVICE inline float fast_expf_nonpositive(float x) {
+  const float e = fast_expf_in_range(x < -87.33654f ? -87.33654f : x);
+  return x < -87.33654f ? 0.f : e;
 }
 
 }  // namespace tscd

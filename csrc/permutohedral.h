@@ -200,7 +200,7 @@ C10_HOST_DEVICE inline acc_t crf_norm(acc_t k1) {
 }
 
 // exp(x) for x <= 0 (the mean field's softmax after subtracting the max): fast_exp.h's vectorisable expf.
-C10_HOST_DEVICE inline float exp_nonpositive(float x) { return fast_expf(x > 0.f ? 0.f : x); }
+C10_HOST_DEVICE inline float exp_nonpositive(float x) { return fast_expf_nonpositive(x); }
 C10_HOST_DEVICE inline double exp_nonpositive(double x) { return std::exp(x); }
 
 }  // namespace perm

@@ -180,6 +180,23 @@ def test_dense_crf_rejects_nonfinite(backend, name, bad, match):
         dense_crf(t["image"], t["probs"], backend=backend)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_check_finite_fast_path(dtype):
+    """check_finite's float64-sum shortcut: no false alarm where finite values overflow the sum (float64), and
+    every NaN / inf still found, wherever it sits and whatever the other values (a +inf and a -inf, or a NaN among
+    huge values, must not cancel or hide)."""
+    from tscd.kernels._checks import check_finite
+
+    big = torch.finfo(dtype).max
+    check_finite("op", "t", torch.full((4, 5), big, dtype=dtype))  # finite; the float64 sum overflows for float64
+    check_finite("op", "t", torch.arange(6, dtype=torch.uint8))  # integers: nothing to check
+    for bad in ([float("inf"), float("-inf")], [float("nan")], [float("-inf")]):
+        t = torch.full((4, 5), big if dtype == torch.float64 else 1.0, dtype=dtype)
+        t.view(-1)[[7, 13][:len(bad)]] = torch.tensor(bad, dtype=dtype)
+        with pytest.raises(ValueError, match=r"op: `t` must hold finite values; got .* at index \(1, 2\)"):
+            check_finite("op", "t", t)
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(gauss_compat=float("nan")), r"`gauss_compat` must be finite"),
     (dict(bilateral_srgb=float("inf")), r"`bilateral_srgb` must be > 0 and finite"),

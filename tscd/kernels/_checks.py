@@ -85,6 +85,12 @@ def check_finite(op: str, name: str, t: torch.Tensor) -> None:
     This reads a flag back to the host (a device sync): for inference-time ops only (e.g. dense_crf); the
     training ops propagate NaN on the device instead.
     """
+    if not (t.is_floating_point() or t.is_complex()):
+        return  # integers are finite
+    # fast path: the float64 sum is finite iff every value is (a NaN or +-inf makes it NaN or +-inf; a float32 or
+    # half tensor cannot overflow it); only a non-finite sum (or a float64 overflow) runs the element-wise check
+    if bool(torch.isfinite(t.sum(dtype=torch.complex128 if t.is_complex() else torch.float64))):
+        return
     finite = torch.isfinite(t)
     if not bool(finite.all()):
         idx = tuple(int(i) for i in (~finite).nonzero()[0])
