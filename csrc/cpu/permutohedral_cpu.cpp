@@ -359,22 +359,26 @@ void with_width(int64_t w, F&& f) {
   }
 }
 
-// The splat of the W (= KP, or w at run time) channels at q / V (row stride S): V[0..M] = 0, then for every point
-// in order V[vtx] += w * (q[i] * nrm[i]).
+// The splat of the W (= KP, or w at run time) channels at q / V (row stride S), restricted to the vertices
+// [v0, v1): V[v0..v1) = 0, then for every point i in [i0, i1) in order, V[vtx] += w * (q[i] * nrm[i]) where
+// vtx is in the range. Each vertex thus sums its points in point order, whatever the split (bit-identical).
 template <typename T, int KP>
-TSCD_CPU_MULTIVERSION void crf_splat(const int32_t* vtx, const T* w, int d1, int64_t N, int64_t M, const T* q,
-                                     const T* nrm, int64_t S, int64_t width, T* V) {
+TSCD_CPU_MULTIVERSION void crf_splat(const int32_t* vtx, const T* w, int d1, const T* q, const T* nrm, int64_t S,
+                                     int64_t width, T* V, int64_t v0, int64_t v1, int64_t i0, int64_t i1) {
   const int64_t W = KP > 0 ? KP : width;
-  for (int64_t m = 0; m <= M; ++m) {
+  for (int64_t m = v0; m < v1; ++m) {
     T* y = V + m * S;
 #pragma omp simd
     for (int64_t c = 0; c < W; ++c) y[c] = T(0);
   }
-  for (int64_t i = 0; i < N; ++i) {
+  const uint64_t span = static_cast<uint64_t>(v1 - v0);
+  for (int64_t i = i0; i < i1; ++i) {
     const T* qi = q + i * S;
     const T n = nrm[i];
     for (int r = 0; r < d1; ++r) {
-      T* y = V + static_cast<int64_t>(vtx[i * d1 + r]) * S;
+      const int64_t v = vtx[i * d1 + r];
+      if (static_cast<uint64_t>(v - v0) >= span) continue;
+      T* y = V + v * S;
       const T wr = w[i * d1 + r];
 #pragma omp simd
       for (int64_t c = 0; c < W; ++c) y[c] += wr * (qi[c] * n);
@@ -539,7 +543,7 @@ void crf_lattice_columns(const Lattice<T>& L, const T* q, const T* nrm, int64_t 
     constexpr int KP = decltype(kp)::value;
     T* x = a + c0;
     T* y = b + c0;
-    crf_splat<T, KP>(L.vtx.data(), L.w.data(), d1, L.N, L.M, q + c0, nrm, S, w, x);
+    crf_splat<T, KP>(L.vtx.data(), L.w.data(), d1, q + c0, nrm, S, w, x, 0, L.M + 1, 0, L.N);
     for (int j = 0; j < d1; ++j) {
       crf_blur<T, KP>(x, y, L.nbr.data() + j * L.M * 2, S, w, 0, L.M);
       std::fill(y + L.M * S, y + L.M * S + w, T(0));  // the zero row
@@ -548,24 +552,85 @@ void crf_lattice_columns(const Lattice<T>& L, const T* q, const T* nrm, int64_t 
   });
 }
 
-// Every kernel's splat + blur of the S channels of q (times its nrm): tasks (kernel, column group) in parallel,
-// the column groups (multiples of 4 channels) one per thread. Returns each kernel's result buffer.
+// The vertex ranges of a multi-threaded pass, one per thread: [m[t], m[t+1]), and the points that touch each,
+// [lo[t], hi[t]) (vertices are numbered in point order, so a range is touched by a band of points).
+struct CrfSplit {
+  std::vector<int64_t> m, lo, hi;
+};
+
 template <typename T>
-std::vector<const T*> crf_lattice_pass(const std::vector<Lattice<T>>& lat, const T* q,
-                                       const std::vector<const T*>& nrm, int64_t S, std::vector<std::vector<T>>& va,
-                                       std::vector<std::vector<T>>& vb) {
-  const int64_t nk = static_cast<int64_t>(lat.size());
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t gw = S == 1 ? 1 : std::max<int64_t>(4, ((S + threads - 1) / threads + 3) / 4 * 4);
-  const int64_t groups = (S + gw - 1) / gw;
-  // task t: kernel t % nk, group t / nk (at::parallel_for gives each thread a contiguous range of tasks: this
-  // order gives each thread its groups of every kernel, so cheap and costly kernels are shared evenly)
-  at::parallel_for(0, nk * groups, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k = t % nk, c0 = (t / nk) * gw;
-      crf_lattice_columns<T>(lat[k], q, nrm[k], S, c0, std::min<int64_t>(gw, S - c0), va[k].data(), vb[k].data());
+CrfSplit crf_split(const Lattice<T>& L, int64_t parts) {
+  const int d1 = L.d + 1;
+  CrfSplit sp;
+  for (int64_t t = 0; t <= parts; ++t) sp.m.push_back(L.M * t / parts);
+  sp.m.back() = L.M + 1;  // the last range holds the zero row
+  sp.lo.assign(parts, L.N);
+  sp.hi.assign(parts, 0);
+  for (int64_t i = 0; i < L.N; ++i) {
+    int64_t mn = L.M, mx = 0;
+    for (int r = 0; r < d1; ++r) {
+      mn = std::min<int64_t>(mn, L.vtx[i * d1 + r]);
+      mx = std::max<int64_t>(mx, L.vtx[i * d1 + r]);
     }
-  });
+    for (int64_t t = 0; t < parts; ++t) {
+      if (mx >= sp.m[t] && mn < sp.m[t + 1]) {
+        sp.lo[t] = std::min(sp.lo[t], i);
+        sp.hi[t] = i + 1;
+      }
+    }
+  }
+  return sp;
+}
+
+// Every kernel's splat + blur of the S channels of q (times its nrm); returns each kernel's result buffer. One
+// thread (or one channel): tasks (kernel, column group), each a splat and its d+1 blur passes with no barrier.
+// Several threads: per kernel, the threads split the vertices (CrfSplit), for the splat and for each blur pass,
+// so that no two threads write one cache line; the result is bit-identical to the one-thread pass.
+template <typename T>
+std::vector<const T*> crf_lattice_pass(const std::vector<Lattice<T>>& lat, const std::vector<CrfSplit>& split,
+                                       const T* q, const std::vector<const T*>& nrm, int64_t S,
+                                       std::vector<std::vector<T>>& va, std::vector<std::vector<T>>& vb) {
+  const int64_t nk = static_cast<int64_t>(lat.size());
+  const int64_t parts = static_cast<int64_t>(split.empty() ? 1 : split[0].lo.size());
+  if (S == 1 || parts == 1) {
+    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    const int64_t gw = S == 1 ? 1 : std::max<int64_t>(4, ((S + threads - 1) / threads + 3) / 4 * 4);
+    const int64_t groups = (S + gw - 1) / gw;
+    // task t: kernel t % nk, group t / nk (at::parallel_for gives each thread a contiguous range of tasks: this
+    // order gives each thread its groups of every kernel, so cheap and costly kernels are shared evenly)
+    at::parallel_for(0, nk * groups, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t k = t % nk, c0 = (t / nk) * gw;
+        crf_lattice_columns<T>(lat[k], q, nrm[k], S, c0, std::min<int64_t>(gw, S - c0), va[k].data(),
+                               vb[k].data());
+      }
+    });
+  } else {
+    with_width(S <= kCrfMaxKP ? S : 0, [&](auto kp) {
+      constexpr int KP = decltype(kp)::value;
+      for (int64_t k = 0; k < nk; ++k) {
+        const Lattice<T>& L = lat[k];
+        const CrfSplit& sp = split[k];
+        T* x = va[k].data();
+        T* y = vb[k].data();
+        at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
+          for (int64_t t = t0; t < t1; ++t) {
+            crf_splat<T, KP>(L.vtx.data(), L.w.data(), L.d + 1, q, nrm[k], S, S, x, sp.m[t], sp.m[t + 1], sp.lo[t],
+                             sp.hi[t]);
+          }
+        });
+        for (int j = 0; j <= L.d; ++j) {
+          at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
+            for (int64_t t = t0; t < t1; ++t) {
+              crf_blur<T, KP>(x, y, L.nbr.data() + j * L.M * 2, S, S, sp.m[t], std::min(sp.m[t + 1], L.M));
+            }
+          });
+          std::fill(y + L.M * S, y + L.M * S + S, T(0));  // the zero row
+          std::swap(x, y);
+        }
+      }
+    });
+  }
   std::vector<const T*> out(nk);
   for (int64_t k = 0; k < nk; ++k) out[k] = (lat[k].d + 1) % 2 == 0 ? va[k].data() : vb[k].data();
   return out;
@@ -589,7 +654,7 @@ void dense_crf_image(const T* unary, const std::vector<const T*>& feats, const s
     ones[k] = one.data();
   }
   // n_k = (K_k 1)^-1/2: the lattice applied to ones (one channel, row stride 1)
-  const std::vector<const T*> v1 = crf_lattice_pass<T>(lat, one.data(), ones, 1, va, vb);
+  const std::vector<const T*> v1 = crf_lattice_pass<T>(lat, {}, one.data(), ones, 1, va, vb);
   for (int k = 0; k < nk; ++k) {
     const Lattice<T>& L = lat[k];
     const T inv_gain = static_cast<T>(1.0 / perm::lattice_gain(L.d));
@@ -625,8 +690,17 @@ void dense_crf_image(const T* unary, const std::vector<const T*>& feats, const s
     });
   };
   update(0);
+  // several threads: the vertex split of each lattice (one thread: the column-group tasks, no split needed)
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  std::vector<CrfSplit> split;
+  if (threads > 1 && num_iter > 0) {
+    split.resize(nk);
+    at::parallel_for(0, nk, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) split[k] = crf_split(lat[k], threads);
+    });
+  }
   for (int64_t it = 0; it < num_iter; ++it) {
-    const std::vector<const T*> v = crf_lattice_pass<T>(lat, q.data(), nrm, S, va, vb);
+    const std::vector<const T*> v = crf_lattice_pass<T>(lat, split, q.data(), nrm, S, va, vb);
     for (int k = 0; k < nk; ++k) ks[k].V = v[k];
     update(nk);
   }
