@@ -95,19 +95,21 @@ class HashTable {
   std::vector<int> keys_;
 };
 
-constexpr int kBatch = 16;  // points / vertices whose hash probes are issued together
+constexpr int kBatch = 16;               // points / vertices whose hash probes are issued together
+constexpr int64_t kEmbedBlock = 8192;    // points embedded (keys kept) at a time by build_lattice
 
-// Keys and barycentric weights of the points i0..i1-1 (compiled per ISA: rounding is one instruction from SSE4.1).
+// Keys (row i - k0 of keys) and barycentric weights of the points i0..i1-1 (compiled per ISA: rounding is one
+// instruction from SSE4.1).
 template <typename scalar_t>
 TSCD_CPU_MULTIVERSION void embed_points(const scalar_t* feat, int64_t N, int d, const scalar_t* scale, int* keys,
-                                        scalar_t* w, int64_t i0, int64_t i1) {
+                                        scalar_t* w, int64_t i0, int64_t i1, int64_t k0) {
   const int d1 = d + 1;
   // the usual dimensions (2: positions, 5: positions and colours) with d known at compile time: the per-coordinate
   // loops of embed_point unroll and its small arrays stay in registers
   auto run = [&](auto dd) {
     const int dc = decltype(dd)::value > 0 ? decltype(dd)::value : d;
     for (int64_t i = i0; i < i1; ++i) {
-      perm::embed_point<scalar_t, scalar_t>(feat + i, N, dc, scale, keys + i * d1 * dc, w + i * d1);
+      perm::embed_point<scalar_t, scalar_t>(feat + i, N, dc, scale, keys + (i - k0) * d1 * dc, w + i * d1);
     }
   };
   switch (d) {
@@ -126,40 +128,45 @@ void build_lattice(const scalar_t* feat, int d, int64_t N, Lattice<scalar_t>& L)
   L.w.resize(N * d1);
   scalar_t scale[kMaxDim];
   for (int j = 0; j < d; ++j) scale[j] = static_cast<scalar_t>(perm::feature_scale(j, d));
-  // keys and weights of every point (parallel when the caller is not already in a parallel region)
-  std::unique_ptr<int[]> keys(new int[N * d1 * d]);  // every entry is written below
-  at::parallel_for(0, N, 2048, [&](int64_t i0, int64_t i1) {
-    embed_points<scalar_t>(feat, N, d, scale, keys.get(), L.w.data(), i0, i1);
-  });
-  // Insertion in point order (the vertex numbering). Neighbouring points mostly share their simplex's vertices:
-  // a vertex of the previous point is matched by key compare alone, without a hash probe.
+  // In blocks of kEmbedBlock points: the keys and weights of the block's points (in parallel when the caller is
+  // not already in a parallel region; the keys of one block only, which stay in cache), then their insertion in
+  // point order (the vertex numbering). Neighbouring points mostly share their simplex's vertices: a vertex of the
+  // previous point is matched by key compare alone, without a hash probe (not across a block boundary).
+  const int64_t block = std::min<int64_t>(N, kEmbedBlock);
+  std::unique_ptr<int[]> keys(new int[block * d1 * d]);  // every entry is written before it is read
   HashTable table(d, N / 4);
   int prev[kMaxDim + 1];
   uint32_t prev_hv[kMaxDim + 1];
   uint32_t hv[kBatch * (kMaxDim + 1)];
-  for (int64_t i0 = 0; i0 < N; i0 += kBatch) {
-    const int64_t i1 = std::min<int64_t>(N, i0 + kBatch);
-    for (int64_t p = i0 * d1; p < i1 * d1; ++p) {
-      hv[p - i0 * d1] = table.hash(keys.get() + p * d);
-      table.prefetch(hv[p - i0 * d1]);
-    }
-    for (int64_t i = i0; i < i1; ++i) {
-      const int* ki = keys.get() + i * d1 * d;
-      for (int r = 0; r < d1; ++r) {
-        const int* key = ki + r * d;
-        const uint32_t h = hv[(i - i0) * d1 + r];
-        int32_t e = -1;
-        if (i > 0) {  // the hashes first: a full key compare only where they agree
-          const int* kp = ki - d1 * d;
-          for (int q = 0; q < d1 && e < 0; ++q) {
-            if (prev_hv[q] == h && perm::same_key(kp + q * d, key, d)) e = prev[q];
-          }
-        }
-        L.vtx[i * d1 + r] = e >= 0 ? e : table.find(key, h, true);
+  for (int64_t b0 = 0; b0 < N; b0 += block) {
+    const int64_t b1 = std::min<int64_t>(N, b0 + block);
+    at::parallel_for(b0, b1, 2048, [&](int64_t i0, int64_t i1) {
+      embed_points<scalar_t>(feat, N, d, scale, keys.get(), L.w.data(), i0, i1, b0);
+    });
+    for (int64_t i0 = b0; i0 < b1; i0 += kBatch) {
+      const int64_t i1 = std::min<int64_t>(b1, i0 + kBatch);
+      for (int64_t p = i0 * d1; p < i1 * d1; ++p) {
+        hv[p - i0 * d1] = table.hash(keys.get() + (p - b0 * d1) * d);
+        table.prefetch(hv[p - i0 * d1]);
       }
-      for (int r = 0; r < d1; ++r) {
-        prev[r] = L.vtx[i * d1 + r];
-        prev_hv[r] = hv[(i - i0) * d1 + r];
+      for (int64_t i = i0; i < i1; ++i) {
+        const int* ki = keys.get() + (i - b0) * d1 * d;
+        for (int r = 0; r < d1; ++r) {
+          const int* key = ki + r * d;
+          const uint32_t h = hv[(i - i0) * d1 + r];
+          int32_t e = -1;
+          if (i > b0) {  // the hashes first: a full key compare only where they agree
+            const int* kp = ki - d1 * d;
+            for (int q = 0; q < d1 && e < 0; ++q) {
+              if (prev_hv[q] == h && perm::same_key(kp + q * d, key, d)) e = prev[q];
+            }
+          }
+          L.vtx[i * d1 + r] = e >= 0 ? e : table.find(key, h, true);
+        }
+        for (int r = 0; r < d1; ++r) {
+          prev[r] = L.vtx[i * d1 + r];
+          prev_hv[r] = hv[(i - i0) * d1 + r];
+        }
       }
     }
   }
