@@ -111,6 +111,28 @@ def peak_fp32_gflops(threads: int, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def peak_copy_gbs(threads: int, mib: int = 256, reps: int = 5) -> float:
+    """The CPU's memory bandwidth ceiling on ``threads`` threads: the best of ``reps`` timed copies of a
+    ``mib``-MiB fp32 tensor into another (far beyond the caches), counted as read + write bytes, in GB/s. The
+    roofline notes compare each kernel's minimal traffic rate with it."""
+    import time
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.ones(mib * 2**18)
+        b = torch.empty_like(a)
+        b.copy_(a)  # warm-up (and the first touch of b's pages)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            b.copy_(a)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return 2 * a.nbytes / best / 1e9
+
+
 def _load_average() -> str | None:
     try:
         return "%.2f %.2f %.2f" % os.getloadavg()
@@ -119,8 +141,9 @@ def _load_average() -> str | None:
 
 
 def environment(device: torch.device, threads: int) -> dict:
-    """Where and with what the figures were measured (CPU: with the machine's load average and its measured
-    fp32 matmul peak, ``peak_fp32_gflops``)."""
+    """Where and with what the figures were measured (CPU: with the machine's load average, its measured fp32
+    matmul peak ``peak_fp32_gflops`` and copy bandwidth ``peak_copy_gbs``, also on one thread when the run uses
+    more: ``peak_copy_gbs_1t``)."""
     try:
         import triton
 
@@ -142,6 +165,9 @@ def environment(device: torch.device, threads: int) -> dict:
     if device.type == "cpu":
         env["load_average"] = _load_average()
         env["peak_fp32_gflops"] = round(peak_fp32_gflops(threads), 1)
+        env["peak_copy_gbs"] = round(peak_copy_gbs(threads), 1)
+        if threads > 1:
+            env["peak_copy_gbs_1t"] = round(peak_copy_gbs(1), 1)
     return env
 
 

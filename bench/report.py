@@ -70,7 +70,7 @@ def traffic(op: str, row: dict) -> tuple[float, float] | None:
         return bytes_, flops
     if op == "permutohedral" and row.get("what") == "crf":
         # estimate per image: N points, K classes padded to S = 8 * ceil(K / 8) per row, the two kernels (D = 2, 5)
-        # with M vertices (M / N measured on the bench's 500x375 scene: 0.13 for D = 2, 1.1 for D = 5). Per
+        # with M vertices (M / N measured on the bench's 500x375 scene: 0.13 for D = 2, 0.40 for D = 5). Per
         # iteration and kernel: the splat reads Q (S N) and adds into the D + 1 vertex rows of each point (read +
         # write), the D + 1 blur passes read and write every vertex row (the neighbours' rows mostly from cache),
         # the fused pass reads the D + 1 vertex rows of each point; Q is written once (S N). FLOPs: 3 per splatted,
@@ -79,7 +79,7 @@ def traffic(op: str, row: dict) -> tuple[float, float] | None:
         n_pts, K = row["N"] * row["B"], row["K"]
         S, iters = 8 * math.ceil(K / 8), int(str(row.get("mode", "10 iter")).split()[0])
         bytes_, flops = 0, 0
-        for D, m_per_n in ((2, 0.13), (5, 1.1)):
+        for D, m_per_n in ((2, 0.13), (5, 0.40)):
             pts_v, M = n_pts * (D + 1), m_per_n * n_pts
             bytes_ += 4 * S * (n_pts + 2 * pts_v + 2 * M * (D + 1) + pts_v)
             flops += S * (3 * pts_v + 4 * M * (D + 1) + 2 * pts_v + 4 * n_pts)
@@ -135,6 +135,12 @@ def roofline(data: dict) -> list[str]:
                 f"{flops / secs / 1e9:.1f} GFLOP/s")
         if peak:
             line += f" ({100 * achieved / peak:.0f} % of the {peak:.0f} GB/s peak)"
+        elif env.get("peak_copy_gbs"):
+            # CPU: the measured copy bandwidth on the row's threads (dense_crf's 1-thread rows: the 1-thread copy)
+            one = (r.get("threads") or env.get("threads")) == 1 and env.get("peak_copy_gbs_1t")
+            bw = env["peak_copy_gbs_1t"] if one else env["peak_copy_gbs"]
+            line += f" ({100 * achieved / bw:.0f} % of this CPU's {bw:.0f} GB/s copy bandwidth"
+            line += " on 1 thread)" if one else ")"
         if env.get("peak_fp32_gflops"):
             # the peak was measured on the run's threads; a row on fewer (dense_crf on 1) gets its linear share
             threads = r.get("threads") or env.get("threads") or 1
@@ -204,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                  f"`{rel}` · torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
                  f"threads {env['threads']}, git {env['git']}, {env['date']}"
                  + (f", load average {env['load_average']}" if env.get("load_average") else "")
-                 + (f", fp32 matmul peak {env['peak_fp32_gflops']:.0f} GFLOP/s" if env.get("peak_fp32_gflops") else ""),
+                 + (f", fp32 matmul peak {env['peak_fp32_gflops']:.0f} GFLOP/s" if env.get("peak_fp32_gflops") else "")
+                 + (f", copy bandwidth {env['peak_copy_gbs']:.0f} GB/s" if env.get("peak_copy_gbs") else "")
+                 + (f" ({env['peak_copy_gbs_1t']:.0f} on 1 thread)" if env.get("peak_copy_gbs_1t") else ""),
                  ""]
         if data.get("notes"):
             page += [data["notes"], ""]

@@ -28,6 +28,9 @@ def test_write_results_and_report(tmp_path):
     assert report.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
     page = (tmp_path / "README.md").read_text()
     assert "## refine" in page and "Roofline" in page and "GB/s" in page
+    # CPU roofline notes: the kernel's traffic rate against the machine's own measured copy bandwidth
+    assert env["peak_copy_gbs"] > 0 and env["peak_copy_gbs_1t"] > 0
+    assert "% of this CPU's" in page and "GB/s copy bandwidth" in page
     assert (tmp_path / "cpu-2t" / "refine.png").stat().st_size > 1000
     text = readme.read_text()
     assert "old" not in text and "| refine |" in text and "5x" in text and text.endswith("outro\n")
