@@ -332,7 +332,7 @@ at::Tensor permutohedral_cpu(const char* op, const at::Tensor& values, const at:
 // Mean-field dense CRF (docs/method.md 6). Per image, each kernel's lattice is built once. The iterations keep
 // every buffer point- or vertex-major with the channels contiguous (row stride S: K padded to a multiple of 8), so
 // that each step on a point / vertex is a SIMD loop over channels:
-//   splat (scatter in point order; threads split the channels into column groups, so no two write one value),
+//   splat (scatter in point order; threads split the vertices, each range summing its points in point order),
 //   d+1 blur passes (threads split the vertices), and one fused pass over the points (threads split the points):
 //   slice every kernel's lattice, add the messages to -U, softmax into Q.
 // The arithmetic per value is that of mean_field (permutohedral_host.h) with the filter above.
@@ -503,6 +503,101 @@ TSCD_ALWAYS_INLINE void exp_lanes(const T* l, T mx, T* q, T* lane) {
   }
 }
 
+// For the points i0..i1-1: l = negu[i] + sum_k weight_k * n_k[i] * slice_k(V_k)[i] / c_d (in kernel order), and
+// q[i] = softmax(l) over the K channels (padding channels: negu = kPadLogit, q = 0). scratch: 2 S values (KP = 0).
+template <typename T>
+constexpr T kPadLogit = T(-1e30);
+
+// l[c] += weight * n * (sum_r w_r V[vtx_r][c]) / c_d for c < W: the slice of one kernel's lattice at one point and
+// its message. D1 > 0: the d+1 vertices known at compile time (the r loop unrolls inside the SIMD loop over channels,
+// and the sum stays in registers); D1 = 0: d1 at run time.
+template <typename T, int D1>
+TSCD_ALWAYS_INLINE void crf_slice_message(const CrfKernel<T>& kk, int64_t i, int64_t S, int64_t W, T* l) {
+  const int d1 = D1 > 0 ? D1 : kk.d1;
+  const int32_t* vtx = kk.vtx + i * d1;
+  const T* w = kk.w + i * d1;
+  const T n = kk.nrm[i];
+  if constexpr (D1 > 0) {
+    const T* x[D1];
+    T wr[D1];
+    for (int r = 0; r < D1; ++r) {
+      x[r] = kk.V + static_cast<int64_t>(vtx[r]) * S;
+      wr[r] = w[r];
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) {
+      T acc = wr[0] * x[0][c];
+      for (int r = 1; r < D1; ++r) acc += wr[r] * x[r][c];
+      l[c] = perm::crf_message(l[c], acc, kk.inv_gain, n, kk.weight);
+    }
+  } else {
+    T acc[kCrfMaxKP];
+    for (int64_t c0 = 0; c0 < W; c0 += kCrfMaxKP) {
+      const int64_t cw = std::min<int64_t>(kCrfMaxKP, W - c0);
+      for (int64_t c = 0; c < cw; ++c) acc[c] = T(0);
+      for (int r = 0; r < d1; ++r) {
+        const T* x = kk.V + static_cast<int64_t>(vtx[r]) * S + c0;
+        const T wr = w[r];
+#pragma omp simd
+        for (int64_t c = 0; c < cw; ++c) acc[c] += wr * x[c];
+      }
+#pragma omp simd
+      for (int64_t c = 0; c < cw; ++c) l[c0 + c] = perm::crf_message(l[c0 + c], acc[c], kk.inv_gain, n, kk.weight);
+    }
+  }
+}
+
+// The softmax's loops run over the W channels (a multiple of 8) in blocks of kLanes = 16 and a last block of 8, so
+// that no scalar remainder is left; lane[c] holds the partial max / sum of the channels c (mod kLanes).
+constexpr int kLanes = 16;
+
+// The max and the sum of the kLanes lanes, pairwise.
+template <typename T>
+TSCD_ALWAYS_INLINE T lane_max(const T* v) {
+  T a[8];
+  for (int c = 0; c < 8; ++c) a[c] = v[c + 8] > v[c] ? v[c + 8] : v[c];
+  for (int c = 0; c < 4; ++c) a[c] = a[c + 4] > a[c] ? a[c + 4] : a[c];
+  const T b0 = a[2] > a[0] ? a[2] : a[0], b1 = a[3] > a[1] ? a[3] : a[1];
+  return b1 > b0 ? b1 : b0;
+}
+template <typename T>
+TSCD_ALWAYS_INLINE T lane_sum(const T* v) {
+  T a[8];
+  for (int c = 0; c < 8; ++c) a[c] = v[c] + v[c + 8];
+  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+// One block of L channels: lane = max(lane, l); q = exp(l - mx), lane += q.
+template <typename T, int L>
+TSCD_ALWAYS_INLINE void max_lanes(const T* l, T* lane) {
+#pragma omp simd
+  for (int c = 0; c < L; ++c) lane[c] = l[c] > lane[c] ? l[c] : lane[c];
+}
+template <typename T, int L>
+TSCD_ALWAYS_INLINE void exp_lanes(const T* l, T mx, T* q, T* lane) {
+#pragma omp simd
+  for (int c = 0; c < L; ++c) {
+    const T e = perm::exp_nonpositive(l[c] - mx);
+    q[c] = e;
+    lane[c] += e;
+  }
+}
+
+// V[vtx_r] += w_r * (q[i] * n) for the d+1 vertices of point i (the splat of one point; D1 as in crf_slice_message).
+template <typename T, int D1>
+TSCD_ALWAYS_INLINE void crf_splat_point(const CrfKernel<T>& kk, int64_t i, const T* qi, int64_t S, int64_t W, T* V) {
+  const int d1 = D1 > 0 ? D1 : kk.d1;
+  const T n = kk.nrm[i];
+  for (int r = 0; r < d1; ++r) {
+    T* y = V + static_cast<int64_t>(kk.vtx[i * d1 + r]) * S;
+    const T wr = kk.w[i * d1 + r];
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) y[c] += wr * (qi[c] * n);
+  }
+}
+
+// For the points i0..i1-1: l = negu[i] + sum_k weight_k * n_k[i] * slice_k(V_k)[i] / c_d (in kernel order), and
+// q[i] = softmax(l) over the S channels (padding channels: negu = kPadLogit, q = 0). scratch: S values (KP = 0).
 template <typename T, int KP>
 TSCD_CPU_MULTIVERSION void crf_update(const CrfKernel<T>* ks, int nk, const T* negu, T* q, int64_t S, T* scratch,
                                       int64_t i0, int64_t i1) {
@@ -539,26 +634,6 @@ TSCD_CPU_MULTIVERSION void crf_update(const CrfKernel<T>* ks, int nk, const T* n
   }
 }
 
-// splat + blur of the channels c0 .. c0+w-1 of q (times nrm) on lattice L, in buffers a / b ((M + 1) x S each;
-// the result ends in a if d+1 is even, else in b). One thread runs it: the threads split the channels into
-// column groups, so that the d+1 blur passes need no barrier between them.
-template <typename T>
-void crf_lattice_columns(const Lattice<T>& L, const T* q, const T* nrm, int64_t S, int64_t c0, int64_t w, T* a,
-                         T* b) {
-  const int d1 = L.d + 1;
-  with_width(w <= kCrfMaxKP ? w : 0, [&](auto kp) {
-    constexpr int KP = decltype(kp)::value;
-    T* x = a + c0;
-    T* y = b + c0;
-    crf_splat<T, KP>(L.vtx.data(), L.w.data(), d1, q + c0, nrm, S, w, x, 0, L.M + 1, 0, L.N);
-    for (int j = 0; j < d1; ++j) {
-      crf_blur<T, KP>(x, y, L.nbr.data() + j * L.M * 2, S, w, 0, L.M);
-      std::fill(y + L.M * S, y + L.M * S + w, T(0));  // the zero row
-      std::swap(x, y);
-    }
-  });
-}
-
 // The vertex ranges of a multi-threaded pass, one per thread: [m[t], m[t+1]), and the points that touch each,
 // [lo[t], hi[t]) (vertices are numbered in point order, so a range is touched by a band of points).
 struct CrfSplit {
@@ -571,6 +646,11 @@ CrfSplit crf_split(const Lattice<T>& L, int64_t parts) {
   CrfSplit sp;
   for (int64_t t = 0; t <= parts; ++t) sp.m.push_back(L.M * t / parts);
   sp.m.back() = L.M + 1;  // the last range holds the zero row
+  if (parts == 1) {
+    sp.lo = {0};
+    sp.hi = {L.N};
+    return sp;
+  }
   sp.lo.assign(parts, L.N);
   sp.hi.assign(parts, 0);
   for (int64_t i = 0; i < L.N; ++i) {
@@ -589,57 +669,42 @@ CrfSplit crf_split(const Lattice<T>& L, int64_t parts) {
   return sp;
 }
 
-// Every kernel's splat + blur of the S channels of q (times its nrm); returns each kernel's result buffer. One
-// thread (or one channel): tasks (kernel, column group), each a splat and its d+1 blur passes with no barrier.
-// Several threads: per kernel, the threads split the vertices (CrfSplit), for the splat and for each blur pass,
-// so that no two threads write one cache line; the result is bit-identical to the one-thread pass.
+// Every kernel's splat (into x[k]) and d+1 blur passes (x[k] <-> y[k]) of the S channels of q (times its nrm);
+// returns each kernel's result buffer (x[k] if d+1 is even, else y[k]). The threads
+// split each lattice's vertices (CrfSplit), for the splat and for each blur pass, so that no two threads write one
+// cache line; the result is bit-identical whatever the number of threads.
 template <typename T>
 std::vector<const T*> crf_lattice_pass(const std::vector<Lattice<T>>& lat, const std::vector<CrfSplit>& split,
                                        const T* q, const std::vector<const T*>& nrm, int64_t S,
-                                       std::vector<std::vector<T>>& va, std::vector<std::vector<T>>& vb) {
+                                       const std::vector<T*>& x, const std::vector<T*>& y) {
   const int64_t nk = static_cast<int64_t>(lat.size());
-  const int64_t parts = static_cast<int64_t>(split.empty() ? 1 : split[0].lo.size());
-  if (S == 1 || parts == 1) {
-    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-    const int64_t gw = S == 1 ? 1 : std::max<int64_t>(4, ((S + threads - 1) / threads + 3) / 4 * 4);
-    const int64_t groups = (S + gw - 1) / gw;
-    // task t: kernel t % nk, group t / nk (at::parallel_for gives each thread a contiguous range of tasks: this
-    // order gives each thread its groups of every kernel, so cheap and costly kernels are shared evenly)
-    at::parallel_for(0, nk * groups, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t k = t % nk, c0 = (t / nk) * gw;
-        crf_lattice_columns<T>(lat[k], q, nrm[k], S, c0, std::min<int64_t>(gw, S - c0), va[k].data(),
-                               vb[k].data());
-      }
-    });
-  } else {
-    with_width(S <= kCrfMaxKP ? S : 0, [&](auto kp) {
-      constexpr int KP = decltype(kp)::value;
-      for (int64_t k = 0; k < nk; ++k) {
-        const Lattice<T>& L = lat[k];
-        const CrfSplit& sp = split[k];
-        T* x = va[k].data();
-        T* y = vb[k].data();
+  std::vector<const T*> out(nk);
+  with_width(S <= kCrfMaxKP ? S : 0, [&](auto kp) {
+    constexpr int KP = decltype(kp)::value;
+    for (int64_t k = 0; k < nk; ++k) {
+      const Lattice<T>& L = lat[k];
+      const CrfSplit& sp = split[k];
+      const int64_t parts = static_cast<int64_t>(sp.lo.size());
+      at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          crf_splat<T, KP>(L.vtx.data(), L.w.data(), L.d + 1, q, nrm[k], S, S, x[k], sp.m[t], sp.m[t + 1],
+                           sp.lo[t], sp.hi[t]);
+        }
+      });
+      T* a = x[k];
+      T* b = y[k];
+      for (int j = 0; j <= L.d; ++j) {
         at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
           for (int64_t t = t0; t < t1; ++t) {
-            crf_splat<T, KP>(L.vtx.data(), L.w.data(), L.d + 1, q, nrm[k], S, S, x, sp.m[t], sp.m[t + 1], sp.lo[t],
-                             sp.hi[t]);
+            crf_blur<T, KP>(a, b, L.nbr.data() + j * L.M * 2, S, S, sp.m[t], std::min(sp.m[t + 1], L.M));
           }
         });
-        for (int j = 0; j <= L.d; ++j) {
-          at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
-            for (int64_t t = t0; t < t1; ++t) {
-              crf_blur<T, KP>(x, y, L.nbr.data() + j * L.M * 2, S, S, sp.m[t], std::min(sp.m[t + 1], L.M));
-            }
-          });
-          std::fill(y + L.M * S, y + L.M * S + S, T(0));  // the zero row
-          std::swap(x, y);
-        }
+        std::fill(b + L.M * S, b + L.M * S + S, T(0));  // the zero row
+        std::swap(a, b);
       }
-    });
-  }
-  std::vector<const T*> out(nk);
-  for (int64_t k = 0; k < nk; ++k) out[k] = (lat[k].d + 1) % 2 == 0 ? va[k].data() : vb[k].data();
+      out[k] = a;
+    }
+  });
   return out;
 }
 
@@ -655,13 +720,23 @@ void dense_crf_image(const T* unary, const std::vector<const T*>& feats, const s
   std::vector<std::vector<T>> norms(nk);
   std::vector<const T*> ones(nk), nrm(nk);
   const std::vector<T> one(N, T(1));
+  // the threads split each lattice's vertices in the lattice passes (CrfSplit)
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  std::vector<CrfSplit> split(nk);
+  at::parallel_for(0, nk, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) split[k] = crf_split(lat[k], threads);
+  });
+  // each kernel's two value buffers: the splat goes to x[k], the blur passes alternate between them
+  std::vector<T*> x(nk), y(nk);
   for (int k = 0; k < nk; ++k) {
     va[k].resize((lat[k].M + 1) * S);
     vb[k].resize((lat[k].M + 1) * S);
+    x[k] = va[k].data();
+    y[k] = vb[k].data();
     ones[k] = one.data();
   }
   // n_k = (K_k 1)^-1/2: the lattice applied to ones (one channel, row stride 1)
-  const std::vector<const T*> v1 = crf_lattice_pass<T>(lat, {}, one.data(), ones, 1, va, vb);
+  const std::vector<const T*> v1 = crf_lattice_pass<T>(lat, split, one.data(), ones, 1, x, y);
   for (int k = 0; k < nk; ++k) {
     const Lattice<T>& L = lat[k];
     const T inv_gain = static_cast<T>(1.0 / perm::lattice_gain(L.d));
@@ -697,17 +772,8 @@ void dense_crf_image(const T* unary, const std::vector<const T*>& feats, const s
     });
   };
   update(0);
-  // several threads: the vertex split of each lattice (one thread: the column-group tasks, no split needed)
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  std::vector<CrfSplit> split;
-  if (threads > 1 && num_iter > 0) {
-    split.resize(nk);
-    at::parallel_for(0, nk, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) split[k] = crf_split(lat[k], threads);
-    });
-  }
   for (int64_t it = 0; it < num_iter; ++it) {
-    const std::vector<const T*> v = crf_lattice_pass<T>(lat, split, q.data(), nrm, S, va, vb);
+    const std::vector<const T*> v = crf_lattice_pass<T>(lat, split, q.data(), nrm, S, x, y);
     for (int k = 0; k < nk; ++k) ks[k].V = v[k];
     update(nk);
   }
