@@ -133,21 +133,24 @@ def roofline(data: dict) -> list[str]:
                 f"{bytes_ / 2**20:.1f} MiB "
                 f"and {flops / 1e9:.2f} GFLOP; measured {r['ms']:.2f} ms = {achieved:.1f} GB/s, "
                 f"{flops / secs / 1e9:.1f} GFLOP/s")
+        shares = []
         if peak:
-            line += f" ({100 * achieved / peak:.0f} % of the {peak:.0f} GB/s peak)"
+            shares.append(f"{100 * achieved / peak:.0f} % of the {peak:.0f} GB/s peak")
         elif env.get("peak_copy_gbs"):
             # CPU: the measured copy bandwidth on the row's threads (dense_crf's 1-thread rows: the 1-thread copy)
             one = (r.get("threads") or env.get("threads")) == 1 and env.get("peak_copy_gbs_1t")
             bw = env["peak_copy_gbs_1t"] if one else env["peak_copy_gbs"]
-            line += f" ({100 * achieved / bw:.0f} % of this CPU's {bw:.0f} GB/s copy bandwidth"
-            line += " on 1 thread)" if one else ")"
+            shares.append(f"{100 * achieved / bw:.0f} % of this CPU's {bw:.0f} GB/s copy bandwidth"
+                          + (" on 1 thread" if one else ""))
         if env.get("peak_fp32_gflops"):
             # the peak was measured on the run's threads; a row on fewer (dense_crf on 1) gets its linear share
             threads = r.get("threads") or env.get("threads") or 1
             cpu_peak = env["peak_fp32_gflops"] * threads / (env.get("threads") or threads)
-            line += (f" ({100 * flops / secs / 1e9 / cpu_peak:.1f} % of this CPU's {cpu_peak:.0f} GFLOP/s fp32 "
-                     f"matmul peak on {threads} thread{'s' if threads > 1 else ''}"
-                     + (", scaled from the measured one" if threads != env.get("threads") else "") + ")")
+            shares.append(f"{100 * flops / secs / 1e9 / cpu_peak:.1f} % of this CPU's {cpu_peak:.0f} GFLOP/s fp32 "
+                          f"matmul peak on {threads} thread{'s' if threads > 1 else ''}"
+                          + (", scaled from the measured one" if threads != env.get("threads") else ""))
+        if shares:
+            line += " (" + "; ".join(shares) + ")"
         lines.append(line)
     return lines
 
