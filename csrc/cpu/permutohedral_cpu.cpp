@@ -423,8 +423,7 @@ struct CrfKernel {
   int d1;
 };
 
-// For the points i0..i1-1: l = negu[i] + sum_k weight_k * n_k[i] * slice_k(V_k)[i] / c_d (in kernel order), and
-// q[i] = softmax(l) over the K channels (padding channels: negu = kPadLogit, q = 0). scratch: 2 S values (KP = 0).
+// The logit of a padding channel (K <= c < S): its softmax weight underflows to 0.
 template <typename T>
 constexpr T kPadLogit = T(-1e30);
 
@@ -500,99 +499,6 @@ TSCD_ALWAYS_INLINE void exp_lanes(const T* l, T mx, T* q, T* lane) {
     const T e = perm::exp_nonpositive(l[c] - mx);
     q[c] = e;
     lane[c] += e;
-  }
-}
-
-// For the points i0..i1-1: l = negu[i] + sum_k weight_k * n_k[i] * slice_k(V_k)[i] / c_d (in kernel order), and
-// q[i] = softmax(l) over the K channels (padding channels: negu = kPadLogit, q = 0). scratch: 2 S values (KP = 0).
-template <typename T>
-constexpr T kPadLogit = T(-1e30);
-
-// l[c] += weight * n * (sum_r w_r V[vtx_r][c]) / c_d for c < W: the slice of one kernel's lattice at one point and
-// its message. D1 > 0: the d+1 vertices known at compile time (the r loop unrolls inside the SIMD loop over channels,
-// and the sum stays in registers); D1 = 0: d1 at run time.
-template <typename T, int D1>
-TSCD_ALWAYS_INLINE void crf_slice_message(const CrfKernel<T>& kk, int64_t i, int64_t S, int64_t W, T* l) {
-  const int d1 = D1 > 0 ? D1 : kk.d1;
-  const int32_t* vtx = kk.vtx + i * d1;
-  const T* w = kk.w + i * d1;
-  const T n = kk.nrm[i];
-  if constexpr (D1 > 0) {
-    const T* x[D1];
-    T wr[D1];
-    for (int r = 0; r < D1; ++r) {
-      x[r] = kk.V + static_cast<int64_t>(vtx[r]) * S;
-      wr[r] = w[r];
-    }
-#pragma omp simd
-    for (int64_t c = 0; c < W; ++c) {
-      T acc = wr[0] * x[0][c];
-      for (int r = 1; r < D1; ++r) acc += wr[r] * x[r][c];
-      l[c] = perm::crf_message(l[c], acc, kk.inv_gain, n, kk.weight);
-    }
-  } else {
-    T acc[kCrfMaxKP];
-    for (int64_t c0 = 0; c0 < W; c0 += kCrfMaxKP) {
-      const int64_t cw = std::min<int64_t>(kCrfMaxKP, W - c0);
-      for (int64_t c = 0; c < cw; ++c) acc[c] = T(0);
-      for (int r = 0; r < d1; ++r) {
-        const T* x = kk.V + static_cast<int64_t>(vtx[r]) * S + c0;
-        const T wr = w[r];
-#pragma omp simd
-        for (int64_t c = 0; c < cw; ++c) acc[c] += wr * x[c];
-      }
-#pragma omp simd
-      for (int64_t c = 0; c < cw; ++c) l[c0 + c] = perm::crf_message(l[c0 + c], acc[c], kk.inv_gain, n, kk.weight);
-    }
-  }
-}
-
-// The softmax's loops run over the W channels (a multiple of 8) in blocks of kLanes = 16 and a last block of 8, so
-// that no scalar remainder is left; lane[c] holds the partial max / sum of the channels c (mod kLanes).
-constexpr int kLanes = 16;
-
-// The max and the sum of the kLanes lanes, pairwise.
-template <typename T>
-TSCD_ALWAYS_INLINE T lane_max(const T* v) {
-  T a[8];
-  for (int c = 0; c < 8; ++c) a[c] = v[c + 8] > v[c] ? v[c + 8] : v[c];
-  for (int c = 0; c < 4; ++c) a[c] = a[c + 4] > a[c] ? a[c + 4] : a[c];
-  const T b0 = a[2] > a[0] ? a[2] : a[0], b1 = a[3] > a[1] ? a[3] : a[1];
-  return b1 > b0 ? b1 : b0;
-}
-template <typename T>
-TSCD_ALWAYS_INLINE T lane_sum(const T* v) {
-  T a[8];
-  for (int c = 0; c < 8; ++c) a[c] = v[c] + v[c + 8];
-  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
-}
-
-// One block of L channels: lane = max(lane, l); q = exp(l - mx), lane += q.
-template <typename T, int L>
-TSCD_ALWAYS_INLINE void max_lanes(const T* l, T* lane) {
-#pragma omp simd
-  for (int c = 0; c < L; ++c) lane[c] = l[c] > lane[c] ? l[c] : lane[c];
-}
-template <typename T, int L>
-TSCD_ALWAYS_INLINE void exp_lanes(const T* l, T mx, T* q, T* lane) {
-#pragma omp simd
-  for (int c = 0; c < L; ++c) {
-    const T e = perm::exp_nonpositive(l[c] - mx);
-    q[c] = e;
-    lane[c] += e;
-  }
-}
-
-// V[vtx_r] += w_r * (q[i] * n) for the d+1 vertices of point i (the splat of one point; D1 as in crf_slice_message).
-template <typename T, int D1>
-TSCD_ALWAYS_INLINE void crf_splat_point(const CrfKernel<T>& kk, int64_t i, const T* qi, int64_t S, int64_t W, T* V) {
-  const int d1 = D1 > 0 ? D1 : kk.d1;
-  const T n = kk.nrm[i];
-  for (int r = 0; r < d1; ++r) {
-    T* y = V + static_cast<int64_t>(kk.vtx[i * d1 + r]) * S;
-    const T wr = kk.w[i * d1 + r];
-#pragma omp simd
-    for (int64_t c = 0; c < W; ++c) y[c] += wr * (qi[c] * n);
   }
 }
 
