@@ -232,6 +232,7 @@ def _extensions():
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 if not has_cu:
                     self._report["cpp_failed"] = first
+                    self._drop_stale(ext)
                     _log(f"WARNING: the C++ extension tscd._C failed to build ({err}); tscd will run with the "
                          "torch and triton backends only. Fix the build (see the log above) or set "
                          "TSCD_BUILD_STRICT=1 to make this an error.")
@@ -241,6 +242,18 @@ def _extensions():
                 ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
                 ext.define_macros = [m for m in ext.define_macros if m[0] != "TSCD_WITH_CUDA"]
             self.build_extension(ext)
+
+        def _drop_stale(self, ext):
+            """Removes the binary of an earlier build (the build folder's, and the source tree's copy of an
+            editable or --inplace build): setuptools would otherwise install or keep it, and the failed build
+            would silently run old kernels."""
+            ext.optional = True  # so that setuptools copies no (missing) binary into the source tree
+            name = self.get_ext_filename(ext.name)
+            for path in {self.get_ext_fullpath(ext.name), os.path.join(self.build_lib, name),
+                         os.path.join(ROOT, name)}:
+                if os.path.exists(path):
+                    os.remove(path)
+                    _log(f"removed the binary of an earlier build: {path}")
 
         def _write_report(self):
             import json

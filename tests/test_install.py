@@ -86,6 +86,30 @@ def test_isolated_wheel_build_uses_the_environments_torch(tmp_path, isolation):
         assert "tscd._C compiled for probe" in out.stdout + out.stderr
 
 
+def test_failed_cpp_build_leaves_no_stale_binary(tmp_path):
+    """A C++ build that fails (the lenient default) removes the binary of an earlier build, from the build folder
+    and from the source tree, so that tscd really runs without it (as the warning says) instead of loading old
+    kernels; the build itself still succeeds."""
+    proj = tmp_path / "src"
+    shutil.copytree(ROOT / "_build", proj / "_build", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "setup.py", proj / "setup.py")
+    (proj / "csrc").mkdir()
+    (proj / "csrc" / "ops.cpp").write_text("#error deliberately broken\n")
+    (proj / "tscd").mkdir()
+    (proj / "tscd" / "__init__.py").write_text("")
+    env = dict(os.environ, TSCD_BUILD_CUDA="0", TSCD_BUILD_STRICT="0")
+    probe = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    stale_src = proj / "tscd" / f"_C{probe}"
+    stale_src.write_text("an old build")
+    out = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=proj, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "failed to build" in out.stdout + out.stderr
+    assert "removed the binary of an earlier build" in out.stdout + out.stderr
+    assert not stale_src.exists()
+
+
 @pytest.mark.slow
 def test_install_without_torch_stops_at_once_with_one_sentence(tmp_path):
     """`pip install .` into an environment without torch fails fast, naming the torch to install."""
