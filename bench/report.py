@@ -69,22 +69,21 @@ def traffic(op: str, row: dict) -> tuple[float, float] | None:
         flops = 2 * B * K * verts * (2 + 3 * (D + 1))
         return bytes_, flops
     if op == "permutohedral" and row.get("what") == "crf":
-        # estimate per image: N points, K classes padded to S = 8 * ceil(K / 8) per row, the two kernels (D = 2, 5)
-        # with M vertices (M / N measured on the bench's 500x375 scene: 0.13 for D = 2, 0.40 for D = 5). Per
-        # iteration and kernel: the splat reads Q (S N) and adds into the D + 1 vertex rows of each point (read +
-        # write), the D + 1 blur passes read and write every vertex row (the neighbours' rows mostly from cache),
-        # the fused pass reads the D + 1 vertex rows of each point; Q is written once (S N). FLOPs: 3 per splatted,
-        # 4 per blurred, 2 per sliced value, 4 per message, ~20 per exp of the softmax. Lattice construction is
-        # not counted.
+        # compulsory DRAM traffic per image (the buffers are far larger than the 2 MiB L2): N points, K classes
+        # padded to S = 8 * ceil(K / 8) per row, the two kernels (D = 2, 5) with M vertices (M / N measured on
+        # the bench's 500x375 scene: 0.13 for D = 2, 0.40 for D = 5). Per iteration: -U read and Q written once
+        # (2 S N); per kernel, Q read by the splat (S N), the vertex values written by it (S M), read and written
+        # by each of the D + 1 blur passes (2 (D + 1) S M) and read by the slice (S M), and each point's D + 1
+        # vertex indices and weights (8 bytes each) read by the splat and by the slice. A point's vertex rows
+        # count once: neighbouring points share them from cache. FLOPs: 3 per splatted, 4 per blurred, 2 per
+        # sliced value, 4 per message, ~20 per exp of the softmax. Lattice construction is not counted.
         n_pts, K = row["N"] * row["B"], row["K"]
         S, iters = 8 * math.ceil(K / 8), int(str(row.get("mode", "10 iter")).split()[0])
-        bytes_, flops = 0, 0
+        bytes_, flops = 4 * 2 * S * n_pts, 20 * K * n_pts
         for D, m_per_n in ((2, 0.13), (5, 0.40)):
             pts_v, M = n_pts * (D + 1), m_per_n * n_pts
-            bytes_ += 4 * S * (n_pts + 2 * pts_v + 2 * M * (D + 1) + pts_v)
+            bytes_ += 4 * S * (n_pts + M + 2 * (D + 1) * M + M) + 2 * 8 * pts_v
             flops += S * (3 * pts_v + 4 * M * (D + 1) + 2 * pts_v + 4 * n_pts)
-        bytes_ += 4 * S * n_pts
-        flops += 20 * K * n_pts
         return bytes_ * iters, flops * iters
     return None
 
