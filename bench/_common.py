@@ -90,47 +90,39 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def peak_fp32_gflops(threads: int, n: int = 2048, reps: int = 5) -> float:
-    """The CPU's own fp32 compute ceiling on ``threads`` threads: the best of ``reps`` timed ``n`` x ``n``
-    matmuls (torch's BLAS, the fastest fp32 code this machine runs), in GFLOP/s. The roofline notes compare
-    each kernel's FLOP rate with it."""
+def _best_seconds(fn: Callable[[], object], threads: int, reps: int) -> float:
+    """The best of ``reps`` timed calls of ``fn`` on ``threads`` threads, after one warm-up call."""
     import time
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)  # warm-up
+        fn()
         best = float("inf")
         for _ in range(reps):
             t0 = time.perf_counter()
-            torch.mm(a, b)
+            fn()
             best = min(best, time.perf_counter() - t0)
     finally:
         torch.set_num_threads(old)
-    return 2 * n**3 / best / 1e9
+    return best
+
+
+def peak_fp32_gflops(threads: int, n: int = 2048, reps: int = 5) -> float:
+    """The CPU's own fp32 compute ceiling on ``threads`` threads: the best of ``reps`` timed ``n`` x ``n``
+    matmuls (torch's BLAS, the fastest fp32 code this machine runs), in GFLOP/s. The roofline notes compare
+    each kernel's FLOP rate with it."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), threads, reps) / 1e9
 
 
 def peak_copy_gbs(threads: int, mib: int = 256, reps: int = 5) -> float:
     """The CPU's memory bandwidth ceiling on ``threads`` threads: the best of ``reps`` timed copies of a
     ``mib``-MiB fp32 tensor into another (far beyond the caches), counted as read + write bytes, in GB/s. The
     roofline notes compare each kernel's minimal traffic rate with it."""
-    import time
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a = torch.ones(mib * 2**18)
-        b = torch.empty_like(a)
-        b.copy_(a)  # warm-up (and the first touch of b's pages)
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            b.copy_(a)
-            best = min(best, time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(old)
-    return 2 * a.nbytes / best / 1e9
+    a = torch.ones(mib * 2**18)
+    b = torch.empty_like(a)  # the warm-up call touches its pages first
+    return 2 * a.nbytes / _best_seconds(lambda: b.copy_(a), threads, reps) / 1e9
 
 
 def _load_average() -> str | None:

@@ -339,7 +339,16 @@ at::Tensor permutohedral_cpu(const char* op, const at::Tensor& values, const at:
 
 constexpr int kCrfMaxKP = 32;  // widest compile-time channel row; wider rows (K > 32) use a runtime width
 constexpr int64_t kTile = 64;   // points per block of the (K, N) <-> (N, S) transposes
-constexpr int64_t kAhead = 8;   // prefetch distance (vertices or points) of the gathers from the lattice values
+constexpr int64_t kAhead = 8;   // prefetch distance (vertices) of the blur's neighbour gathers
+
+// f(ib, ie) over the points [0, N) in blocks of kTile (in parallel): the (K, N) <-> (N, S) transposes, so that
+// each (K, N) row and each (N, S) block is read and written in whole cache lines.
+template <typename F>
+void for_point_tiles(int64_t N, F&& f) {
+  at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t ib = i0; ib < i1; ib += kTile) f(ib, std::min<int64_t>(i1, ib + kTile));
+  });
+}
 
 // Prefetch the cache lines of a row of W values (a gather a few iterations ahead).
 template <typename T>
@@ -659,13 +668,9 @@ void dense_crf_image(const T* unary, const std::vector<const T*>& feats, const s
                          static_cast<T>(weights[k]), L.d + 1};
   }
   std::vector<T> negu(N * S), q(N * S, T(0));
-  // -U, point-major: blocks of kTile points, so that each (K, N) row and each (N, S) block is read in cache lines
-  at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t ib = i0; ib < i1; ib += kTile) {
-      const int64_t ie = std::min<int64_t>(i1, ib + kTile);
-      for (int64_t c = 0; c < S; ++c) {
-        for (int64_t i = ib; i < ie; ++i) negu[i * S + c] = c < K ? -unary[c * N + i] : kPadLogit<T>;
-      }
+  for_point_tiles(N, [&](int64_t ib, int64_t ie) {  // -U, point-major
+    for (int64_t c = 0; c < S; ++c) {
+      for (int64_t i = ib; i < ie; ++i) negu[i * S + c] = c < K ? -unary[c * N + i] : kPadLogit<T>;
     }
   });
   auto update = [&](int nkern) {  // Q = softmax(-U + the messages of the first nkern kernels)
@@ -683,12 +688,9 @@ void dense_crf_image(const T* unary, const std::vector<const T*>& feats, const s
     for (int k = 0; k < nk; ++k) ks[k].V = v[k];
     update(nk);
   }
-  at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t ib = i0; ib < i1; ib += kTile) {
-      const int64_t ie = std::min<int64_t>(i1, ib + kTile);
-      for (int64_t c = 0; c < K; ++c) {
-        for (int64_t i = ib; i < ie; ++i) out[c * N + i] = q[i * S + c];
-      }
+  for_point_tiles(N, [&](int64_t ib, int64_t ie) {  // Q, class-major
+    for (int64_t c = 0; c < K; ++c) {
+      for (int64_t i = ib; i < ie; ++i) out[c * N + i] = q[i * S + c];
     }
   });
 }
