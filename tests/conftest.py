@@ -65,3 +65,19 @@ def require_backend(op: str, backend: str, device: str, supported: tuple[str, ..
 def backend_device(request):
     """(backend, device) pair; tests call ``require_backend`` with their op's name and backends."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def sim():
+    """``torch.ops.tscd_cudasim``: the CUDA sources of csrc/cuda/ executed on the CPU by cudasim (tests/cudasim/),
+    built once per session (and cached across runs by a hash of the sources)."""
+    from tests.cudasim.build import load
+
+    return load()
+
+
+@pytest.fixture
+def sim_order(sim):
+    """``sim_order("reverse" | "shuffle", seed)`` sets cudasim's block and thread order for one test."""
+    yield lambda name, seed=0: sim.set_order(name, seed)
+    sim.set_order("", 0)

@@ -12,7 +12,7 @@
 // Memory: the lattice itself (keys, table, vertex ids, weights, neighbours) is O(B N (d+1)) ints; the vertex
 // values (two ping-pong buffers of N (d+1) per (image, channel) pair) would be O(B K N (d+1)), 1 GB each at B=2,
 // K=81, 512x512, d=5. Steps 3-5 therefore run over chunks of (image, channel) pairs, so that each value buffer
-// holds at most kMaxChunkValues elements (128 MiB in float32) whatever B and K (one pair per chunk when a single
+// holds at most TSCD_PERM_MAX_CHUNK_VALUES elements (128 MiB in float32) whatever B and K (one pair per chunk when a single
 // pair is larger). Sizing them by the real vertex count instead would need that count on the host: a sync.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -123,10 +123,7 @@ __global__ void permutohedral_splat_kernel(const scalar_t* __restrict__ val, con
   const int d1 = d + 1;
   const int64_t NP = N * d1;
   scalar_t v = val[bk * N + i];
-  if (pre && den != nullptr) {
-    const scalar_t dn = den[b * N + i];
-    v = dn > scalar_t(perm::kNormEps) ? v / dn : scalar_t(0);
-  }
+  if (pre && den != nullptr) v = perm::normalise<scalar_t>(v, den[b * N + i]);
   for (int r = 0; r < d1; ++r) {
     const int64_t p = b * NP + i * d1 + r;
     atomicAdd(lat + (int64_t)blockIdx.y * NP + vtx[p], wts[p] * v);
@@ -171,10 +168,7 @@ __global__ void permutohedral_slice_kernel(const scalar_t* __restrict__ lat, con
     out[bk * N + i] = perm::finish<scalar_t>(acc, v, normalize ? den[b * N + i] : scalar_t(1), normalize,
                                              include_self);
   } else {
-    if (normalize) {
-      const scalar_t dn = den[b * N + i];
-      v = dn > scalar_t(perm::kNormEps) ? v / dn : scalar_t(0);
-    }
+    if (normalize) v = perm::normalise<scalar_t>(v, den[b * N + i]);
     out[bk * N + i] = include_self ? acc : acc - v;
   }
 }
@@ -209,13 +203,17 @@ GpuLattice build(const at::Tensor& features, int d, cudaStream_t stream) {
   return L;
 }
 
-// Upper bound on the elements of one vertex-value buffer (two are live): 2^25, 128 MiB in float32.
-constexpr int64_t kMaxChunkValues = int64_t(1) << 25;
+// Upper bound on the elements of one vertex-value buffer (two are live): 2^25, 128 MiB in float32. A build may set
+// it (-DTSCD_PERM_MAX_CHUNK_VALUES=...): the CUDA-on-CPU tests make small inputs span several chunks with it.
+#ifndef TSCD_PERM_MAX_CHUNK_VALUES
+#define TSCD_PERM_MAX_CHUNK_VALUES (int64_t(1) << 25)
+#endif
 
-// (image, channel) pairs per chunk of steps 3-5: as many as fit kMaxChunkValues, at least 1, at most the grid's
-// y limit.
+// (image, channel) pairs per chunk of steps 3-5: as many as fit TSCD_PERM_MAX_CHUNK_VALUES, at least 1, at most the
+// grid's y limit.
 inline int64_t pairs_per_chunk(int64_t pairs, int64_t NP) {
-  int64_t chunk = std::max<int64_t>(1, kMaxChunkValues / std::max<int64_t>(1, NP));
+  const int64_t max_values = TSCD_PERM_MAX_CHUNK_VALUES;
+  int64_t chunk = std::max<int64_t>(1, max_values / std::max<int64_t>(1, NP));
   return std::min<int64_t>({chunk, pairs, 65535});
 }
 

@@ -1,0 +1,109 @@
+"""Runs the CUDA kernels under ThreadSanitizer: every GPU thread a TSan fiber (tests/cudasim/runtime.cpp), so a data
+race between two GPU threads (a plain ``+=`` where ``atomicAdd`` belongs, a missing ``__syncthreads()``) is reported
+and ends the process with TSan's exit code. Run through :func:`run` (it preloads the TSan runtime):
+
+    python -m tests.cudasim.tsan_run ops              # every op of csrc/cuda/, in forward, reversed, shuffled order
+    python -m tests.cudasim.tsan_run race-add         # selftest kernels that must be reported (and their fixed
+    python -m tests.cudasim.tsan_run race-barrier     # versions, add / barrier, that must not)
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TSAN_EXIT = 66
+SCENARIOS = ("ops", "add", "race-add", "barrier", "race-barrier")
+
+
+def libtsan() -> str:
+    cxx = os.environ.get("CXX", "g++")
+    path = subprocess.run([cxx, "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(path) or not os.path.exists(path):
+        raise RuntimeError(f"cudasim: ThreadSanitizer's runtime (libtsan.so) was not found by {cxx}; install it "
+                           f"(Debian: libgcc-12-dev brings it with g++)")
+    return path
+
+
+def run(scenario: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    """Runs ``scenario`` in a subprocess under TSan (the library is built first, in this process, without TSan)."""
+    from tests.cudasim.build import build
+
+    build(tsan=True)
+    env = {**os.environ, "LD_PRELOAD": libtsan(), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "TSAN_OPTIONS": f"halt_on_error=1 exitcode={TSAN_EXIT} report_signal_unsafe=0 history_size=4"}
+    return subprocess.run([sys.executable, "-m", "tests.cudasim.tsan_run", scenario], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _ops(sim) -> None:
+    import torch
+
+    import tscd.kernels  # noqa: F401  (loads tscd._C: the CPU ops the results are checked against)
+    from tscd.kernels.reference.permutohedral import crf_features
+    from tscd.kernels.reference.refine import position_prior
+
+    def check(a, b, what):
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
+            raise SystemExit(f"cudasim under TSan: {what} differs from the CPU op")
+
+    dil = [1, 2, 4]
+    img, cam = torch.rand(2, 3, 17, 17), torch.randn(2, 5, 17, 17)  # 289 pixels: two blocks; 5 channels: two chunks
+    nc = torch.tensor([5, 3])
+    for mode, scale, aux, prior in ((0, 4.0, -0.01, None), (1, 1 / 0.3, 0.01, position_prior(dil, 0.3))):
+        args = (dil, 2, mode, scale, aux, prior)
+        check(sim.refine_fwd(img, cam, nc, *args), torch.ops.tscd.refine_fwd(img, cam, nc, *args), "refine_fwd")
+        check(sim.refine_bwd(cam, img, nc, *args), torch.ops.tscd.refine_bwd(cam, img, nc, *args), "refine_bwd")
+        w = (dil, mode, scale, aux, prior)
+        check(sim.refine_weights(img, *w), torch.ops.tscd.refine_weights(img, *w), "refine_weights")
+    t1, t2, s1, s2 = torch.randn(2, 70, 2), torch.randn(2, 40, 2), torch.randn(2, 70, 3), torch.randn(2, 40, 3)
+    off, g = torch.randn(2, 70), torch.randn(2)
+    check(sim.correlation_fwd(t1, t2, s1, s2, off, True), torch.ops.tscd.correlation_fwd(t1, t2, s1, s2, off, True),
+          "correlation_fwd")
+    for a, b in zip(sim.correlation_bwd(g, t1, t2, s1, s2, off, True, True),
+                    torch.ops.tscd.correlation_bwd(g, t1, t2, s1, s2, off, True, True)):
+        check(a, b, "correlation_bwd")
+    im = torch.rand(2, 3, 6, 7) * 255
+    f, v = crf_features(im, 4.0, 15.0), torch.rand(2, 3, 42)
+    sim.set_knob("perm_max_chunk_values", 2 * 42 * 6)  # two (image, channel) pairs per chunk
+    for normalize, include_self in ((False, True), (True, True), (True, False)):
+        for op in ("permutohedral_fwd", "permutohedral_bwd"):
+            check(getattr(sim, op)(v, f, normalize, include_self),
+                  getattr(torch.ops.tscd, op)(v, f, normalize, include_self), op)
+    sim.clear_knobs()
+    unary = torch.rand(1, 4, 42)
+    feats = [crf_features(im[:1], 3.0), crf_features(im[:1], 20.0, 13.0)]
+    check(sim.dense_crf_fwd(unary, feats, [3.0, 4.0], 2), torch.ops.tscd.dense_crf_fwd(unary, feats, [3.0, 4.0], 2),
+          "dense_crf_fwd")
+
+
+def main() -> None:
+    scenario = sys.argv[1] if len(sys.argv) > 1 else "ops"
+    if scenario not in SCENARIOS:
+        raise SystemExit(f"tsan_run: scenario must be one of {SCENARIOS}; got {scenario!r}")
+    import torch
+
+    from tests.cudasim.build import load
+
+    torch.set_num_threads(1)
+    sim = load(tsan=True)
+    if not sim.tsan():
+        raise SystemExit("tsan_run: the library was not built for ThreadSanitizer")
+    if scenario == "ops":
+        for order in ("forward", "reverse", "shuffle"):
+            sim.set_order(order, 11)
+            _ops(sim)
+            print(f"ops ({order} order): no data race", flush=True)
+    elif scenario in ("add", "race-add"):
+        out = sim.selftest_add(torch.zeros(1), 300, scenario == "add")
+        print(f"{scenario}: {out.item()}")
+    else:
+        x = torch.rand(256)
+        out = sim.selftest_block_sum(x, 64, 0 if scenario == "barrier" else 1)
+        print(f"{scenario}: {out.tolist()}")
+
+
+if __name__ == "__main__":
+    main()
