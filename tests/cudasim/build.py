@@ -3,9 +3,10 @@ rewrite.py, compiled with g++ against cudasim.h and the c10/cuda stand-ins, link
 
     python -m tests.cudasim.build [--tsan] [--verbose]     # prints the library's path
 
-The library is cached by a hash of every input (sources, headers, flags, compiler, torch), in
-``build/cudasim/<variant>-<hash>/`` of the checkout (``TSCD_CUDASIM_CACHE`` to move it), so only the first test run
-after a change compiles. Compilation is one job (one translation unit at a time), a few tens of seconds per file.
+Objects and the library are cached by a hash of their inputs (sources, headers, flags, compiler, torch), in
+``build/cudasim/`` of the checkout (``TSCD_CUDASIM_CACHE`` to move it; the four newest libraries of each variant are
+kept), so only the first test run after a change compiles, and only what the change touched. Compilation is one
+job (one translation unit at a time), some tens of seconds per file.
 """
 from __future__ import annotations
 
@@ -139,6 +140,25 @@ def _run(cmd: list[str], log: list[str]) -> None:
         raise BuildError("cudasim: the build failed:\n" + "\n".join(log[-2:])[-20000:])
 
 
+def _prune(root: Path, keep: int = 4) -> None:
+    """Removes all but the ``keep`` newest libraries of each variant, and the objects no kept library was built
+    from (an object's name ends in its key; each library's build.log names its objects)."""
+    libs = sorted((p for p in root.glob("*-*") if p.is_dir() and (p / LIB_NAME).exists()),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    kept = [p for v in ("plain", "tsan") for p in [q for q in libs if q.name.startswith(v + "-")][:keep]]
+    for p in libs:
+        if p not in kept:
+            shutil.rmtree(p, ignore_errors=True)
+    for lock in root.glob("*.lock"):
+        if not lock.with_suffix("").exists():
+            lock.unlink(missing_ok=True)
+    used = "".join((p / "objects.txt").read_text() for p in kept if (p / "objects.txt").exists())
+    for obj in (root / "objects").glob("*.o"):
+        if obj.name not in used:
+            obj.unlink(missing_ok=True)
+            obj.with_suffix(".cu.cpp").unlink(missing_ok=True)
+
+
 def build(tsan: bool = False, verbose: bool = False) -> Path:
     """The path of the library (built now if the cache has none for these inputs)."""
     out = cache_dir(tsan)
@@ -174,9 +194,11 @@ def build(tsan: bool = False, verbose: bool = False) -> Path:
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             _run([cxx, *map(str, objs), *link, "-o", str(Path(tmp) / LIB_NAME)], log)
             (Path(tmp) / "build.log").write_text("\n".join(log) + f"\n# {time.time() - t0:.1f} s\n")
+            (Path(tmp) / "objects.txt").write_text("\n".join(o.name for o in objs) + "\n")
             out.mkdir(parents=True, exist_ok=True)
-            for name in (LIB_NAME, "build.log"):
+            for name in ("objects.txt", "build.log", LIB_NAME):
                 os.replace(Path(tmp) / name, out / name)
+        _prune(_cache_root())
         return lib
 
 

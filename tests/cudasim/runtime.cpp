@@ -131,6 +131,7 @@ struct ThreadState {
   bool started;
   const char* bar_file;
   int bar_line;
+  unsigned bar_generation;
   Fiber* fiber;
 };
 
@@ -145,8 +146,12 @@ struct BlockState {
   void* static_ptrs[kMaxStatics];
   int num_statics;
   size_t static_bytes;
-  char start_sync;    // TSan: the host's set-up of the block happens before its threads
-  char barrier_sync;  // TSan: a barrier's arrivals happen before its departures
+  char start_sync;       // TSan: the host's set-up of the block happens before its threads
+  unsigned generation;   // barriers passed so far
+  // TSan: a barrier's arrivals happen before its departures. Two objects, alternating per barrier: while some
+  // threads are still departing barrier r (acquiring object r % 2), others already arrive at barrier r + 1
+  // (releasing into the other object), and those later accesses must not be ordered before the stragglers'.
+  char barrier_sync[2];
 };
 
 struct LaunchState {
@@ -447,6 +452,7 @@ bool run_block(LaunchState& L, BlockState& B, std::vector<ThreadState>& threads,
       return false;
     }
     for (size_t t : runnable) threads[t].status = Status::kReady;
+    ++B.generation;
   }
 }
 
@@ -536,9 +542,10 @@ void syncthreads(const char* file, int line) {
   th.status = Status::kBarrier;
   th.bar_file = file;
   th.bar_line = line;
-  CUDASIM_TSAN_ONLY(__tsan_release(&L.blk->barrier_sync));
+  th.bar_generation = L.blk->generation;
+  CUDASIM_TSAN_ONLY(__tsan_release(&L.blk->barrier_sync[th.bar_generation % 2]));
   to_scheduler(*th.fiber);
-  CUDASIM_TSAN_ONLY(__tsan_acquire(&tl_launch->blk->barrier_sync));
+  CUDASIM_TSAN_ONLY(__tsan_acquire(&tl_launch->blk->barrier_sync[th.bar_generation % 2]));
 }
 
 void threadfence() {
@@ -647,6 +654,7 @@ void run_launch(const char* name, const char* site, const void* func, dim3 grid,
     B->static_arena = static_cast<char*>(std::aligned_alloc(128, kDefaultSharedMemory));
     B->static_bytes = 0;
     B->num_statics = 0;
+    B->generation = 0;
     CUDASIM_TSAN_ONLY(__tsan_release(&B->start_sync));
     L.blk = B;
     g_wd_block.store(uint64_t(B->idx.x) | uint64_t(B->idx.y) << 32, std::memory_order_relaxed);

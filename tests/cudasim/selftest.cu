@@ -80,6 +80,32 @@ at::Tensor selftest_block_sum(const at::Tensor& x, int64_t threads, int64_t mode
   return out;
 }
 
+// A tile loop: every round, the block stores a tile of x in shared memory and each thread reads its neighbour's
+// element. Two barriers per round; `barrier` false drops the one between the stores and the loads (the loop's
+// other barrier remains, so a later round's stores still follow the earlier round's loads of the fast threads).
+__global__ void tile_loop_kernel(const float* x, float* out, int rounds, bool barrier) {
+  extern __shared__ float tile[];
+  const int tid = threadIdx.x, n = blockDim.x;
+  float acc = 0.f;
+  for (int r = 0; r < rounds; ++r) {
+    __syncthreads();
+    tile[tid] = x[(int64_t)r * n + tid];
+    if (barrier) __syncthreads();
+    acc += tile[(tid + 1) % n];
+  }
+  out[tid] = acc;
+}
+
+at::Tensor selftest_tile_loop(const at::Tensor& x, int64_t threads, int64_t rounds, bool barrier) {
+  TORCH_CHECK(x.numel() == threads * rounds && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "selftest_tile_loop: x (rounds * threads,) float");
+  at::Tensor out = at::empty({threads}, x.options());
+  tile_loop_kernel<<<1, (unsigned)threads, sizeof(float) * (size_t)threads>>>(x.data_ptr<float>(),
+                                                                            out.data_ptr<float>(), (int)rounds, barrier);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 // ------------------------------------------------------------------------------------------------ atomics
 // n threads add 1 to out[0]: with atomicAdd, or with a plain read-modify-write (a data race on a GPU).
 template <typename scalar_t>
@@ -159,6 +185,7 @@ void selftest_hang() {
 TORCH_LIBRARY_IMPL(tscd, CUDA, m) {
   m.impl("selftest_geometry", &selftest_geometry);
   m.impl("selftest_block_sum", &selftest_block_sum);
+  m.impl("selftest_tile_loop", &selftest_tile_loop);
   m.impl("selftest_add", &selftest_add);
   m.impl("selftest_smem", &selftest_smem);
   m.impl("selftest_smem_poison", &selftest_smem_poison);

@@ -106,6 +106,13 @@ def test_missing_barrier_reads_poison(sim):
     assert torch.isnan(out).all()
 
 
+def test_tile_loop(sim):
+    x = torch.rand(3 * 32)
+    expected = x.view(3, 32).roll(-1, 1).sum(0)
+    torch.testing.assert_close(sim.selftest_tile_loop(x, 32, 3, True), expected)
+    assert torch.isnan(sim.selftest_tile_loop(x, 32, 3, False)).any()  # the first round reads poison
+
+
 def test_uninitialised_shared_memory_is_nan(sim):
     assert torch.isnan(sim.selftest_block_sum(torch.rand(256), 128, 4)).all()
     assert torch.isnan(sim.selftest_smem_poison(16)).all()

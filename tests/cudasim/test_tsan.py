@@ -20,7 +20,8 @@ def test_every_cuda_op_is_race_free():
     assert result.stdout.count("no data race") == 3, _report(result)
 
 
-@pytest.mark.parametrize("fixed,racy", [("add", "race-add"), ("barrier", "race-barrier")])
+@pytest.mark.parametrize("fixed,racy", [("add", "race-add"), ("barrier", "race-barrier"),
+                                        ("tile-loop", "race-tile-loop")])
 def test_races_are_reported(fixed, racy):
     ok = run(fixed)
     assert ok.returncode == 0 and "ThreadSanitizer" not in ok.stderr, _report(ok)

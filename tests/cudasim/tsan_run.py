@@ -4,7 +4,8 @@ and ends the process with TSan's exit code. Run through :func:`run` (it preloads
 
     python -m tests.cudasim.tsan_run ops              # every op of csrc/cuda/, in forward, reversed, shuffled order
     python -m tests.cudasim.tsan_run race-add         # selftest kernels that must be reported (and their fixed
-    python -m tests.cudasim.tsan_run race-barrier     # versions, add / barrier, that must not)
+    python -m tests.cudasim.tsan_run race-barrier     # versions, add / barrier / tile-loop, that must not)
+    python -m tests.cudasim.tsan_run race-tile-loop
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TSAN_EXIT = 66
-SCENARIOS = ("ops", "add", "race-add", "barrier", "race-barrier")
+SCENARIOS = ("ops", "add", "race-add", "barrier", "race-barrier", "tile-loop", "race-tile-loop")
 
 
 def libtsan() -> str:
@@ -38,16 +39,19 @@ def run(scenario: str, timeout: float = 1200) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _ops(sim) -> None:
+def _ops(sim) -> list[str]:
+    """Runs every op; returns the ops whose result differs from the CPU op's (all run: TSan sees every kernel)."""
     import torch
 
     import tscd.kernels  # noqa: F401  (loads tscd._C: the CPU ops the results are checked against)
     from tscd.kernels.reference.permutohedral import crf_features
     from tscd.kernels.reference.refine import position_prior
 
+    wrong: list[str] = []
+
     def check(a, b, what):
         if not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
-            raise SystemExit(f"cudasim under TSan: {what} differs from the CPU op")
+            wrong.append(what)
 
     dil = [1, 2, 4]
     img, cam = torch.rand(2, 3, 17, 17), torch.randn(2, 5, 17, 17)  # 289 pixels: two blocks; 5 channels: two chunks
@@ -77,6 +81,7 @@ def _ops(sim) -> None:
     feats = [crf_features(im[:1], 3.0), crf_features(im[:1], 20.0, 13.0)]
     check(sim.dense_crf_fwd(unary, feats, [3.0, 4.0], 2), torch.ops.tscd.dense_crf_fwd(unary, feats, [3.0, 4.0], 2),
           "dense_crf_fwd")
+    return wrong
 
 
 def main() -> None:
@@ -92,16 +97,22 @@ def main() -> None:
     if not sim.tsan():
         raise SystemExit("tsan_run: the library was not built for ThreadSanitizer")
     if scenario == "ops":
+        wrong = []
         for order in ("forward", "reverse", "shuffle"):
             sim.set_order(order, 11)
-            _ops(sim)
+            wrong += [f"{op} ({order} order)" for op in _ops(sim)]
             print(f"ops ({order} order): no data race", flush=True)
+        if wrong:
+            raise SystemExit(f"cudasim under TSan: results differ from the CPU ops': {', '.join(wrong)}")
     elif scenario in ("add", "race-add"):
         out = sim.selftest_add(torch.zeros(1), 300, scenario == "add")
         print(f"{scenario}: {out.item()}")
-    else:
+    elif scenario in ("barrier", "race-barrier"):
         x = torch.rand(256)
         out = sim.selftest_block_sum(x, 64, 0 if scenario == "barrier" else 1)
+        print(f"{scenario}: {out.tolist()}")
+    else:
+        out = sim.selftest_tile_loop(torch.rand(3 * 32), 32, 3, scenario == "tile-loop")
         print(f"{scenario}: {out.tolist()}")
 
 
