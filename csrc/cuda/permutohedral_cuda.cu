@@ -173,6 +173,13 @@ __global__ void permutohedral_slice_kernel(const scalar_t* __restrict__ lat, con
   }
 }
 
+// Hash-table slots per (point, vertex) pair, at least (a power of two of at least this many): 2, so the table is at
+// most half full. A build may set it (-DTSCD_PERM_TABLE_FACTOR=1: a fuller table, longer probe runs, e.g. to test
+// the probe's wrap-around at the table's end).
+#ifndef TSCD_PERM_TABLE_FACTOR
+#define TSCD_PERM_TABLE_FACTOR 2
+#endif
+
 struct GpuLattice {
   at::Tensor keys, table, vtx, wts, nbr;
   int64_t cap;
@@ -181,8 +188,9 @@ struct GpuLattice {
 GpuLattice build(const at::Tensor& features, int d, cudaStream_t stream) {
   const int64_t B = features.size(0), N = features.size(2), NP = N * (d + 1);
   GpuLattice L;
+  const int64_t min_cap = std::max<int64_t>(TSCD_PERM_TABLE_FACTOR * NP, NP + 1);  // an empty slot ends a probe
   L.cap = 1;
-  while (L.cap < 2 * NP) L.cap <<= 1;
+  while (L.cap < min_cap) L.cap <<= 1;
   const auto iopt = features.options().dtype(at::kInt);
   L.keys = at::empty({B, NP, d}, iopt);
   L.table = at::full({B, L.cap}, -1, iopt);

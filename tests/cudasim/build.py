@@ -30,9 +30,11 @@ ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
 LIB_NAME = "libtscd_cudasim.so"
 
-#: permutohedral's chunk bound (csrc/cuda/permutohedral_cuda.cu) becomes a run-time knob of the library, so the
-#: tests can make small inputs span several chunks (tscd_cudasim::set_knob("perm_max_chunk_values", n)).
-KNOB_DEFINES = ['-DTSCD_PERM_MAX_CHUNK_VALUES=(::cudasim::knob("perm_max_chunk_values", int64_t(1) << 25))']
+#: permutohedral's chunk bound and hash-table size (csrc/cuda/permutohedral_cuda.cu) become run-time knobs of the
+#: library, so the tests can make small inputs span several chunks and fill the table more
+#: (tscd_cudasim::set_knob("perm_max_chunk_values", n), set_knob("perm_table_factor", 1)).
+KNOB_DEFINES = ['-DTSCD_PERM_MAX_CHUNK_VALUES=(::cudasim::knob("perm_max_chunk_values", int64_t(1) << 25))',
+                '-DTSCD_PERM_TABLE_FACTOR=(::cudasim::knob("perm_table_factor", 2))']
 
 
 class BuildError(RuntimeError):

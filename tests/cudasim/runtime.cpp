@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -239,6 +240,48 @@ void watchdog_loop() {
     std::fflush(stderr);
     std::_Exit(124);
   }
+}
+
+// A kernel that faults (an out-of-bounds access) takes the process down as it would take the GPU context: first
+// this names the kernel, its launch site, the block and the thread, then the previous handler (Python's
+// faulthandler under pytest) runs.
+struct sigaction g_old_segv, g_old_bus;
+
+void on_fault(int sig, siginfo_t* info, void*) {
+  const LaunchState* L = tl_launch;
+  if (L != nullptr) {
+    const uint64_t b = g_wd_block.load(), t = g_wd_thread.load();
+    char msg[768];
+    const int n = std::snprintf(msg, sizeof(msg),
+                                "\ncudasim: kernel %s (launched at %s) crashed with %s at address %p in block (%u, %u), "
+                                "thread (%u, %u, %u): an access outside its buffers (an index or bound off?)\n",
+                                L->name, L->site, sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", info->si_addr,
+                                (unsigned)(b & 0xffffffffu), (unsigned)(b >> 32), (unsigned)(t & 0x1fffff),
+                                (unsigned)((t >> 21) & 0x1fffff), (unsigned)(t >> 42));
+    if (n > 0) (void)!write(2, msg, static_cast<size_t>(std::min<int>(n, sizeof(msg) - 1)));
+  }
+  sigaction(sig, sig == SIGSEGV ? &g_old_segv : &g_old_bus, nullptr);  // the fault repeats into it
+}
+
+void install_fault_handler() {
+  static thread_local bool have_stack = false;
+  if (!have_stack) {  // the handler must run when a fiber overflowed into its guard page
+    static thread_local std::vector<char> alt(64 * 1024);
+    stack_t ss{};
+    ss.ss_sp = alt.data();
+    ss.ss_size = alt.size();
+    sigaltstack(&ss, nullptr);
+    have_stack = true;
+  }
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa {};
+    sa.sa_sigaction = &on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+    sigaction(SIGBUS, &sa, &g_old_bus);
+  });
 }
 
 void set_error(cudaError_t err, std::string detail) {
@@ -585,6 +628,7 @@ void run_launch(const char* name, const char* site, const void* func, dim3 grid,
                 cudaStream_t, ThreadBody body, const void* ctx) {
   if (tl_launch != nullptr) fatal("a kernel launched another kernel (dynamic parallelism is not simulated)");
   std::call_once(g_watchdog_once, [] { std::thread(watchdog_loop).detach(); });
+  install_fault_handler();
   LaunchState L{};
   L.name = name;
   L.site = site;
@@ -676,7 +720,11 @@ void run_launch(const char* name, const char* site, const void* func, dim3 grid,
   __tsan_acquire(L.end_sync);
   std::free(L.start_sync);
   std::free(L.end_sync);
-  for (BlockState* B : finished) free_block(B);
+  // after a failure some threads never reached the kernel's end (nothing orders their accesses before a free):
+  // the failed launch's blocks are left allocated instead
+  if (ok) {
+    for (BlockState* B : finished) free_block(B);
+  }
 #endif
   if (!ok) {
     set_error(cudaErrorLaunchFailure, L.failure);

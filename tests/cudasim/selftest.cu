@@ -180,6 +180,19 @@ void selftest_hang() {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Thread 1 of block 1 writes through a null pointer: the stand-in names the kernel, block and thread, then the
+// process ends as a GPU context would.
+__global__ void fault_kernel(int* out) {
+  int* p = (blockIdx.x == 1 && threadIdx.x == 1) ? nullptr : out;
+  *(volatile int*)p = 1;
+}
+
+void selftest_fault() {
+  at::Tensor out = at::zeros({1}, at::kInt);
+  fault_kernel<<<2, 4>>>(out.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tscd, CUDA, m) {
@@ -190,6 +203,7 @@ TORCH_LIBRARY_IMPL(tscd, CUDA, m) {
   m.impl("selftest_smem", &selftest_smem);
   m.impl("selftest_smem_poison", &selftest_smem_poison);
   m.impl("selftest_hang", &selftest_hang);
+  m.impl("selftest_fault", &selftest_fault);
 }
 
 }  // namespace tscd

@@ -168,3 +168,12 @@ def test_watchdog_names_the_hung_kernel_and_block():
     assert out.returncode == 124, out.stderr[-2000:]
     assert "cudasim watchdog: kernel hang_kernel (launched at selftest.cu:" in out.stderr
     assert "block (0, 0) has run for" in out.stderr and "the last thread resumed was (0, 0, 0)" in out.stderr
+
+
+def test_a_faulting_kernel_is_named():
+    code = "from tests.cudasim.build import load; load().selftest_fault()"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode != 0
+    assert "cudasim: kernel fault_kernel (launched at selftest.cu:" in out.stderr, out.stderr[-2000:]
+    assert "crashed with SIGSEGV at address (nil) in block (1, 0), thread (1, 0, 0)" in out.stderr

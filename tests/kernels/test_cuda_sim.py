@@ -355,6 +355,22 @@ def test_permutohedral_chunks(sim):
             assert torch.equal(a, b), name  # the same sums in the same order
 
 
+def test_permutohedral_full_table(sim, sim_order):
+    """A hash table twice as full as by default (cudasim knob perm_table_factor = 1): longer probe runs, which wrap
+    around the table's end; the lattice is still the CPU op's."""
+    img = torch.rand(2, 3, 40, 40, dtype=torch.float64) * 255
+    v = torch.rand(2, 3, 1600, dtype=torch.float64)
+    try:
+        sim.set_knob("perm_table_factor", 1)
+        for f in (crf_features(img, 3.0), crf_features(img, 10.0, 13.0)):
+            for order in ("forward", "shuffle"):
+                sim_order(order, 9)
+                close(sim.permutohedral_fwd(v, f, True, True), torch.ops.tscd.permutohedral_fwd(v, f, True, True),
+                      TOL_OP, f"full table, {order} order")
+    finally:
+        sim.clear_knobs()
+
+
 @pytest.mark.parametrize("order", ["reverse", "shuffle"])
 def test_permutohedral_any_order(sim, sim_order, order):
     v, f = _perm_inputs("voc-bilateral", torch.float64)
