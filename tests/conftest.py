@@ -68,12 +68,19 @@ def backend_device(request):
 
 
 @pytest.fixture(scope="session")
-def sim():
+def sim(request):
     """``torch.ops.tscd_cudasim``: the CUDA sources of csrc/cuda/ executed on the CPU by cudasim (tests/cudasim/),
     built once per session (and cached across runs by a hash of the sources)."""
     from tests.cudasim.build import load
 
-    return load()
+    ops = load()
+    try:  # a hung or faulting kernel ends the process: its message must reach the real stderr, not the capture
+        from _pytest.faulthandler import fault_handler_stderr_fd_key
+
+        ops.set_message_fd(request.config.stash[fault_handler_stderr_fd_key])
+    except (ImportError, KeyError):
+        pass
+    return ops
 
 
 @pytest.fixture

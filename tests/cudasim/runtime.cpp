@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -209,6 +210,20 @@ std::atomic<uint64_t> g_wd_block{0};   // x | y << 32 (z is rarely used: in the 
 std::atomic<uint64_t> g_wd_thread{0};  // x | y << 21 | z << 42
 std::once_flag g_watchdog_once;
 
+// Where fatal messages go (the watchdog, a faulting kernel, misuse): stderr, or the descriptor the tests give
+// (pytest captures fd 2 into a file that a dying process never shows; tscd_cudasim::set_message_fd).
+std::atomic<int> g_message_fd{2};
+
+void fatal_message(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void fatal_message(const char* fmt, ...) {
+  char msg[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  const int n = std::vsnprintf(msg, sizeof(msg), fmt, ap);
+  va_end(ap);
+  if (n > 0) (void)!write(g_message_fd.load(), msg, static_cast<size_t>(std::min<int>(n, sizeof(msg) - 1)));
+}
+
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
@@ -230,14 +245,12 @@ void watchdog_loop() {
     const double ran = (now_ns() - g_block_start_ns.load()) * 1e-9;
     if (ran < limit) continue;
     const uint64_t b = g_wd_block.load(), t = g_wd_thread.load();
-    std::fprintf(stderr,
-                 "\ncudasim watchdog: kernel %s (launched at %s) is hung: block (%u, %u) has run for %.1f s "
-                 "(limit TSCD_CUDASIM_TIMEOUT=%.1f s); the last thread resumed was (%u, %u, %u). A spin loop that "
-                 "never sees its condition change (a lost atomic update, a flag never set) or a thread that "
-                 "never returns. Ending the process.\n",
-                 g_wd_name.load(), g_wd_site.load(), (unsigned)(b & 0xffffffffu), (unsigned)(b >> 32), ran, limit,
-                 (unsigned)(t & 0x1fffff), (unsigned)((t >> 21) & 0x1fffff), (unsigned)(t >> 42));
-    std::fflush(stderr);
+    fatal_message("\ncudasim watchdog: kernel %s (launched at %s) is hung: block (%u, %u) has run for %.1f s "
+                  "(limit TSCD_CUDASIM_TIMEOUT=%.1f s); the last thread resumed was (%u, %u, %u). A spin loop that "
+                  "never sees its condition change (a lost atomic update, a flag never set) or a thread that "
+                  "never returns. Ending the process.\n",
+                  g_wd_name.load(), g_wd_site.load(), (unsigned)(b & 0xffffffffu), (unsigned)(b >> 32), ran, limit,
+                  (unsigned)(t & 0x1fffff), (unsigned)((t >> 21) & 0x1fffff), (unsigned)(t >> 42));
     std::_Exit(124);
   }
 }
@@ -251,14 +264,11 @@ void on_fault(int sig, siginfo_t* info, void*) {
   const LaunchState* L = tl_launch;
   if (L != nullptr) {
     const uint64_t b = g_wd_block.load(), t = g_wd_thread.load();
-    char msg[768];
-    const int n = std::snprintf(msg, sizeof(msg),
-                                "\ncudasim: kernel %s (launched at %s) crashed with %s at address %p in block (%u, %u), "
-                                "thread (%u, %u, %u): an access outside its buffers (an index or bound off?)\n",
-                                L->name, L->site, sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", info->si_addr,
-                                (unsigned)(b & 0xffffffffu), (unsigned)(b >> 32), (unsigned)(t & 0x1fffff),
-                                (unsigned)((t >> 21) & 0x1fffff), (unsigned)(t >> 42));
-    if (n > 0) (void)!write(2, msg, static_cast<size_t>(std::min<int>(n, sizeof(msg) - 1)));
+    fatal_message("\ncudasim: kernel %s (launched at %s) crashed with %s at address %p in block (%u, %u), thread "
+                  "(%u, %u, %u): an access outside its buffers (an index or bound off?)\n",
+                  L->name, L->site, sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", info->si_addr,
+                  (unsigned)(b & 0xffffffffu), (unsigned)(b >> 32), (unsigned)(t & 0x1fffff),
+                  (unsigned)((t >> 21) & 0x1fffff), (unsigned)(t >> 42));
   }
   sigaction(sig, sig == SIGSEGV ? &g_old_segv : &g_old_bus, nullptr);  // the fault repeats into it
 }
@@ -308,8 +318,7 @@ void fill_nan(void* p, size_t bytes) {
 }
 
 [[noreturn]] void fatal(const char* what) {
-  std::fprintf(stderr, "cudasim: %s\n", what);
-  std::fflush(stderr);
+  fatal_message("cudasim: %s\n", what);
   std::abort();
 }
 
@@ -388,7 +397,7 @@ void to_scheduler(Fiber& f) {
 
 LaunchState& launch_or_die(const char* what) {
   if (tl_launch == nullptr || tl_launch->cur == nullptr) {
-    std::fprintf(stderr, "cudasim: %s used outside a kernel\n", what);
+    fatal_message("cudasim: %s used outside a kernel\n", what);
     std::abort();
   }
   return *tl_launch;
@@ -613,7 +622,7 @@ void* static_shared_memory(const char* key, size_t bytes, size_t align) {
     L.failure = "static shared memory (" + std::to_string(start + bytes) + " bytes) + dynamic (" +
                 std::to_string(L.smem) + ") exceed the block's " +
                 std::to_string(std::max(L.shared_limit, kDefaultSharedMemory)) + " bytes";
-    std::fprintf(stderr, "cudasim: %s\n", L.failure.c_str());  // the thread goes on: it must not write outside
+    fatal_message("cudasim: %s\n", L.failure.c_str());  // the thread goes on: it must not write outside
     std::abort();
   }
   B.static_bytes = start + bytes;
@@ -720,11 +729,16 @@ void run_launch(const char* name, const char* site, const void* func, dim3 grid,
   __tsan_acquire(L.end_sync);
   std::free(L.start_sync);
   std::free(L.end_sync);
-  // after a failure some threads never reached the kernel's end (nothing orders their accesses before a free):
-  // the failed launch's blocks are left allocated instead
-  if (ok) {
-    for (BlockState* B : finished) free_block(B);
+  if (!ok) {  // threads the failure abandoned never reached the kernel's end: order their accesses before the
+    // host's next steps (frees included) with a synchronising fiber switch, which TSan counts as one
+    for (const auto& f : tl_fibers) {
+      if (f && f->tsan != nullptr) {
+        __tsan_switch_to_fiber(f->tsan, 0);
+        __tsan_switch_to_fiber(tl_sched_tsan, 0);
+      }
+    }
   }
+  for (BlockState* B : finished) free_block(B);
 #endif
   if (!ok) {
     set_error(cudaErrorLaunchFailure, L.failure);
@@ -805,6 +819,8 @@ void clear_launch_log_op() {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_log.clear();
 }
+
+void set_message_fd_op(int64_t fd) { g_message_fd.store(static_cast<int>(fd)); }
 
 bool tsan_op() {
 #ifdef CUDASIM_TSAN
@@ -889,4 +905,5 @@ TORCH_LIBRARY_FRAGMENT(tscd_cudasim, m) {
   m.def("launch_log() -> str", &cudasim::launch_log_op);
   m.def("clear_launch_log() -> ()", &cudasim::clear_launch_log_op);
   m.def("tsan() -> bool", &cudasim::tsan_op);
+  m.def("set_message_fd(int fd) -> ()", &cudasim::set_message_fd_op);
 }

@@ -360,9 +360,11 @@ def test_permutohedral_full_table(sim, sim_order):
     around the table's end; the lattice is still the CPU op's."""
     img = torch.rand(2, 3, 40, 40, dtype=torch.float64) * 255
     v = torch.rand(2, 3, 1600, dtype=torch.float64)
+    # and 21 points so far apart that their 126 simplex vertices are all distinct: 126 keys in 128 slots
+    cloud, cloud_v = torch.randn(2, 5, 21, dtype=torch.float64) * 1000, torch.rand(2, 3, 21, dtype=torch.float64)
     try:
         sim.set_knob("perm_table_factor", 1)
-        for f in (crf_features(img, 3.0), crf_features(img, 10.0, 13.0)):
+        for f, v in ((crf_features(img, 3.0), v), (crf_features(img, 10.0, 13.0), v), (cloud, cloud_v)):
             for order in ("forward", "shuffle"):
                 sim_order(order, 9)
                 close(sim.permutohedral_fwd(v, f, True, True), torch.ops.tscd.permutohedral_fwd(v, f, True, True),
