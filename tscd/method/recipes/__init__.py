@@ -1,0 +1,21 @@
+"""Recipes: training methods the trainer runs (``recipe: <name>`` in the config; docs/method.md 9).
+
+* :mod:`tscd.method.recipes.base`: the interface (:class:`Recipe`, :class:`Batch`, :class:`RecipeContext`) and the
+  registry (:func:`register_recipe`, :func:`get_recipe`, :func:`find_recipe`, :func:`recipe_names`).
+* :mod:`tscd.method.recipes.tscd`: ``tscd``, the default (TSCD, AAAI 2023).
+"""
+from tscd.method.recipes.base import (
+    RECIPES,
+    Batch,
+    Recipe,
+    RecipeContext,
+    build_recipe,
+    find_recipe,
+    get_recipe,
+    recipe_names,
+    register_recipe,
+)
+from tscd.method.recipes.tscd import TSCDRecipe
+
+__all__ = ["Batch", "RECIPES", "Recipe", "RecipeContext", "TSCDRecipe", "build_recipe",
+           "find_recipe", "get_recipe", "recipe_names", "register_recipe"]
