@@ -158,9 +158,9 @@ def test_registry_and_config_errors(probe):
 
     with pytest.raises(ValueError, match="recipe name 'probe' is taken"):
         register_recipe(Other)
-    with pytest.raises(ValueError, match="unknown recipe 'prob'; registered: probe, tscd"):
+    with pytest.raises(ValueError, match="unknown recipe 'prob'; registered: afa, probe, tscd"):
         get_recipe("prob")
-    with pytest.raises(ConfigError, match=r"`recipe` must be one of probe, tscd; got 'prob'. Did you mean"):
+    with pytest.raises(ConfigError, match=r"`recipe` must be one of afa, probe, tscd; got 'prob'. Did you mean"):
         load_config(None, ["data.dataset=demo", "recipe=prob"])
     with pytest.raises(ConfigError, match=r"section `probe` configures recipe 'probe', but `recipe` is 'tscd'"):
         load_config(None, ["data.dataset=demo", "probe.scale=2.0"])
@@ -168,5 +168,5 @@ def test_registry_and_config_errors(probe):
         load_config(None, ["data.dataset=demo", "recipe=probe", "probe.scal=2.0"])
     with pytest.raises(ConfigError, match=r"`probe.scale` must be > 0; got 0.0"):
         load_config(None, ["data.dataset=demo", "recipe=probe", "probe.scale=0"])
-    with pytest.raises(ConfigError, match=r"unknown section `proeb`.*Did you mean 'probe'"):
-        load_config(None, ["data.dataset=demo", "proeb.scale=1"])
+    with pytest.raises(ConfigError, match=r"unknown section `afaa`.*Did you mean 'afa'"):
+        load_config(None, ["data.dataset=demo", "afaa.switch_iters=1"])

@@ -3,7 +3,9 @@
 * :mod:`tscd.method.recipes.base`: the interface (:class:`Recipe`, :class:`Batch`, :class:`RecipeContext`) and the
   registry (:func:`register_recipe`, :func:`get_recipe`, :func:`find_recipe`, :func:`recipe_names`).
 * :mod:`tscd.method.recipes.tscd`: ``tscd``, the default (TSCD, AAAI 2023).
+* :mod:`tscd.method.recipes.afa`: ``afa`` (AFA, CVPR 2022), TSCD's base.
 """
+from tscd.method.recipes.afa import AFAConfig, AFARecipe
 from tscd.method.recipes.base import (
     RECIPES,
     Batch,
@@ -17,5 +19,5 @@ from tscd.method.recipes.base import (
 )
 from tscd.method.recipes.tscd import TSCDRecipe
 
-__all__ = ["Batch", "RECIPES", "Recipe", "RecipeContext", "TSCDRecipe", "build_recipe",
+__all__ = ["AFAConfig", "AFARecipe", "Batch", "RECIPES", "Recipe", "RecipeContext", "TSCDRecipe", "build_recipe",
            "find_recipe", "get_recipe", "recipe_names", "register_recipe"]

@@ -1,4 +1,4 @@
-"""The steps of CAM-based recipes: multi-scale CAMs, two-threshold refined pseudo labels, the CRF energy term.
+"""The steps TSCD and AFA share: multi-scale CAMs, two-threshold refined pseudo labels, the CRF energy term.
 
 :class:`SharedSteps` runs them our way (fused kernels, every image and both thresholds in one refine call, the CRF
 loss on the tensors' device) or, with ``train.reference_style`` (the official-code mode), in the official code's
@@ -54,15 +54,22 @@ class SharedSteps:
             out = self.ctx.model(batch.img, cls_only=True)
         return {"cls": cls_loss(out.cls_logits.float(), batch.cls_label)}
 
-    def cams(self, img: torch.Tensor) -> torch.Tensor:
+    def cams(self, img: torch.Tensor, affinity: bool = False):
         """Multi-scale CAMs (B, C, H, W) in [0, 1], no gradient, in the network's train mode (the decoder's BN
-        statistics update as in the official full-network CAM passes unless ``pseudo.cam_decoder`` is off)."""
+        statistics update as in the official full-network CAM passes unless ``pseudo.cam_decoder`` is off).
+
+        With ``affinity``: also the predicted affinity (B, N, N) of the pass at the largest scale, un-flipped
+        images (AFA's ``multi_scale_cam_with_aff_mat``), as ``(cams, affinity)``.
+        """
         scales = self.cfg.pseudo.cam_scales
         with torch.no_grad(), self.ctx.autocast():
             if self.official:
-                out = multi_scale_cam_reference(self.ctx.net, img, scales)
+                out = multi_scale_cam_reference(self.ctx.net, img, scales, affinity=affinity)
             else:
-                out = multi_scale_cam(self.ctx.net, img, scales, decoder=self.cfg.pseudo.cam_decoder)
+                out = multi_scale_cam(self.ctx.net, img, scales, decoder=self.cfg.pseudo.cam_decoder,
+                                      affinity=affinity)
+        if affinity:
+            return out[0].float(), out[1].float()
         return out.float()
 
     def pseudo_label(self, img: torch.Tensor, cams: torch.Tensor, cls_label: torch.Tensor,
