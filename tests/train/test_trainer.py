@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from tscd.cli import main
+from tscd.eval.metrics import read_metrics
 from tscd.train.checkpoint import list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,6 +65,10 @@ def test_train_runs_and_writes_everything(tmp_path, capsys):
     assert all(torch.isfinite(torch.tensor(h["total"])) for h in hist)
     log = (run / "train.log").read_text()
     assert "iter 6/6" in log and "val @6" in log
+    [val] = read_metrics(run)
+    assert (val["iteration"], val["protocol"], val["num_images"], sorted(val["miou"])) == (6, "native", 2,
+                                                                                          ["cam", "pseudo", "seg"])
+    assert set(val["iou"]["seg"]) == {"background", "disc", "square", "triangle", "ring", "cross"}
 
 
 def test_killed_run_resumes_exactly(tmp_path):

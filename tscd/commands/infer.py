@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                            overwrite=args.overwrite)
     print(f"{stats['written']} image(s) written, {stats['skipped']} already done, in {args.out}")
     if args.grid:
-        from tscd.train.visualize import class_names_for, infer_grid
+        from tscd.visualize import class_names_for, infer_grid
 
         names = class_names_for(loaded.config.data.dataset, loaded.num_classes)
         grid = infer_grid(images, args.out, names, args.grid, cam=args.cam,

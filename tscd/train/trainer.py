@@ -1,7 +1,7 @@
 """The training loop: one process, or several with torchrun + DDP. What an iteration computes (pseudo labels, loss
 terms, their weights and warm-up) is the recipe's (``recipe:`` in the config, :mod:`tscd.method.recipes`); the
 trainer owns data, micro-batches and gradient accumulation, DDP, optimizer and schedule, checkpoints and resume,
-logging and validation (``native`` protocol).
+logging and validation (``native`` protocol, appended to ``<run_dir>/metrics.jsonl``).
 
 ``data.batch_size`` is the GLOBAL batch (official VOC: 2 GPUs x 2 images = 4); each of the W processes loads
 batch_size / W images per iteration, split into ``train.accum_steps`` micro-batches (:meth:`Trainer.train_step`).
@@ -20,6 +20,7 @@ from torch import nn
 from tscd.config import Config, resolve_config, save_config
 from tscd.data import build_dataset, build_loader
 from tscd.data.loader import ResumableLoader
+from tscd.eval.metrics import append_metrics
 from tscd.method.recipes import Batch, Recipe, RecipeContext, build_recipe
 from tscd.models import create_model, param_groups
 from tscd.train import checkpoint as ckpt
@@ -301,8 +302,8 @@ class Trainer:
         scores = self.validate()
         if self.dist.is_main:
             (self.run_dir / "final_scores.json").write_text(json.dumps(scores, indent=2))
-            if cfg.plots:  # val_grid.png + curves.png (tscd.train.visualize)
-                from tscd.train.visualize import write_run_pictures
+            if cfg.plots:  # val_grid.png + curves.png (tscd.visualize)
+                from tscd.visualize import write_run_pictures
 
                 self.pictures = write_run_pictures(self)
         return scores
@@ -327,7 +328,8 @@ class Trainer:
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> dict:
         """mIoU of the segmentation head, the CAM label and the pseudo labels on the val split, scored by
-        :func:`tscd.eval.evaluator.evaluate` with the ``native`` protocol (what ``tscd eval`` reports by default)."""
+        :func:`tscd.eval.evaluator.evaluate` with the ``native`` protocol (what ``tscd eval`` reports by default),
+        appended to ``<run_dir>/metrics.jsonl``."""
         from tscd.eval.evaluator import evaluate, protocol_settings  # lazy: keeps importing tscd.train light
 
         settings = protocol_settings("native", self.cfg, self.device, self.cfg.data.val_split, outputs=VAL_OUTPUTS,
@@ -338,31 +340,17 @@ class Trainer:
             self.net.train()
         scores = report["results"]
         if self.dist.is_main:
+            append_metrics(self.run_dir, self.iteration, report, split=self.cfg.data.val_split, source="train")
             logger.info("val @%d (%d images, protocol %s): mIoU seg %.2f | CAM %.2f | pseudo label %.2f",
                         self.iteration, report["num_images"], report["protocol"], scores["seg"]["miou"],
                         scores["cam"]["miou"], scores["pseudo"]["miou"])
             if self.writer is not None:
+                from tscd.visualize import tensorboard_images
+
                 for k in scores:
                     self.writer.add_scalar(f"val/miou_{k}", scores[k]["miou"], self.iteration)
-                self._log_images()
+                tensorboard_images(self.writer, self.recipe.images(), self.val_set.palette, self.iteration)
         return scores
-
-    def _log_images(self) -> None:
-        last = self.recipe.images()
-        if not last:
-            return
-        palette = torch.tensor(self.val_set.palette[:768], dtype=torch.uint8).view(-1, 3)
-
-        def colour(label: torch.Tensor) -> torch.Tensor:
-            return palette[label[0].cpu().clamp(max=255).long()].permute(2, 0, 1)
-
-        if "img01" in last:
-            self.writer.add_image("train/image", last["img01"][0].cpu(), self.iteration)
-        if "cam" in last:
-            self.writer.add_image("train/cam_max", last["cam"][0].max(0, keepdim=True)[0].cpu(), self.iteration)
-        for key, tag in (("pseudo", "train/pseudo_label"), ("pred", "train/prediction")):
-            if key in last:
-                self.writer.add_image(tag, colour(last[key]), self.iteration)
 
     def close(self) -> None:
         if self.writer is not None:
