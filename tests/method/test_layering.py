@@ -1,5 +1,6 @@
-"""Layers point down: the label logic (tscd.method) is below training and evaluation, which do not import each
-other for it; docs/differences.md names only switches that exist."""
+"""Layers point down: the methods (tscd.method: labels, losses, recipes) are below training and evaluation, which do
+not import each other for them; no import circles, lazy imports included; docs/differences.md names only switches
+that exist."""
 from __future__ import annotations
 
 import re
@@ -21,6 +22,7 @@ def _imported_after(module: str) -> set[str]:
 
 @pytest.mark.parametrize("module,forbidden", [
     ("tscd.method", ("tscd.train", "tscd.eval")),
+    ("tscd.method.recipes", ("tscd.train", "tscd.eval")),
     ("tscd.eval.evaluator", ("tscd.train",)),
     ("tscd.eval.export", ("tscd.train",)),
 ])
@@ -39,3 +41,46 @@ def test_differences_doc_names_real_config_keys():
             ("train", "amp"), ("train", "reference_style")} <= keys
     for section, key in keys:
         assert hasattr(getattr(cfg, section), key), f"docs/differences.md names `{section}.{key}`: no such key"
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth (function-level imports included), except under
+    ``if TYPE_CHECKING:`` (annotations only)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+@pytest.mark.parametrize("path, forbidden", [
+    ("tscd/models/weights.py", "tscd.models.mit"),       # mit.py reads weights with weights.py
+    ("tscd/train/trainer.py", "tscd.train.memory"),      # the dry run (memory.py) drives a trainer
+    ("tscd/train/memory.py", "tscd.cli"),
+    ("tscd/commands/eval.py", "tscd.train"),             # eval and infer draw with tscd.visualize, below training
+    ("tscd/commands/infer.py", "tscd.train"),
+    ("tscd/commands/pseudo_labels.py", "tscd.train"),
+    ("tscd/visualize.py", "tscd.train"),
+])
+def test_no_import_circles(path, forbidden):
+    """Function-level imports count too: a lazy import is still a circle in the layers."""
+    bad = sorted(m for m in _imports(ROOT / path) if m == forbidden or m.startswith(forbidden + "."))
+    assert not bad, f"{path} imports {bad}"
+
+
+def test_nothing_below_training_imports_it():
+    """tscd.method (labels, losses, recipes), tscd.eval and tscd.models never import tscd.train, at any depth."""
+    for folder in ("tscd/method", "tscd/eval", "tscd/models", "tscd/data", "tscd/kernels"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            bad = sorted(m for m in _imports(path) if m == "tscd.train" or m.startswith("tscd.train."))
+            assert not bad, f"{path.relative_to(ROOT)} imports {bad}"

@@ -23,21 +23,11 @@ import logging
 import time
 from pathlib import Path
 
+from tscd.commands._common import add_checkpoint_args, parse_scales
 from tscd.eval.evaluator import PROTOCOLS
 
 logger = logging.getLogger("tscd.eval")
 PROTOCOL_TEXT = PROTOCOLS
-
-
-def parse_scales(text: str) -> tuple[float, ...]:
-    """``"1,0.5,0.75"`` -> (1.0, 0.5, 0.75); an argparse type."""
-    try:
-        scales = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, e.g. 1,0.5,0.75; got {text!r}")
-    if not scales or any(s <= 0 for s in scales):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, e.g. 1,0.5,0.75; got {text!r}")
-    return scales
 
 
 def run_dir_of(checkpoint: str | Path) -> Path:
@@ -143,10 +133,7 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="score a checkpoint (seg single/multi-scale/+CRF, CAM, affinity, pseudo)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (runs/<name>/checkpoints/ckpt_*.pt)")
-    p.add_argument("--split", default=None, help="split to score (default: the config's data.val_split)")
-    p.add_argument("--dataset", default=None, help="dataset name (default: the checkpoint's data.dataset)")
-    p.add_argument("--root", default=None, help="dataset root (default: the checkpoint's data.root)")
+    add_checkpoint_args(p, split_default="data.val_split")
     p.add_argument("--out", default=None, help="output folder (default: <run dir>/eval)")
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="native",
                    help="native (default: native size, single-scale seg, as training validation logs) or ms "
@@ -170,5 +157,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", type=int, default=None, metavar="N",
                    help="also draw the first N images (image | CAM | pseudo label | prediction | ground truth) "
                         "to <out>/grid_<split>_<protocol>.png")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=run, overrides=[])
