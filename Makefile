@@ -1,7 +1,8 @@
 # Quick start on a machine that has only Python (>= 3.10) and a C++ compiler:
 #
-#     make demo     # trains the demo (README, "Two commands")
-#     make test     # runs the test suite
+#     make demo       # trains the demo (README, "Two commands")
+#     make test       # runs the test suite (everything; CI runs this)
+#     make test-fast  # the suite without the end-to-end tests marked slow (under 3 minutes on 2 cores)
 #
 # Each target creates (or reuses) the virtual environment $(VENV), installs $(TORCH) and tscd with its
 # test extra into it (`pip install -e ".[test]"`: the extension tscd._C is compiled against that torch),
@@ -30,13 +31,14 @@ STAMP := $(VENV)/.tscd-installed
 TORCH_SPEC := $(VENV)/.tscd-torch
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard _build/*.py) $(wildcard csrc/*.* csrc/*/*.*)
 
-.PHONY: help install demo test compat info FORCE
+.PHONY: help install demo test test-fast compat info FORCE
 
 help:
-	@echo "make demo     create/reuse $(VENV), install torch + tscd, train the demo (configs/demo.yaml)"
-	@echo "make test     create/reuse $(VENV), install torch + tscd, run the test suite"
-	@echo "make compat   create/reuse $(VENV), install torch + tscd, run bench/compat.sh"
-	@echo "make install  only the environment; make info: \`tscd info\` in it"
+	@echo "make demo       create/reuse $(VENV), install torch + tscd, train the demo (configs/demo.yaml)"
+	@echo "make test       create/reuse $(VENV), install torch + tscd, run the test suite"
+	@echo "make test-fast  the same without the slow end-to-end tests (pytest -m 'not slow')"
+	@echo "make compat     create/reuse $(VENV), install torch + tscd, run bench/compat.sh"
+	@echo "make install    only the environment; make info: \`tscd info\` in it"
 	@echo "variables: PYTHON=$(PYTHON) VENV=$(VENV) TORCH='$(TORCH)' EXTRAS=$(EXTRAS) ARGS=... PYTEST_ARGS=..."
 
 $(VPY):
@@ -61,6 +63,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 compat: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash bench/compat.sh $(ARGS)

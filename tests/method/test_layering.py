@@ -13,22 +13,34 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _imported_after(module: str) -> set[str]:
-    code = f"import sys, {module}; print(' '.join(m for m in sys.modules if m.startswith('tscd.')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "1"})
-    return set(out.stdout.split())
+#: module -> the tscd modules a fresh interpreter has loaded after importing it, must not start with
+LAYERS: dict[str, tuple[str, ...]] = {
+    "tscd.method": ("tscd.train", "tscd.eval"),
+    "tscd.method.recipes": ("tscd.train", "tscd.eval"),
+    "tscd.eval.evaluator": ("tscd.train",),
+    "tscd.eval.export": ("tscd.train",),
+}
 
 
-@pytest.mark.parametrize("module,forbidden", [
-    ("tscd.method", ("tscd.train", "tscd.eval")),
-    ("tscd.method.recipes", ("tscd.train", "tscd.eval")),
-    ("tscd.eval.evaluator", ("tscd.train",)),
-    ("tscd.eval.export", ("tscd.train",)),
-])
-def test_layers_point_down(module, forbidden):
-    loaded = _imported_after(module)
-    assert not [m for m in loaded if m.startswith(forbidden)], sorted(loaded)
+@pytest.fixture(scope="module")
+def imported_after() -> dict[str, set[str]]:
+    """Each module of :data:`LAYERS` imported in its own fresh interpreter (all at once: it is torch's import time)."""
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "1"}
+    procs = {m: subprocess.Popen([sys.executable, "-c", f"import sys, {m}; print(' '.join(n for n in sys.modules "
+                                  f"if n.startswith('tscd.')))"], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+             for m in LAYERS}
+    out = {}
+    for m, proc in procs.items():
+        stdout, _ = proc.communicate()
+        assert proc.returncode == 0, f"importing {m} failed"
+        out[m] = set(stdout.split())
+    return out
+
+
+@pytest.mark.parametrize("module", list(LAYERS))
+def test_layers_point_down(module, imported_after):
+    loaded = imported_after[module]
+    assert not [m for m in loaded if m.startswith(LAYERS[module])], sorted(loaded)
 
 
 def test_differences_doc_names_real_config_keys():

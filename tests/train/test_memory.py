@@ -7,27 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._utils import write_tiny_config
 from tscd.cli import main
 from tscd.config import ConfigError, load_config, resolve_config
 from tscd.train.memory import PeakMemory, dry_run, state_bytes, tensor_bytes
 
-TINY = """
-data: {dataset: demo, root: null, train_split: train, val_split: val, crop_size: 64, scale_range: [1.0, 1.0],
-       batch_size: 2, num_workers: 0, demo_num_train: 8, demo_num_val: 2, demo_size: 64, val_num: 2}
-model: {name: tscd_mit_tiny, decoder_dim: 32, drop_path_rate: 0.1}
-pseudo: {cam_scales: [1.0, 0.5], refine_iters: 3}
-loss: {scd_samples: 6}
-optim: {lr: 1.0e-3, warmup_iters: 2}
-train: {max_iters: 6, cam_iters: 2, log_iters: 1, val_iters: 0, ckpt_iters: 3, seed: 3, tensorboard: false,
-        device: cpu}
-"""
-
 
 @pytest.fixture()
 def tiny_cfg(tmp_path: Path) -> Path:
-    p = tmp_path / "tiny.yaml"
-    p.write_text(TINY)
-    return p
+    return write_tiny_config(tmp_path / "tiny.yaml", {"data": {"scale_range": [1.0, 1.0], "demo_num_val": 2},
+                                                      "train": {"device": "cpu"}})
 
 
 def _trainer(tiny_cfg: Path, tmp_path: Path, *overrides: str):
@@ -115,6 +104,7 @@ def test_train_step_leaves_no_tensors_behind(tiny_cfg, tmp_path):
 
 # -- dry run ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_dry_run_cli_prints_time_and_peak_and_writes_nothing(tiny_cfg, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--config", str(tiny_cfg), "--run-dir", str(run), "--dry-run"]) == 0
@@ -126,6 +116,7 @@ def test_dry_run_cli_prints_time_and_peak_and_writes_nothing(tiny_cfg, tmp_path,
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_dry_run_low_memory_has_a_lower_peak(tiny_cfg):
     cfg = load_config(tiny_cfg, ["train.run_dir=unused", "data.crop_size=96", "data.demo_size=96"])
     default = dry_run(cfg, iterations=2)

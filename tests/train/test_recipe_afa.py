@@ -74,7 +74,8 @@ def _ours(tr: Trainer, batch: dict, iteration: int) -> tuple[dict, dict, dict]:
     return values, labels, grads
 
 
-@pytest.mark.parametrize("official_code", [True, False], ids=["official_code", "fast"])
+@pytest.mark.parametrize("official_code", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["official_code", "fast"])
 @pytest.mark.parametrize("iteration,extra", [
     (3, ()),  # post-warm-up, before the switch (n = 2 <= 3)
     (5, ()),  # after the switch (n = 4 > 3); VOC: the aff label stays the refined pseudo label
@@ -130,3 +131,27 @@ def test_shipped_afa_configs():
             voc.data.batch_size, voc.recipe_cfg.switch_aff_label) == (20000, 2000, 6000, 10, 4, False)
     assert (coco.train.max_iters, coco.train.cam_iters, coco.recipe_cfg.switch_iters, coco.pseudo.refine_iters,
             coco.data.batch_size, coco.recipe_cfg.switch_aff_label) == (80000, 5000, 15000, 15, 8, True)
+
+
+@pytest.mark.slow
+def test_afa_voc_config_trains_from_the_command_line(tmp_path, capsys):
+    """`tscd train --config configs/afa_voc.yaml` (on the demo data and a tiny network here): the warm-up, then
+    AFA's terms before and after its label switch; the run's config.yaml is the resolved afa config."""
+    from tscd.cli import main
+    from tscd.eval.metrics import read_metrics
+    from tscd.train.checkpoint import list_checkpoints, load_checkpoint
+
+    run = tmp_path / "afa"
+    small = ["data.dataset=demo", "data.root=null", "data.train_split=train", "data.crop_size=64", "data.demo_size=64",
+             "data.demo_num_train=8", "data.demo_num_val=2", "data.batch_size=2", "data.num_workers=0",
+             "model.name=tscd_mit_tiny", "model.pretrained=null", "model.decoder_dim=16", "pseudo.refine_iters=2",
+             "train.cam_iters=1", "train.val_iters=0", "train.ckpt_iters=0", "train.tensorboard=false",
+             "train.plots=false", "afa.switch_iters=2", "optim.warmup_iters=1"]
+    assert main(["train", "--config", str(ROOT / "configs" / "afa_voc.yaml"), "--run-dir", str(run),
+                 "--max-iters", "4", *small]) == 0
+    assert "pseudo label (PAR)" in capsys.readouterr().out
+    hist = load_checkpoint(list_checkpoints(run)[-1][1])["history"]
+    assert [set(h) - {"iteration", "lr", "total"} for h in hist] == [{"cls"}] * 2 + [{"cls", "seg", "aff"}] * 2
+    saved = load_config(run / "config.yaml")
+    assert saved.recipe == "afa" and saved.recipe_cfg.switch_iters == 2 and saved.train.max_iters == 4
+    assert [r["iteration"] for r in read_metrics(run)] == [4]

@@ -25,6 +25,8 @@ CASES = {
     "official_code": ["train.reference_style=true", "train.amp=bf16", "pseudo.cam_decoder=false"],
     "low_memory_er": ["train.memory=low", "loss.er_mode=grad", "data.batch_size=2"],
 }
+#: CPU bf16 autocast and the torch reference ops take a minute or more each: `make test` (CI) only
+SLOW = {"official_code", "low_memory_er"}
 
 
 def _scd_gen(tr: Trainer) -> torch.Generator:
@@ -48,7 +50,7 @@ def _assert_equal(got: dict, want: dict, what: str) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
 def test_tscd_recipe_is_the_pre_recipe_iteration(tmp_path, case):
     logging.getLogger("tscd.models.mit").setLevel(logging.ERROR)
     overrides = [*tiny_overrides(tmp_path / "run", TINY), *CASES[case]]

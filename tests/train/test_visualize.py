@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests._utils import write_tiny_config
 from tscd import visualize as viz
 from tscd.data.classes import DEMO_CLASSES, PALETTE
 from tscd.eval.metrics import append_metrics, read_metrics
@@ -134,23 +135,18 @@ def test_curves_png_plots_every_loss_term_lr_and_miou(tmp_path, monkeypatch):
         viz.save_curves(tmp_path / "d.png", [], val)
 
 
-TINY = """
-data: {dataset: demo, root: null, train_split: train, val_split: val, crop_size: 48, scale_range: [0.9, 1.1],
-       batch_size: 2, num_workers: 0, demo_num_train: 8, demo_num_val: 3, demo_size: 48}
-model: {name: tscd_mit_tiny, decoder_dim: 16}
-pseudo: {cam_scales: [1.0], refine_iters: 2}
-loss: {scd_samples: 4}
-optim: {lr: 1.0e-3, warmup_iters: 1}
-train: {max_iters: 3, cam_iters: 1, log_iters: 1, val_iters: 2, ckpt_iters: 100, tensorboard: false}
-"""
+TINY = {"data": {"crop_size": 48, "scale_range": [0.9, 1.1], "demo_num_val": 3, "demo_size": 48, "val_num": None},
+        "model": {"decoder_dim": 16, "drop_path_rate": 0.1}, "pseudo": {"cam_scales": [1.0], "refine_iters": 2},
+        "loss": {"scd_samples": 4}, "optim": {"warmup_iters": 1},
+        "train": {"max_iters": 3, "cam_iters": 1, "val_iters": 2, "ckpt_iters": 100}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plots", [True, False])
 def test_tscd_train_writes_and_prints_the_pictures(tmp_path, capsys, plots):
     from tscd.cli import main
 
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
+    cfg = write_tiny_config(tmp_path / "tiny.yaml", TINY)
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--run-dir", str(run), f"train.plots={str(plots).lower()}"]) == 0
     out = capsys.readouterr().out
