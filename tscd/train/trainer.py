@@ -21,8 +21,7 @@ from tscd.config import Config, resolve_config, save_config
 from tscd.data import build_dataset, build_loader
 from tscd.data.loader import ResumableLoader
 from tscd.eval.metrics import append_metrics
-from tscd.method.recipes import Batch, Recipe, RecipeContext, build_recipe
-from tscd.models import create_model, param_groups
+from tscd.method.recipes import Batch, Recipe, RecipeContext, get_recipe
 from tscd.train import checkpoint as ckpt
 from tscd.train.distributed import DistInfo, init_distributed  # noqa: F401  (DistInfo: tests replace the set-up)
 from tscd.train.progress import RecentRate, due, format_eta
@@ -120,10 +119,9 @@ class Trainer:
 
     def _build_model(self) -> None:
         """The network, the recipe (and its modules), the optimizer and schedule, and the DDP wrapper."""
-        m, t, o = self.cfg.model, self.cfg.train, self.cfg.optim
-        net = create_model(m.name, num_classes=self.num_classes, pretrained=m.pretrained, pooling=m.pooling,
-                           symmetric_affinity=m.symmetric_affinity, drop_path_rate=m.drop_path_rate,
-                           decoder_dim=m.decoder_dim)
+        t, o = self.cfg.train, self.cfg.optim
+        recipe = get_recipe(self.cfg.recipe)
+        net = recipe.build_network(self.cfg, self.num_classes)
         net.to(self.device)
         net.set_checkpointing(t.checkpointing)
         if t.channels_last:
@@ -134,10 +132,10 @@ class Trainer:
         self.net = net  # the bare network (CAM passes, validation, checkpoints)
         ctx = RecipeContext(net, torch.compile(net) if t.compile else net, self.device, t.amp == "bf16",
                             self.dist.rank, self.dist.world_size)
-        self.recipe = build_recipe(self.cfg, ctx)
-        groups = param_groups(net, o.lr, o.weight_decay) + self.recipe.param_groups(o.lr, o.weight_decay)
-        self.optimizer, self.scheduler = build_optimizer(groups, o.lr, o.betas, o.weight_decay, t.max_iters,
-                                                         o.warmup_iters, o.warmup_ratio, o.power)
+        self.recipe = recipe(self.cfg, ctx).to(self.device)
+        self.optimizer, self.scheduler = build_optimizer(self.recipe.param_groups(o.lr, o.weight_decay), o.lr, o.betas,
+                                                         o.weight_decay, t.max_iters, o.warmup_iters, o.warmup_ratio,
+                                                         o.power)
         self.step_terms = self.recipe.terms
         self.ddp = None
         if self.dist.enabled:

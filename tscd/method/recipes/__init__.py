@@ -11,7 +11,6 @@ from tscd.method.recipes.base import (
     Batch,
     Recipe,
     RecipeContext,
-    build_recipe,
     find_recipe,
     get_recipe,
     recipe_names,
@@ -19,5 +18,5 @@ from tscd.method.recipes.base import (
 )
 from tscd.method.recipes.tscd import TSCDRecipe
 
-__all__ = ["AFAConfig", "AFARecipe", "Batch", "RECIPES", "Recipe", "RecipeContext", "TSCDRecipe", "build_recipe",
-           "find_recipe", "get_recipe", "recipe_names", "register_recipe"]
+__all__ = ["AFAConfig", "AFARecipe", "Batch", "RECIPES", "Recipe", "RecipeContext", "TSCDRecipe", "find_recipe",
+           "get_recipe", "recipe_names", "register_recipe"]

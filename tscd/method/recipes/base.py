@@ -50,7 +50,8 @@ What the trainer calls, per iteration t (1-based):
 
 A recipe is an ``nn.Module``: modules it owns (projection heads, a teacher) are trained (:meth:`param_groups`),
 moved to the device and checkpointed with it; its random generators go into the checkpoint through
-:meth:`rng_state`. The network itself is built by the trainer from the ``model`` section (``ctx.net``).
+:meth:`rng_state`. The network is built by :meth:`build_network` (default: the ``model`` section's TSCDNet) before
+the recipe, which finds it in ``ctx.net``; a recipe on another backbone overrides that and :meth:`param_groups`.
 """
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
+
+from tscd.models import create_model, param_groups
 
 if TYPE_CHECKING:
     from tscd.config import Config
@@ -137,6 +140,15 @@ class Recipe(nn.Module):
         self.loss_weights: dict[str, float] = {}
         self.last: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def build_network(cls, cfg: Config, num_classes: int) -> nn.Module:
+        """The network this recipe trains, on the CPU (default: :func:`tscd.models.create_model` of the ``model``
+        section: a TSCDNet)."""
+        m = cfg.model
+        return create_model(m.name, num_classes=num_classes, pretrained=m.pretrained, pooling=m.pooling,
+                            symmetric_affinity=m.symmetric_affinity, drop_path_rate=m.drop_path_rate,
+                            decoder_dim=m.decoder_dim)
+
     # -- schedule ------------------------------------------------------------------------------
     def warmup(self, iteration: int) -> bool:
         """Classification-only iterations: the official loops count n = t - 1 from 0 and train cls only while
@@ -178,12 +190,15 @@ class Recipe(nn.Module):
 
     # -- optimisation and state ----------------------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
-        """AdamW groups of the recipe's own trainable parameters: one group ``recipe`` at 10x ``lr`` (the heads'
-        rate) if there are any, else none (so a recipe without modules leaves the optimizer's state unchanged)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            return []
-        return [{"name": "recipe", "params": params, "lr": 10.0 * lr, "lr_mult": 10.0, "weight_decay": weight_decay}]
+        """AdamW groups: the network's (:func:`tscd.models.param_groups`: encoder, its norms frozen, classifier and
+        affinity head, decoder at 10x) and, if the recipe has trainable parameters of its own, one group ``recipe``
+        at 10x ``lr`` (a recipe without them leaves the optimizer's layout, hence old checkpoints, as they were)."""
+        groups = param_groups(self.ctx.net, lr, weight_decay)
+        own = [p for p in self.parameters() if p.requires_grad]
+        if own:
+            groups.append({"name": "recipe", "params": own, "lr": 10.0 * lr, "lr_mult": 10.0,
+                           "weight_decay": weight_decay})
+        return groups
 
     def rng_state(self) -> dict[str, torch.Tensor]:
         """States of the recipe's own random generators, for checkpoints (names must not clash with the
@@ -194,8 +209,9 @@ class Recipe(nn.Module):
         """Restore :meth:`rng_state`."""
 
     def images(self) -> dict[str, torch.Tensor]:
-        """Pictures of the last micro-batch for TensorBoard: ``image`` (1, 3, H, W) in [0, 1], ``cam``
-        (1, C, H, W), ``pseudo`` and ``pred`` (1, H, W) class ids; any subset."""
+        """Pictures of the last micro-batch for TensorBoard (:func:`tscd.visualize.tensorboard_images`):
+        ``img01`` (1, 3, H, W) in [0, 1], ``cam`` (1, C, H, W), ``pseudo`` and ``pred`` (1, H, W) class ids; any
+        subset. Default: :attr:`last`."""
         return self.last
 
 
@@ -238,8 +254,3 @@ def get_recipe(name: str) -> type[Recipe]:
     if cls is None:
         raise ValueError(f"recipe: unknown recipe {name!r}; registered: {', '.join(recipe_names())}")
     return cls
-
-
-def build_recipe(cfg: Config, ctx: RecipeContext) -> Recipe:
-    """The recipe ``cfg.recipe`` for a resolved config, on ``ctx.device``."""
-    return get_recipe(cfg.recipe)(cfg, ctx).to(ctx.device)
