@@ -2,7 +2,7 @@
 #
 #     make demo       # trains the demo (README, "Two commands")
 #     make test       # runs the test suite (everything; CI runs this)
-#     make test-fast  # the suite without the end-to-end tests marked slow (under 3 minutes on 2 cores)
+#     make test-fast  # the suite without the tests marked slow, in $(FAST_JOBS) processes (pytest-xdist)
 #
 # Each target creates (or reuses) the virtual environment $(VENV), installs $(TORCH) and tscd with its
 # test extra into it (`pip install -e ".[test]"`: the extension tscd._C is compiled against that torch),
@@ -15,7 +15,8 @@
 #                   TORCH="torch==2.14.1 torchvision==0.29.1 --index-url <your CUDA wheel index>"
 #     EXTRAS        the extras installed with tscd (default test)
 #     ARGS          demo: config overrides (e.g. ARGS="train.max_iters=30"); compat: its arguments
-#     PYTEST_ARGS   test: pytest's arguments (default -q)
+#     PYTEST_ARGS   test, test-fast: pytest's arguments (default -q)
+#     FAST_JOBS     test-fast: pytest-xdist processes (default 2, one per core of a 2-core machine)
 #
 # Build switches pass through the environment (TSCD_BUILD_CUDA, TORCH_CUDA_ARCH_LIST, MAX_JOBS, ...: README).
 
@@ -25,6 +26,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= test
 ARGS ?=
 PYTEST_ARGS ?= -q
+FAST_JOBS ?= 2
 
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.tscd-installed
@@ -36,7 +38,7 @@ BUILD_INPUTS := setup.py pyproject.toml $(wildcard _build/*.py) $(wildcard csrc/
 help:
 	@echo "make demo       create/reuse $(VENV), install torch + tscd, train the demo (configs/demo.yaml)"
 	@echo "make test       create/reuse $(VENV), install torch + tscd, run the test suite"
-	@echo "make test-fast  the same without the slow end-to-end tests (pytest -m 'not slow')"
+	@echo "make test-fast  the same without the tests marked slow (pytest -m 'not slow' -n $(FAST_JOBS))"
 	@echo "make compat     create/reuse $(VENV), install torch + tscd, run bench/compat.sh"
 	@echo "make install    only the environment; make info: \`tscd info\` in it"
 	@echo "variables: PYTHON=$(PYTHON) VENV=$(VENV) TORCH='$(TORCH)' EXTRAS=$(EXTRAS) ARGS=... PYTEST_ARGS=..."
@@ -65,7 +67,7 @@ test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(VPY) -m pytest -m "not slow" -n $(FAST_JOBS) $(PYTEST_ARGS)
 
 compat: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash bench/compat.sh $(ARGS)
