@@ -3,6 +3,7 @@ not import each other for them; no import circles, lazy imports included; docs/d
 that exist."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-#: module -> the tscd modules a fresh interpreter has loaded after importing it, must not start with
+#: module -> the tscd packages that must not be loaded after importing it (and every module above it), in a
+#: fresh interpreter: lower layers first, so one interpreter checks them all
 LAYERS: dict[str, tuple[str, ...]] = {
     "tscd.method": ("tscd.train", "tscd.eval"),
     "tscd.method.recipes": ("tscd.train", "tscd.eval"),
@@ -24,17 +26,13 @@ LAYERS: dict[str, tuple[str, ...]] = {
 
 @pytest.fixture(scope="module")
 def imported_after() -> dict[str, set[str]]:
-    """Each module of :data:`LAYERS` imported in its own fresh interpreter (all at once: it is torch's import time)."""
+    """The tscd modules loaded after importing each module of :data:`LAYERS` in turn, in one fresh interpreter."""
+    code = ("import importlib, json, sys\nout = {}\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+            "    out[m] = [n for n in sys.modules if n.startswith('tscd.')]\nprint(json.dumps(out))")
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "1"}
-    procs = {m: subprocess.Popen([sys.executable, "-c", f"import sys, {m}; print(' '.join(n for n in sys.modules "
-                                  f"if n.startswith('tscd.')))"], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-             for m in LAYERS}
-    out = {}
-    for m, proc in procs.items():
-        stdout, _ = proc.communicate()
-        assert proc.returncode == 0, f"importing {m} failed"
-        out[m] = set(stdout.split())
-    return out
+    res = subprocess.run([sys.executable, "-c", code, *LAYERS], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return {m: set(names) for m, names in json.loads(res.stdout.splitlines()[-1]).items()}
 
 
 @pytest.mark.parametrize("module", list(LAYERS))
