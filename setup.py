@@ -332,7 +332,8 @@ setup(
     ],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "transformers"],  # transformers: optional weight-format tests
+        # transformers: optional weight-format tests; pytest-xdist: `make test-fast` runs its tests in 2 processes
+        "test": ["pytest", "pytest-xdist", "transformers"],
         "dev": ["ruff", "build"],
     },
     entry_points={"console_scripts": ["tscd=tscd.cli:main"]},

@@ -102,7 +102,7 @@ def init_optimizer_state(trainer: Trainer) -> None:
 
 def run_row(name: str, trainer: Trainer, batches: list[dict], device: torch.device, timed: int) -> dict:
     torch.manual_seed(0)
-    trainer.scd_gen.manual_seed(0)
+    trainer.recipe.scd_gen.manual_seed(0)
     times, first = [], None
     for batch in batches[:timed]:
         sync(device)

@@ -272,8 +272,9 @@ class Check:
                      "data.demo_num_val=50"]
         cmd = [self.python, "-m", "tscd", "train", "--config", "configs/demo.yaml", "--resume", "never", *over]
         rc, out, dt = self.run(f"train {amp}", cmd, budget)
-        miou = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^\s{2}(\S[^\n]*?)\s+(-?\d+\.\d+)\s*$",
-                                                                           out, flags=re.MULTILINE)}
+        metrics = run_dir / "metrics.jsonl"  # the run's validation results, as data (tscd.eval.metrics)
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        miou = json.loads(lines[-1])["miou"] if lines else {}
         iters = [int(m.group(1)) for m in re.finditer(r"\bit(?:er(?:ation)?)?\s*[=:]?\s*(\d+)\s*/\s*\d+", out)]
         speed = re.findall(r"([\d.]+) s/it", out)
         detail = {"amp": amp, "validation": miou, "last_logged_iteration": max(iters) if iters else None,
@@ -323,7 +324,7 @@ class Check:
                 d = r.detail
                 lines += ["", f"{r.name}: reached iteration {d.get('last_logged_iteration')}, "
                           f"{_fmt(d.get('s_per_it_last_log'))} s/it at the last log line; validation mIoU: "
-                          + (", ".join(f"{k} {v:.2f}" for k, v in d["validation"].items()) or "none")]
+                          + (", ".join(f"{k} {v:.2f}" for k, v in d["validation"].items() if v is not None) or "none")]
         (self.out / "summary.md").write_text("\n".join(lines) + "\n")
 
     def main(self) -> int:

@@ -23,3 +23,43 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, a
             f"max abs error {err.max().item():.3e} at flat index {worst} "
             f"(got {a.flatten()[worst].item():.6e}, expected {e.flatten()[worst].item():.6e}); first at {idx}"
         )
+
+
+#: The tiny training run the tests start from (the demo set at 64 px, a tiny MiT, a few iterations: CPU seconds).
+#: Modules change what their tests need with :func:`tiny_overrides` / :func:`write_tiny_config`.
+TINY_CONFIG: dict[str, dict] = {
+    "data": {"dataset": "demo", "root": None, "train_split": "train", "val_split": "val", "crop_size": 64,
+             "scale_range": [0.8, 1.2], "batch_size": 2, "num_workers": 0, "demo_num_train": 8, "demo_num_val": 4,
+             "demo_size": 64, "val_num": 2},
+    "model": {"name": "tscd_mit_tiny", "decoder_dim": 32, "drop_path_rate": 0.1},
+    "pseudo": {"cam_scales": [1.0, 0.5], "refine_iters": 3},
+    "loss": {"scd_samples": 6},
+    "optim": {"lr": 1.0e-3, "warmup_iters": 2},
+    "train": {"max_iters": 6, "cam_iters": 2, "log_iters": 1, "val_iters": 0, "ckpt_iters": 3, "keep_ckpts": 2,
+              "seed": 3, "tensorboard": False},
+}
+
+
+def tiny_config(changes: dict | None = None) -> dict:
+    """:data:`TINY_CONFIG` with ``changes`` (``{section: {key: value}}``) merged in."""
+    out = {sec: dict(values) for sec, values in TINY_CONFIG.items()}
+    for sec, values in (changes or {}).items():
+        out.setdefault(sec, {}).update(values)
+    return out
+
+
+def write_tiny_config(path, changes: dict | None = None):
+    """Write :func:`tiny_config` as YAML to ``path``; returns the path."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(tiny_config(changes), sort_keys=False))
+    return path
+
+
+def tiny_overrides(run_dir=None, changes: dict | None = None) -> list[str]:
+    """:func:`tiny_config` as ``section.key=value`` overrides (for ``load_config(None, ...)``), plus the run dir."""
+    import yaml
+
+    out = [f"{sec}.{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+           for sec, values in tiny_config(changes).items() for key, value in values.items()]
+    return out + ([f"train.run_dir={run_dir}"] if run_dir is not None else [])

@@ -6,6 +6,12 @@
   this machine cannot run it (no GPU); a CPU backend that should exist but does not fails, when it
   is named in ``TSCD_REQUIRE_BACKENDS`` (CI sets ``cpp,triton,torch``).
 * Every test starts from the same seed.
+* Test tiers: the ``slow`` marker is on the end-to-end tests (demo quality, the GPU check's dry run, training runs
+  through the command line or in subprocesses, resume and DDP runs, installs), on the kinds in :data:`SLOW_KINDS`
+  and, without a GPU, on the Triton interpreter's sweeps and CPU bf16 runs; ``pytest -m "not slow"``
+  (``make test-fast``) leaves them out, ``make test`` (CI) runs everything.
+* The tiny training configuration the tests share is ``tests._utils.TINY_CONFIG`` (``tiny_overrides``,
+  ``write_tiny_config``).
 """
 import os
 import random
@@ -29,7 +35,28 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
 
 
+#: Kinds of test that are slow wherever they live: float64 gradchecks, the fuzzers, the C++ instruction-set sweeps
+#: (one subprocess per instruction set).
+SLOW_KINDS: tuple[str, ...] = ("gradcheck", "fuzz", "every_instruction_set")
+
+
+def _slow_without_gpu(item) -> bool:
+    """Without a GPU: a test that runs Triton kernels in the CPU interpreter (a ``triton`` parametrisation),
+    compiles every kernel with the real compiler (test_triton_compile), or runs bf16 autocast on the CPU (no bf16
+    units on most CPUs): minutes in all on 2 cores."""
+    if HAS_GPU:
+        return False
+    if item.module is not None and item.module.__name__.endswith("test_triton_compile"):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return "bf16" in item.name or (callspec is not None and "triton" in callspec.id)
+
+
 def pytest_collection_modifyitems(config, items):
+    slow = pytest.mark.slow
+    for item in items:
+        if _slow_without_gpu(item) or any(kind in item.name for kind in SLOW_KINDS):
+            item.add_marker(slow)  # `make test` (CI) runs them; `make test-fast` leaves them out
     if HAS_GPU:
         return
     skip = pytest.mark.skip(reason="no CUDA GPU on this machine")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests._utils import write_tiny_config
 from tscd.cli import main, split_overrides
 from tscd.config import load_config
 from tscd.errors import CheckpointError
@@ -23,23 +24,9 @@ from tscd.train.trainer import RecentRate, due, format_eta
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = """
-data: {dataset: demo, root: null, train_split: train, val_split: val, crop_size: 64, scale_range: [0.8, 1.2],
-       batch_size: 2, num_workers: 0, demo_num_train: 8, demo_num_val: 4, demo_size: 64, val_num: 2}
-model: {name: tscd_mit_tiny, decoder_dim: 32, drop_path_rate: 0.1}
-pseudo: {cam_scales: [1.0, 0.5], refine_iters: 3}
-loss: {scd_samples: 6}
-optim: {lr: 1.0e-3, warmup_iters: 2}
-train: {max_iters: 8, cam_iters: 4, log_iters: 1, val_iters: 0, ckpt_iters: 3, keep_ckpts: 2, seed: 3,
-        tensorboard: false}
-"""
-
-
 @pytest.fixture
 def tiny(tmp_path) -> Path:
-    p = tmp_path / "tiny.yaml"
-    p.write_text(TINY)
-    return p
+    return write_tiny_config(tmp_path / "tiny.yaml", {"train": {"max_iters": 8, "cam_iters": 4}})
 
 
 def _dead_pid() -> int:
@@ -70,6 +57,7 @@ def test_due():
 
 # -- items 3, 4, 6, 8, 10 end to end: one short run ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_train_run_end_to_end(tiny, tmp_path, capsys):
     """Options after overrides, --max-iters scaling the warm-up, ckpt_iters=0, stale temporaries removed (only
     ours), the checkpoint mode, the log line, and `tscd eval` reproducing training validation by default."""

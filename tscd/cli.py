@@ -5,8 +5,8 @@ sub-parser and sets ``func`` (a callable taking the parsed ``argparse.Namespace`
 exit code). Adding a command means adding its module to ``COMMAND_MODULES``.
 
 One grammar for every command that reads a config (:data:`OVERRIDE_COMMANDS`): config overrides
-``section.key=value`` may stand anywhere after the command name, before or after options; they reach
-the command as ``args.overrides`` in the order given (``--set section.key=value`` is a deprecated alias).
+``section.key=value`` (and ``recipe=name``) may stand anywhere after the command name, before or after options; they
+reach the command as ``args.overrides`` in the order given (``--set section.key=value`` is a deprecated alias).
 
 Errors: a user error (:data:`USER_ERRORS`: bad config, bad data, missing file, bad flag value, ...)
 prints one line ``tscd <command>: error: <message>`` and exits 2; anything else is a bug and shows
@@ -35,8 +35,8 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 #: Commands whose ``args.overrides`` collects ``section.key=value`` tokens from anywhere on the line.
 OVERRIDE_COMMANDS: frozenset[str] = frozenset({"train", "eval", "infer", "pseudo-labels"})
-#: A config override token: ``section.key=value`` (value may be empty or hold anything).
-OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*=")
+#: A config override token: ``section.key=value`` (value may be empty or hold anything), or ``recipe=name``.
+OVERRIDE_RE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*|recipe)=")
 
 logger = logging.getLogger("tscd")
 

@@ -35,6 +35,7 @@ def dry_run(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_dry_run_every_stage_passes(dry_run):
     out, proc = dry_run
     summary = json.loads((out / "summary.json").read_text())
@@ -50,6 +51,7 @@ def test_dry_run_every_stage_passes(dry_run):
     assert all(f"stage {name}:" in proc.stdout for name in STAGES_RUN)
 
 
+@pytest.mark.slow
 def test_dry_run_results_are_few_small_files(dry_run):
     out, _ = dry_run
     files = [p for p in out.rglob("*") if p.is_file()]
@@ -77,6 +79,7 @@ def _check(tmp_path, **kw) -> gpu_check.Check:
     return gpu_check.Check(args)
 
 
+@pytest.mark.slow
 def test_a_failing_stage_is_reported_and_the_next_one_runs(tmp_path):
     check = _check(tmp_path)
 
@@ -93,6 +96,7 @@ def test_a_failing_stage_is_reported_and_the_next_one_runs(tmp_path):
     assert "| pytest | failed |" in (tmp_path / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_stage_past_its_budget_times_out(tmp_path):
     check = _check(tmp_path, budget=["pytest=1.5"])
     check.stage("pytest", lambda b: check.from_rc("pytest", ["sleep"],
@@ -102,6 +106,7 @@ def test_a_stage_past_its_budget_times_out(tmp_path):
     assert res.status == "timeout" and res.seconds < 10 and res.budget == 1.5
 
 
+@pytest.mark.slow
 def test_the_total_budget_caps_every_stage(tmp_path):
     check = _check(tmp_path, total_budget=3.0)
     check.stage("pytest", lambda b: gpu_check.StageResult("pytest", "passed", note=f"budget {b}"))

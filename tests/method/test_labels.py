@@ -22,12 +22,20 @@ def test_varm_image_truncates_to_uint8_as_the_official_code():
         varm_image(torch.zeros(3, 4, 4))
 
 
-def test_trainer_feeds_varm_the_truncated_image():
-    from tscd.train.trainer import denormalize01
+def test_recipes_feed_the_refinement_the_truncated_image(monkeypatch):
+    """TSCD's and AFA's pseudo labels (tscd.method.recipes.shared) refine with the official uint8 image."""
+    from types import SimpleNamespace
 
+    from tscd.config import Config
+    from tscd.method.recipes import shared
+
+    seen = []
+    monkeypatch.setattr(shared, "refine_cams_with_bkg", lambda image01, *a, **k: seen.append(image01))
+    steps = shared.SharedSteps(Config(), SimpleNamespace(device=torch.device("cpu")))
     img = torch.randn(2, 3, 5, 7)
-    assert torch.equal(denormalize01(img), varm_image(img))
-    assert torch.equal(denormalize01(img) * 255, (denormalize01(img) * 255).round())  # integers on 0..255
+    steps.pseudo_label(img, torch.rand(2, 4, 5, 7), torch.ones(2, 4), None)
+    assert torch.equal(seen[0], varm_image(img))
+    assert torch.equal(seen[0] * 255, (seen[0] * 255).round())  # integers on 0..255
 
 
 class _SyncGuard:

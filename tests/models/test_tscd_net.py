@@ -166,7 +166,10 @@ def _compile_and_check(backend: str) -> None:
         return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     ref, ref_grads = run(model)
-    out, grads = run(torch.compile(model, backend=backend, fullgraph=True))
+    try:
+        out, grads = run(torch.compile(model, backend=backend, fullgraph=True))
+    finally:
+        torch._dynamo.reset()  # no compiled code or guards left for the tests after this one
     for name in ("cls_logits", "seg_logits", "affinity", "cam"):
         assert_close(getattr(out, name), getattr(ref, name), rtol=1e-4, atol=1e-4, name=name)
     for n in ("encoder.patch_embed1.proj.weight", "encoder.block4.1.attn.q.weight", "affinity_head.proj.weight",
@@ -174,6 +177,7 @@ def _compile_and_check(backend: str) -> None:
         assert_close(grads[n], ref_grads[n], rtol=1e-3, atol=1e-5, name=f"grad {n}")
 
 
+@pytest.mark.slow  # a whole-network torch.compile: `make test` (CI), not `make test-fast`
 def test_compile_fullgraph_aot_eager():
     """The training forward and its backward trace as one graph (no graph breaks) and match eager.
 

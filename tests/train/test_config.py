@@ -111,23 +111,37 @@ def test_numeric_ranges(text, message):
         load_config(ROOT / "configs" / "demo.yaml", [text])
 
 
-def test_every_numeric_key_has_a_range():
-    """A numeric key added to the dataclasses without an entry in RANGES would skip validation."""
+def test_every_numeric_key_has_a_range_and_every_name_its_choices():
+    """A numeric key without a range, or a string key with a fixed set of names without its choices, would skip
+    validation; the choices come from where the names are defined (no copies of other modules' lists)."""
     import dataclasses
     import typing
 
-    from tscd.config import RANGES, Config
+    from tscd.config import SECTIONS, Config, choices_of
+    from tscd.method.recipes import RECIPES
 
     def numeric(tp) -> bool:
         args = typing.get_args(tp)
         return tp in (int, float) or any(numeric(a) for a in args if a is not type(None) and a is not Ellipsis)
 
+    sections = {name: typing.get_type_hints(type(getattr(Config(), name))) for name in SECTIONS}
+    sections.update({name: typing.get_type_hints(r.config_class) for name, r in RECIPES.items() if r.config_class})
+    classes = {name: type(getattr(Config(), name)) for name in SECTIONS}
+    classes.update({name: r.config_class for name, r in RECIPES.items() if r.config_class})
     missing = []
-    for sec in dataclasses.fields(Config):
-        for name, tp in typing.get_type_hints(sec.default_factory).items():
-            if numeric(tp) and f"{sec.name}.{name}" not in RANGES:
-                missing.append(f"{sec.name}.{name}")
-    assert not missing, f"numeric config keys without a range in tscd.config.RANGES: {missing}"
+    for sec, hints in sections.items():
+        meta = {f.name: f.metadata for f in dataclasses.fields(classes[sec])}
+        missing += [f"{sec}.{name}" for name, tp in hints.items() if numeric(tp) and "range" not in meta[name]]
+    assert not missing, f"numeric config keys without a range (tscd.config.option): {missing}"
+    named = {"data.dataset": "tscd.data.factory", "model.pooling": "tscd.models.tscd_net",
+             "pseudo.refine_mode": "tscd.kernels.refine", "loss.crf_gain": "tscd.kernels.permutohedral",
+             "train.backend": "tscd.kernels._backend", "train.checkpointing": "tscd.models.tscd_net"}
+    for key, module in named.items():
+        sec, name = key.split(".")
+        spec = next(f for f in dataclasses.fields(classes[sec]) if f.name == name).metadata["choices"]
+        assert spec.startswith(module + ":"), (key, spec)
+    assert choices_of("tscd.kernels._backend:BACKENDS") == ("auto", "triton", "cuda", "cpp", "torch")
+    assert choices_of("tscd.kernels.refine:MODES") == ("varm", "par")
 
 
 def test_fit_max_iters_scales_the_warm_up():

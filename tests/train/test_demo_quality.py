@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tscd.cli import main
+
+pytestmark = pytest.mark.slow  # minutes: `make test` (CI) runs it, `make test-fast` does not
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,27 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._utils import write_tiny_config
 from tscd.cli import main
-from tscd.config import ConfigError, load_config
-from tscd.train.memory import PeakMemory, dry_run, resolve_memory_mode, state_bytes, tensor_bytes
-
-TINY = """
-data: {dataset: demo, root: null, train_split: train, val_split: val, crop_size: 64, scale_range: [1.0, 1.0],
-       batch_size: 2, num_workers: 0, demo_num_train: 8, demo_num_val: 2, demo_size: 64, val_num: 2}
-model: {name: tscd_mit_tiny, decoder_dim: 32, drop_path_rate: 0.1}
-pseudo: {cam_scales: [1.0, 0.5], refine_iters: 3}
-loss: {scd_samples: 6}
-optim: {lr: 1.0e-3, warmup_iters: 2}
-train: {max_iters: 6, cam_iters: 2, log_iters: 1, val_iters: 0, ckpt_iters: 3, seed: 3, tensorboard: false,
-        device: cpu}
-"""
+from tscd.config import ConfigError, load_config, resolve_config
+from tscd.train.memory import PeakMemory, dry_run, state_bytes, tensor_bytes
 
 
 @pytest.fixture()
 def tiny_cfg(tmp_path: Path) -> Path:
-    p = tmp_path / "tiny.yaml"
-    p.write_text(TINY)
-    return p
+    return write_tiny_config(tmp_path / "tiny.yaml", {"data": {"scale_range": [1.0, 1.0], "demo_num_val": 2},
+                                                      "train": {"device": "cpu"}})
 
 
 def _trainer(tiny_cfg: Path, tmp_path: Path, *overrides: str):
@@ -73,15 +62,14 @@ def test_bad_memory_keys_are_rejected(override, key):
 
 def test_low_memory_mode_sets_amp_checkpointing_and_accumulation():
     cfg = load_config(None, ["data.dataset=demo", "data.batch_size=4"])
-    assert resolve_memory_mode(cfg) is cfg  # default: unchanged
+    assert [c.key for c in resolve_config(cfg, "cpu", world_size=1)[1]] == ["train.device"]  # default: unchanged
     cfg.train.memory = "low"
-    low = resolve_memory_mode(cfg, world_size=1)
+    low, _ = resolve_config(cfg, "cpu", world_size=1)
     assert (low.train.amp, low.train.checkpointing) == ("bf16", "all")
     assert (cfg.train.amp, cfg.train.checkpointing) == ("off", "off")  # the input is not modified
-    # micro-batches of one image per process where the trainer has gradient accumulation
-    cfg.train.accum_steps = 1
-    assert resolve_memory_mode(cfg, world_size=1).train.accum_steps == 4
-    assert resolve_memory_mode(cfg, world_size=2).train.accum_steps == 2
+    # micro-batches of one image per process
+    assert low.train.accum_steps == 4
+    assert resolve_config(cfg, "cpu", world_size=2)[0].train.accum_steps == 2
 
 
 def test_trainer_applies_memory_settings(tiny_cfg, tmp_path):
@@ -102,20 +90,21 @@ def test_train_step_leaves_no_tensors_behind(tiny_cfg, tmp_path):
     t.train_step(next(batches))  # creates the optimizer state
     batch = next(batches)
     t.iteration = 2
-    t._last = None  # start from weights + optimizer state only
+    t.recipe.last = {}  # start from weights + optimizer state only
     with PeakMemory("cpu") as pm:
         t.train_step(batch)
     del batch
     assert all(p.grad is None for p in t.net.parameters())  # gradients are freed after the step
     # the only tensors that survive are one image's copies kept for TensorBoard (not views of the batch)
-    for k, v in t._last.items():
+    for k, v in t.recipe.last.items():
         assert v.shape[0] == 1 and v.untyped_storage().nbytes() == v.numel() * v.element_size(), k
     assert pm.peak_bytes > 1_000_000  # the measurement saw the iteration
-    assert pm.net_bytes <= tensor_bytes(t._last.values())
+    assert pm.net_bytes <= tensor_bytes(t.recipe.last.values())
 
 
 # -- dry run ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_dry_run_cli_prints_time_and_peak_and_writes_nothing(tiny_cfg, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--config", str(tiny_cfg), "--run-dir", str(run), "--dry-run"]) == 0
@@ -127,6 +116,7 @@ def test_dry_run_cli_prints_time_and_peak_and_writes_nothing(tiny_cfg, tmp_path,
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_dry_run_low_memory_has_a_lower_peak(tiny_cfg):
     cfg = load_config(tiny_cfg, ["train.run_dir=unused", "data.crop_size=96", "data.demo_size=96"])
     default = dry_run(cfg, iterations=2)
@@ -144,7 +134,7 @@ def test_shipped_low_memory_config_is_voc_in_low_memory_mode():
     low = load_config(root / "voc_lowmem.yaml", ["data.root=/data/voc"])
     voc = load_config(root / "voc.yaml", ["data.root=/data/voc"])
     assert low.train.memory == "low" and voc.train.memory == "default"
-    resolved = resolve_memory_mode(low, world_size=1)
+    resolved, _ = resolve_config(low, "cpu", world_size=1)
     assert (resolved.train.amp, resolved.train.checkpointing) == ("bf16", "all")
     low_d, voc_d = low.to_dict(), voc.to_dict()
     for d in (low_d, voc_d):

@@ -8,30 +8,22 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
+from tests._utils import write_tiny_config
 from tscd.cli import main
+from tscd.eval.metrics import read_metrics
 from tscd.train.checkpoint import list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
-TINY = """
-data: {dataset: demo, root: null, train_split: train, val_split: val, crop_size: 64, scale_range: [0.8, 1.2],
-       batch_size: 2, num_workers: 0, demo_num_train: 16, demo_num_val: 4, demo_size: 64, val_num: 2}
-model: {name: tscd_mit_tiny, decoder_dim: 32, drop_path_rate: 0.1}
-pseudo: {cam_scales: [1.0, 0.5], refine_iters: 3}
-loss: {scd_samples: 6}
-optim: {lr: 1.0e-3, warmup_iters: 2}
-train: {max_iters: 6, cam_iters: 2, log_iters: 1, val_iters: 0, ckpt_iters: 3, keep_ckpts: 2, seed: 3}
-"""
 # extra overrides for every run of this module (all losses on by default)
 EXTRA: list[str] = []
 
 
 def _config(tmp_path: Path) -> Path:
-    p = tmp_path / "tiny.yaml"
-    p.write_text(TINY)
-    return p
+    return write_tiny_config(tmp_path / "tiny.yaml", {"data": {"demo_num_train": 16}})
 
 
 def _train_cmd(cfg: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -48,9 +40,11 @@ def _history(run_dir: Path) -> list[dict]:
     return load_checkpoint(list_checkpoints(run_dir)[-1][1])["history"]
 
 
+@pytest.mark.slow
 def test_train_runs_and_writes_everything(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--config", str(_config(tmp_path)), "--run-dir", str(run), *EXTRA]) == 0
+    assert main(["train", "--config", str(_config(tmp_path)), "--run-dir", str(run), *EXTRA,
+                 "train.tensorboard=true"]) == 0
     out = capsys.readouterr().out
     assert "segmentation head" in out and "pseudo label (VARM)" in out and "chance level" in out
     assert (run / "config.yaml").is_file() and (run / "train.log").is_file() and (run / "final_scores.json").is_file()
@@ -64,8 +58,13 @@ def test_train_runs_and_writes_everything(tmp_path, capsys):
     assert all(torch.isfinite(torch.tensor(h["total"])) for h in hist)
     log = (run / "train.log").read_text()
     assert "iter 6/6" in log and "val @6" in log
+    [val] = read_metrics(run)
+    assert (val["iteration"], val["protocol"], val["num_images"], sorted(val["miou"])) == (6, "native", 2,
+                                                                                          ["cam", "pseudo", "seg"])
+    assert set(val["iou"]["seg"]) == {"background", "disc", "square", "triangle", "ring", "cross"}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path):
     cfg = _config(tmp_path)
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
@@ -88,6 +87,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert all(torch.equal(sd_ref[k], sd_res[k]) for k in sd_ref)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
@@ -107,6 +107,7 @@ def test_bad_config_key_fails_clearly(tmp_path, capsys):
     assert "unknown key `train.max_iter`" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_torch_backend_and_fused_kernels_give_the_same_loss_curve(tmp_path):
     """Same seed, same data: the pure-PyTorch references and the fused kernels train identically
     (up to float rounding) for several full iterations (pseudo labels, SCD, every loss but the CRF term:
@@ -131,6 +132,7 @@ def test_torch_backend_and_fused_kernels_give_the_same_loss_curve(tmp_path):
             assert abs(ref[key] - fast[key]) <= 1e-4 * max(1.0, abs(ref[key])), (ref["iteration"], key, ref, fast)
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_evaluates_with_crf(tmp_path, capsys):
     """`tscd eval` reads what `tscd train` writes (RNG states and all), and its CRF path uses our dense_crf."""
     run = tmp_path / "run"

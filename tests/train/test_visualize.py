@@ -1,12 +1,15 @@
-"""The run pictures: validation grid and training curves are real PNGs with the expected content."""
+"""The run pictures: validation grid and training curves are real PNGs with the expected content; validation results
+are data (metrics.jsonl), which the curves read."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests._utils import write_tiny_config
+from tscd import visualize as viz
 from tscd.data.classes import DEMO_CLASSES, PALETTE
-from tscd.train import visualize as viz
+from tscd.eval.metrics import append_metrics, read_metrics
 
 
 def _rows(n: int, size: int = 24) -> list[dict]:
@@ -88,18 +91,23 @@ def test_class_names_for_known_and_custom_datasets():
     assert viz.class_names_for("voc", 3) == ["background", "class 1", "class 2", "class 3"]  # not VOC's count
 
 
-def test_read_val_log_parses_the_trainer_lines_and_keeps_the_last(tmp_path):
-    log = tmp_path / "train.log"
-    log.write_text("10:00:00 INFO tscd.train.trainer: val @100 (50 images): mIoU seg 10.00 | CAM 20.50 | "
-                   "pseudo label 30.25\nnoise\n"
-                   "10:01:00 INFO tscd.train.trainer: val @200 (50 images): mIoU seg 40.00 | CAM 41.00 | "
-                   "pseudo label 42.00\n"
-                   "10:02:00 INFO tscd.train.trainer: val @100 (50 images, protocol native): mIoU seg 11.00 | "
-                   "CAM 21.00 | "
-                   "pseudo label 31.00\n")
-    assert viz.read_val_log(log) == [{"iteration": 100, "seg": 11.0, "cam": 21.0, "pseudo": 31.0},
-                                     {"iteration": 200, "seg": 40.0, "cam": 41.0, "pseudo": 42.0}]
-    assert viz.read_val_log(tmp_path / "missing.log") == []
+def _report(seg: float, cam: float, pseudo: float) -> dict:
+    results = {o: {"miou": v, "iou": {"background": v, "disc": None}} for o, v in
+               (("seg", seg), ("cam", cam), ("pseudo", pseudo))}
+    return {"num_images": 50, "protocol": "native", "results": results}
+
+
+def test_metrics_jsonl_is_appended_and_read_back_last_record_wins(tmp_path):
+    append_metrics(tmp_path, 100, _report(10.0, 20.5, 30.25), split="val")
+    append_metrics(tmp_path, 200, _report(40.0, 41.0, float("nan")), split="val")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 300, "protoc')  # a write cut short by a kill
+    append_metrics(tmp_path, 100, _report(11.0, 21.0, 31.0), split="val")  # a resumed run validates again
+    records = read_metrics(tmp_path)
+    assert [(r["iteration"], r["miou"]["seg"]) for r in records] == [(100, 11.0), (200, 40.0)]
+    assert records[1]["miou"]["pseudo"] is None and records[0]["iou"]["cam"] == {"background": 21.0, "disc": None}
+    assert records[0]["protocol"] == "native" and records[0]["split"] == "val" and records[0]["num_images"] == 50
+    assert read_metrics(tmp_path / "metrics.jsonl", protocol="ms") == [] and read_metrics(tmp_path / "none") == []
 
 
 def test_curves_png_plots_every_loss_term_lr_and_miou(tmp_path, monkeypatch):
@@ -116,8 +124,8 @@ def test_curves_png_plots_every_loss_term_lr_and_miou(tmp_path, monkeypatch):
     hist = [{"iteration": i, "cls": 1.0 / i, "total": 1.0 / i, "lr": 1e-3 * (1 - i / 100)} for i in range(1, 50)]
     hist += [{"iteration": i, "cls": 0.1, "seg": 0.5, "scd": 0.2, "reg": 0.05, "aff": 0.3, "total": 1.0,
               "lr": 1e-3 * (1 - i / 100)} for i in range(50, 100)]
-    val = [{"iteration": 50, "seg": 20.0, "cam": 30.0, "pseudo": 35.0},
-           {"iteration": 99, "seg": 60.0, "cam": 50.0, "pseudo": 65.0}]
+    val = [{"iteration": 50, "miou": {"seg": 20.0, "cam": 30.0, "pseudo": 35.0}},
+           {"iteration": 99, "miou": {"seg": 60.0, "cam": 50.0, "pseudo": 65.0}}]
     p = viz.save_curves(tmp_path / "c.png", hist, val, dpi=50)
     with Image.open(p) as im:
         assert im.format == "PNG" and im.size == (13 * 50, round(3.6 * 50))
@@ -127,23 +135,18 @@ def test_curves_png_plots_every_loss_term_lr_and_miou(tmp_path, monkeypatch):
         viz.save_curves(tmp_path / "d.png", [], val)
 
 
-TINY = """
-data: {dataset: demo, root: null, train_split: train, val_split: val, crop_size: 48, scale_range: [0.9, 1.1],
-       batch_size: 2, num_workers: 0, demo_num_train: 8, demo_num_val: 3, demo_size: 48}
-model: {name: tscd_mit_tiny, decoder_dim: 16}
-pseudo: {cam_scales: [1.0], refine_iters: 2}
-loss: {scd_samples: 4}
-optim: {lr: 1.0e-3, warmup_iters: 1}
-train: {max_iters: 3, cam_iters: 1, log_iters: 1, val_iters: 2, ckpt_iters: 100, tensorboard: false}
-"""
+TINY = {"data": {"crop_size": 48, "scale_range": [0.9, 1.1], "demo_num_val": 3, "demo_size": 48, "val_num": None},
+        "model": {"decoder_dim": 16, "drop_path_rate": 0.1}, "pseudo": {"cam_scales": [1.0], "refine_iters": 2},
+        "loss": {"scd_samples": 4}, "optim": {"warmup_iters": 1},
+        "train": {"max_iters": 3, "cam_iters": 1, "val_iters": 2, "ckpt_iters": 100}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plots", [True, False])
 def test_tscd_train_writes_and_prints_the_pictures(tmp_path, capsys, plots):
     from tscd.cli import main
 
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
+    cfg = write_tiny_config(tmp_path / "tiny.yaml", TINY)
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--run-dir", str(run), f"train.plots={str(plots).lower()}"]) == 0
     out = capsys.readouterr().out
@@ -156,5 +159,6 @@ def test_tscd_train_writes_and_prints_the_pictures(tmp_path, capsys, plots):
         assert g.format == c.format == "PNG"
         assert g.size[0] == round(5 * 1.5 * 80) and g.size[1] > 3 * 1.5 * 80  # 3 val images, 5 columns
         assert c.size == (13 * 80, round(3.6 * 80))
-    # the validations at iterations 2 and 3 are both in the log the curves read
-    assert [v["iteration"] for v in viz.read_val_log(run / "train.log")] == [2, 3]
+    # the validations at iterations 2 and 3 are both in the data the curves read
+    assert [(v["iteration"], v["protocol"], sorted(v["miou"])) for v in read_metrics(run)] == \
+        [(2, "native", ["cam", "pseudo", "seg"]), (3, "native", ["cam", "pseudo", "seg"])]

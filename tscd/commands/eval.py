@@ -13,7 +13,8 @@ protocol; it is saved as ``results_<split>_<protocol>.json`` / ``.csv`` in ``--o
 numbered ``.2``, ``.3``, ... rather than overwriting an earlier result (``--overwrite`` replaces it). ``--save-preds``
 also writes palette PNGs per output; ``--grid N`` draws the first N images (image | CAM | pseudo label | prediction |
 ground truth, as training's val_grid.png) to ``grid_<split>_<protocol>.png``. mIoU convention: classes absent from
-both ground truth and prediction are excluded from the mean.
+both ground truth and prediction are excluded from the mean. When the checkpoint's run validated that iteration
+under the same protocol, the numbers its ``metrics.jsonl`` holds are printed too.
 """
 from __future__ import annotations
 
@@ -22,28 +23,32 @@ import logging
 import time
 from pathlib import Path
 
+from tscd.commands._common import add_checkpoint_args, parse_scales
 from tscd.eval.evaluator import PROTOCOLS
 
 logger = logging.getLogger("tscd.eval")
 PROTOCOL_TEXT = PROTOCOLS
 
 
-def parse_scales(text: str) -> tuple[float, ...]:
-    """``"1,0.5,0.75"`` -> (1.0, 0.5, 0.75); an argparse type."""
-    try:
-        scales = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, e.g. 1,0.5,0.75; got {text!r}")
-    if not scales or any(s <= 0 for s in scales):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, e.g. 1,0.5,0.75; got {text!r}")
-    return scales
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """``<run>/checkpoints/ckpt.pt`` -> ``<run>``; any other file -> its folder."""
+    path = Path(checkpoint).resolve()
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
 def default_out_dir(checkpoint: str | Path) -> Path:
     """``<run>/checkpoints/ckpt.pt`` -> ``<run>/eval``; any other file -> ``<its folder>/eval``."""
-    path = Path(checkpoint).resolve()
-    parent = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return parent / "eval"
+    return run_dir_of(checkpoint) / "eval"
+
+
+def logged_validation(checkpoint: str | Path, iteration: int | None, protocol: str) -> dict | None:
+    """The training validation of the checkpoint's iteration under ``protocol`` from its run's ``metrics.jsonl``
+    (:func:`tscd.eval.metrics.read_metrics`), or None."""
+    from tscd.eval.metrics import read_metrics
+
+    found = [r for r in read_metrics(run_dir_of(checkpoint), protocol)
+             if r["iteration"] == iteration and r.get("source") == "train"]
+    return found[-1] if found else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,8 +115,13 @@ def run(args: argparse.Namespace) -> int:
           f"{PROTOCOL_TEXT.get(args.protocol, '')}")
     print(format_table(report["results"], OUTPUT_TITLES))
     print(f"(mIoU excludes classes absent from both ground truth and prediction; saved {json_path} and {csv_path})")
+    logged = logged_validation(args.checkpoint, loaded.iteration, settings.protocol)
+    if logged is not None:  # the same evaluator: equal numbers on the same images
+        scores = ", ".join(f"{o} {v:.2f}" for o, v in logged["miou"].items() if v is not None)
+        print(f"training validation at iteration {logged['iteration']} ({logged['split']}, {logged['num_images']} "
+              f"images, protocol {logged['protocol']}; {run_dir_of(args.checkpoint) / 'metrics.jsonl'}): {scores}")
     if args.grid:
-        from tscd.train.visualize import eval_grid
+        from tscd.visualize import eval_grid
 
         grid = eval_grid(loaded.model, dataset, settings, device, out_dir / f"{stem.replace('results_', 'grid_')}.png",
                          args.grid, title=f"{report['dataset']} {split}, iteration {loaded.iteration}, "
@@ -123,10 +133,7 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="score a checkpoint (seg single/multi-scale/+CRF, CAM, affinity, pseudo)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (runs/<name>/checkpoints/ckpt_*.pt)")
-    p.add_argument("--split", default=None, help="split to score (default: the config's data.val_split)")
-    p.add_argument("--dataset", default=None, help="dataset name (default: the checkpoint's data.dataset)")
-    p.add_argument("--root", default=None, help="dataset root (default: the checkpoint's data.root)")
+    add_checkpoint_args(p, split_default="data.val_split")
     p.add_argument("--out", default=None, help="output folder (default: <run dir>/eval)")
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="native",
                    help="native (default: native size, single-scale seg, as training validation logs) or ms "
@@ -150,5 +157,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", type=int, default=None, metavar="N",
                    help="also draw the first N images (image | CAM | pseudo label | prediction | ground truth) "
                         "to <out>/grid_<split>_<protocol>.png")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=run, overrides=[])

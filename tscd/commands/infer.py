@@ -15,7 +15,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from tscd.commands.eval import parse_scales
+from tscd.commands._common import add_checkpoint_args, parse_scales
 
 logger = logging.getLogger("tscd.infer")
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                            overwrite=args.overwrite)
     print(f"{stats['written']} image(s) written, {stats['skipped']} already done, in {args.out}")
     if args.grid:
-        from tscd.train.visualize import class_names_for, infer_grid
+        from tscd.visualize import class_names_for, infer_grid
 
         names = class_names_for(loaded.config.data.dataset, loaded.num_classes)
         grid = infer_grid(images, args.out, names, args.grid, cam=args.cam,
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("infer", help="predict coloured masks (palette PNGs) for images or folders",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (runs/<name>/checkpoints/ckpt_*.pt)")
+    add_checkpoint_args(p)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--scales", type=parse_scales, default=(1.0, 0.5, 0.75), help="test scales (default 1,0.5,0.75)")
@@ -67,5 +67,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="recompute images whose outputs exist")
     p.add_argument("--grid", type=int, default=None, metavar="N",
                    help="also draw the first N inputs (image | CAM with --cam | prediction) to <out>/grid.png")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=run, overrides=[])

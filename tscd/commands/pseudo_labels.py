@@ -2,9 +2,10 @@
 
     tscd pseudo-labels --checkpoint runs/voc/checkpoints/ckpt_0020000.pt --split train_aug --out pseudo/
 
-Multi-scale CAMs + VARM refinement with the image-level labels (docs/method.md), as in training, at each image's native
-size: values 0 (background), 1..C and 255 (uncertain: ignore when training a second-stage segmenter). Settings come
-from the checkpoint's config (``pseudo.*``; override with ``section.key=value``). Re-running skips finished images.
+Multi-scale CAMs + VARM (or PAR) refinement with the image-level labels (docs/method.md), as in training, at each
+image's native size: values 0 (background), 1..C and 255 (uncertain: ignore when training a second-stage segmenter).
+Settings come from the checkpoint's config (``pseudo.*``; override with ``section.key=value``). Re-running skips
+finished images.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from tscd.commands.eval import parse_scales
+from tscd.commands._common import add_checkpoint_args, parse_scales
 
 logger = logging.getLogger("tscd.pseudo_labels")
 
@@ -44,13 +45,9 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("pseudo-labels", help="export refined pseudo labels of a split as palette PNGs",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (runs/<name>/checkpoints/ckpt_*.pt)")
+    add_checkpoint_args(p, split_default="data.train_split")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--split", default=None, help="split (default: the config's data.train_split)")
-    p.add_argument("--dataset", default=None, help="dataset name (default: the checkpoint's data.dataset)")
-    p.add_argument("--root", default=None, help="dataset root (default: the checkpoint's data.root)")
     p.add_argument("--cam-scales", type=parse_scales, default=None, help="CAM scales (default: the config's)")
     p.add_argument("--num-images", type=int, default=None, help="the first N images only")
     p.add_argument("--overwrite", action="store_true", help="recompute existing files")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=run, overrides=[])

@@ -240,6 +240,25 @@ class SegmentationDataset(Dataset):
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(indices)))) as pool:  # PNG decoding drops the GIL
             return [r for r in pool.map(check, indices) if r is not None]
 
+    def check_eval_masks(self, num: int | None, skip_bad: bool, what: str) -> None:
+        """Decode the masks an evaluation of the first ``num`` items (None: all) will score, now: a bad mask must
+        not cost a training run at its end. With ``skip_bad`` the bad entries are dropped, with a warning.
+
+        Raises:
+            DataError: a bad mask (naming the first, and how many more), unless ``skip_bad``.
+        """
+        total = len(self) if num is None else min(num, len(self))
+        errors = self.check_masks(range(total))
+        if not errors:
+            return
+        if not skip_bad:
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise DataError(f"{what}: {errors[0][1]}{more}; fix the masks, or set data.skip_bad=true to leave such "
+                            f"images out of validation")
+        self.drop([i for i, _ in errors])
+        log.warning("%s: left out %d image(s) with bad masks: %s", what, len(errors),
+                    "; ".join(msg for _, msg in errors[:5]))
+
     def drop(self, indices: Sequence[int]) -> None:
         """Remove the entries at ``indices`` (e.g. bad masks found by :meth:`check_masks`)."""
         bad = set(int(i) for i in indices)

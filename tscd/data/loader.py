@@ -68,6 +68,77 @@ class EpochSampler(Sampler):
         return len(self.sampler)
 
 
+class ResumableLoader:
+    """A training loader whose position is part of a checkpoint: the epoch, the batches taken in it and the states
+    of the shuffle generators when it began. Iterating yields batches forever (epoch after epoch); after
+    :meth:`load_state_dict` the interrupted epoch is replayed in its order, minus the batches already used.
+
+    Args:
+        base: a shuffling loader from :func:`build_loader` (its dataset, sampler, generator and workers are used).
+    """
+
+    def __init__(self, base: DataLoader) -> None:
+        self.sampler = SkippingSampler(base.sampler)
+        self.loader = DataLoader(base.dataset, batch_size=base.batch_size, sampler=self.sampler,
+                                 num_workers=base.num_workers, drop_last=base.drop_last, pin_memory=base.pin_memory,
+                                 worker_init_fn=base.worker_init_fn, generator=base.generator)
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.epoch_gen_states: list | None = None  #: the generators' states as the current epoch began
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
+                "epoch_gen_states": self.epoch_gen_states}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+        self.epoch_gen_states = state["epoch_gen_states"]
+
+    def _generators(self) -> list[torch.Generator]:
+        inner = getattr(self.sampler.inner, "sampler", None)
+        return [g for g in (getattr(inner, "generator", None), self.loader.generator) if g is not None]
+
+    def __iter__(self):
+        resumed = self.epoch_gen_states is not None
+        if resumed:  # replay the interrupted epoch's order, minus the batches already used
+            for g, st in zip(self._generators(), self.epoch_gen_states):
+                g.set_state(st)
+            self.sampler.skip = self.batches_in_epoch * self.loader.batch_size
+        while True:
+            if not resumed:
+                self.epoch_gen_states = [g.get_state() for g in self._generators()]
+            resumed = False
+            self.sampler.set_epoch(self.epoch)
+            for batch in self.loader:
+                self.batches_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batches_in_epoch = 0
+
+
+class SkippingSampler(Sampler):
+    """Wraps a loader's :class:`EpochSampler`; the first pass after ``skip`` is set starts ``skip`` items in (a
+    resumed run replays its interrupted epoch without the batches it already used)."""
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner = inner
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        keys = list(iter(self.inner))
+        skip, self.skip = self.skip, 0
+        return iter(keys[skip:])
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0,
                  drop_last: bool = False, distributed: bool = False, pin_memory: bool | None = None) -> DataLoader:
     """A DataLoader with per-sample seeding (module docstring) and an optional DistributedSampler.

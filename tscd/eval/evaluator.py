@@ -8,7 +8,7 @@ Evaluated outputs (keys of the results), each against the dataset's masks (255 i
 ``seg_ms_crf``  ``seg_ms`` followed by the dense CRF (:mod:`tscd.eval.crf`)
 ``cam``         CAM label: multi-scale CAM, argmax over the image's classes, background where <= ``cam_bkg``
 ``aff``         affinity-refined CAM (random walk, :mod:`tscd.method.random_walk`, background 0.35)
-``pseudo``      the training pseudo labels (VARM, :func:`tscd.method.refine_cams_with_bkg`);
+``pseudo``      the training pseudo labels (VARM or PAR, :func:`tscd.method.refine_cams_with_bkg`);
                 their uncertain pixels (255) are scored as background, as in training-time validation
 ==============  ===========================================================================================
 
@@ -17,7 +17,8 @@ Evaluated outputs (keys of the results), each against the dataset's masks (255 i
 Protocols (:data:`PROTOCOLS`, :func:`protocol_settings`) fix how the test image is presented:
 
 * ``native`` (the default of ``tscd eval``, and what training validation logs): every image at its native size;
-  ``seg`` single scale; the CAM at ``pseudo.cam_scales`` with flip; bf16 autocast when the run trained with it.
+  ``seg`` single scale; the CAM at ``pseudo.cam_scales`` with flip; bf16 autocast when the run trained with it
+  (the resolved ``train.amp``).
 * ``ms`` (the field's multi-scale test, AFA's ``test_msc_flip``): the long side resized to 512, ``seg_ms`` at scales
   1, 0.5, 0.75 with flip (max over scales), optionally + dense CRF (``seg_ms_crf``); float32.
 
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 OUTPUTS: tuple[str, ...] = ("seg", "seg_ms", "seg_ms_crf", "cam", "aff", "pseudo")
 #: Column titles of the results table.
 OUTPUT_TITLES: dict[str, str] = {"seg": "seg", "seg_ms": "seg MS+flip", "seg_ms_crf": "seg MS+flip+CRF",
-                                 "cam": "CAM", "aff": "CAM+aff RW", "pseudo": "pseudo (VARM)"}
+                                 "cam": "CAM", "aff": "CAM+aff RW", "pseudo": "pseudo label"}
 #: Evaluation protocols (module docstring): name -> description.
 PROTOCOLS: dict[str, str] = {
     "native": "native image size, seg single-scale, multi-scale+flip CAM (what training validation reports)",
@@ -145,15 +146,17 @@ def protocol_settings(protocol: str, cfg, device: torch.device | str = "cpu", sp
 
     Args:
         protocol: ``native`` or ``ms``.
-        cfg: the :class:`tscd.config.Config` of the run (CAM scales, thresholds, VARM settings, ``train.amp``).
-        device: where the model runs (``native`` uses bf16 autocast on CUDA when ``train.amp`` does).
+        cfg: the :class:`tscd.config.Config` of the run, resolved (:func:`tscd.config.resolve_config`; CAM scales,
+            thresholds, refinement settings, ``train.amp``).
+        device: where the model runs (``native`` runs under bf16 autocast when the run trained with it:
+            ``train.amp: bf16``).
         split: the split scored; default outputs add ``pseudo`` on training splits under ``ms``.
         **changes: fields to set on top (``outputs``, ``num_images``, ...). Changing one of the fields that define
             the protocol (``seg_scales``, ``cam_scales``, ``flip``, ``resize_long``, ``amp``) to another value
             names the result ``<protocol>+custom``.
 
     Raises:
-        ValueError: unknown protocol or field.
+        ValueError: unknown protocol or field, or an unresolved ``train.amp: auto``.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"evaluate: unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)} (`--protocol`)")
@@ -163,7 +166,10 @@ def protocol_settings(protocol: str, cfg, device: torch.device | str = "cpu", sp
                 pseudo=dict(bkg_high=p.bkg_high, bkg_low=p.bkg_low, scale=p.refine_scale, mode=p.refine_mode,
                             num_iter=p.refine_iters, dilations=tuple(p.dilations), backend=cfg.train.backend))
     if protocol == "native":
-        amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
+        if cfg.train.amp == "auto":
+            raise ValueError("protocol_settings: `cfg` is not resolved (train.amp is 'auto'); resolve it for the "
+                             "device first with tscd.config.resolve_config")
+        amp = cfg.train.amp == "bf16"
         base.update(outputs=("seg", "cam", "aff", "pseudo"), seg_scales=DEFAULT_SEG_SCALES, resize_long=None,
                     batch_size=NATIVE_BATCH, amp=amp)
     else:

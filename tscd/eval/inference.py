@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tscd.config import Config, ConfigError, _apply, parse_override
+from tscd.config import Config, ConfigError, apply_overrides, config_from_dict, resolve_config
 from tscd.errors import CheckpointError
 from tscd.models import MIT_CONFIGS, MODEL_CONFIGS, TSCD_STRIDES, MixVisionTransformer, TSCDNet, create_model
 from tscd.models._checkpoint import check_state_dict, read_checkpoint, strip_prefixes, unwrap_state_dict
@@ -40,7 +40,8 @@ class LoadedModel:
 
     Attributes:
         model: the :class:`TSCDNet`, in eval mode, on the requested device.
-        config: the training config stored in the checkpoint (with any overrides applied).
+        config: the training config stored in the checkpoint, with any overrides applied, resolved for the device
+            (:func:`tscd.config.resolve_config`, as training resolved it: e.g. ``train.amp``).
         num_classes: foreground classes C.
         iteration: training iteration of the checkpoint (None if not stored).
         path: the checkpoint file.
@@ -91,13 +92,11 @@ def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu"
                                 f"<run_dir>/checkpoints/ckpt_XXXXXXX.pt")
     raw = _read(path)
     state = strip_prefixes(unwrap_state_dict(raw))
-    cfg = Config()  # not validated as a whole: only the model and pseudo-label sections matter here
     try:
-        if isinstance(raw.get("config"), dict):
-            _apply(cfg, raw["config"], f"checkpoint {path}")
-        for text in overrides:
-            section, name, value = parse_override(text)
-            _apply(cfg, {section: {name: value}}, f"override {text!r}")
+        cfg = config_from_dict(raw["config"], f"checkpoint {path}") if isinstance(raw.get("config"), dict) else Config()
+        apply_overrides(cfg, list(overrides))
+        # the resolution training used (not validated as a whole: only the model and label sections matter here)
+        cfg, _ = resolve_config(cfg, torch.device(device), int(os.environ.get("WORLD_SIZE", "1")), check=False)
     except ConfigError as err:
         raise ValueError(f"checkpoint {str(path)!r}: config not usable: {err}") from None
     num_classes = raw.get("num_classes")

@@ -1,10 +1,21 @@
-"""Segmentation metrics from a confusion matrix accumulated on the device (docs/method.md 6).
+"""Segmentation metrics from a confusion matrix accumulated on the device (docs/method.md 6), and a run's
+validation results as data (``<run_dir>/metrics.jsonl``).
 
 mIoU convention: IoU_c = TP / (TP + FP + FN); classes with TP + FP + FN = 0 (absent from both the
 ground truth and the prediction over the whole dataset) are excluded from the mean. Pixels labelled
 255 (IGNORE_INDEX) are ignored.
+
+``metrics.jsonl``: each validation of a training run appends one JSON object per line
+(:func:`append_metrics`): ``iteration``, ``protocol``, ``split``, ``num_images``, ``source`` (``train``), ``miou``
+(output -> mIoU in %) and ``iou`` (output -> class name -> IoU in %, null for a class absent from both ground
+truth and prediction). Plots and ``tscd eval`` read it with :func:`read_metrics`; nothing parses log text.
 """
 from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
 
 import torch
 
@@ -67,3 +78,59 @@ def segmentation_scores(mat: torch.Tensor, class_names: list[str] | None = None)
         "iou": {n: (100.0 * float(v) if present[i] else None) for i, (n, v) in enumerate(zip(names, iou))},
         "convention": "classes absent from both ground truth and prediction are excluded from the mean",
     }
+
+
+#: The results file of a run directory.
+METRICS_FILE = "metrics.jsonl"
+
+
+def _finite_or_none(v):
+    return v if v is None or math.isfinite(v) else None
+
+
+def append_metrics(run_dir: str | Path, iteration: int, report: dict, split: str, source: str = "train") -> Path:
+    """Append one validation (a :func:`tscd.eval.evaluator.evaluate` report) to ``<run_dir>/metrics.jsonl``.
+
+    Returns:
+        The file's path.
+    """
+    results = report["results"]
+    record = {"iteration": int(iteration), "protocol": report["protocol"], "split": split,
+              "num_images": int(report["num_images"]), "source": source, "time": round(time.time(), 3),
+              "miou": {o: _finite_or_none(r["miou"]) for o, r in results.items()},
+              "iou": {o: {k: _finite_or_none(v) for k, v in r["iou"].items()} for o, r in results.items()}}
+    path = Path(run_dir) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        f.seek(0, 2)
+        cut = f.tell() > 0 and (f.seek(-1, 2), f.read(1))[1] != b"\n"  # a line cut short by a kill: end it first
+        f.write((("\n" if cut else "") + json.dumps(record) + "\n").encode())
+    return path
+
+
+def read_metrics(run_dir_or_file: str | Path, protocol: str | None = None) -> list[dict]:
+    """The records of a run's ``metrics.jsonl`` (a run directory or the file), oldest iteration first.
+
+    A resumed run may validate an iteration twice: the last record of each (iteration, protocol, source) wins.
+    A missing file gives ``[]``; a line that is not JSON (a write cut short by a kill) is skipped.
+
+    Args:
+        run_dir_or_file: the run directory or the file itself.
+        protocol: keep only the records of this protocol.
+    """
+    path = Path(run_dir_or_file)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        return []
+    found: dict[tuple, dict] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or "iteration" not in record:
+            continue
+        if protocol is None or record.get("protocol") == protocol:
+            found[(record["iteration"], record.get("protocol"), record.get("source"))] = record
+    return [found[k] for k in sorted(found, key=lambda k: (k[0], str(k[1]), str(k[2])))]

@@ -1,4 +1,5 @@
-"""The method's label logic (docs/method.md): CAM -> label, VARM pseudo labels, affinity labels.
+"""The method's label logic (docs/method.md): CAM -> label, VARM/PAR pseudo labels, affinity labels, AFA's
+affinity-propagated labels.
 
 Used by training (the losses' targets) and by evaluation (the ``cam`` and ``pseudo`` outputs), so it lives
 here, below both.
@@ -10,7 +11,8 @@ image only, so the two stacks are channels of the same call. Every image keeps a
 channels of absent classes are set to -inf before the softmax (so they are exactly 0, as if dropped) and
 masked out of the argmax; refinement is linear per channel, so the kept channels get the official values.
 Nothing in this path reads a tensor's value on the host (no ``.item()``, no ``nonzero()``): a training step
-on a GPU does not wait for the pseudo labels.
+on a GPU does not wait for the pseudo labels. (AFA's propagated label, :func:`refine_propagated_cams`, refines each
+image's box at its own size and does read the boxes.)
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 from tscd.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from tscd.kernels import refine
+from tscd.method.random_walk import RW_RADIUS, propagate_cam_with_bkg
 
 
 def box_mask(img_box: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -132,6 +135,58 @@ def refine_cams_with_bkg_sequential(image01: torch.Tensor, cams: torch.Tensor, c
     if img_box is not None:
         out[~box_mask(img_box, H, W)] = IGNORE_INDEX
     return out
+
+
+def refine_propagated_cams(image01: torch.Tensor, cams: torch.Tensor, aff: torch.Tensor, cls_label: torch.Tensor,
+                           img_box: torch.Tensor, grid: tuple[int, int], *, bkg_high: float = 0.55,
+                           bkg_low: float = 0.35, radius: int = RW_RADIUS, mode: str = "par", num_iter: int = 10,
+                           dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), backend: str = "auto") -> torch.Tensor:
+    """AFA's segmentation label after its switch: CAMs propagated by the predicted affinity, refined inside each
+    image's box, with two background scores.
+
+    1. For each background score (``bkg_high``, ``bkg_low``): the random walk of [background, CAM] with the
+       affinity (:func:`tscd.method.random_walk.propagate_cam_with_bkg` on ``grid``), resized to (H, W)
+       bilinearly.
+    2. Per image, inside ``img_box`` only: the box of the image, resized to half its size, refines both score
+       stacks (their box crops; ``mode``, PAR in AFA), resized back to the box.
+    3. Argmax over the image's classes per stack; the label is the high run's class where it says foreground,
+       0 where both say background, 255 where only the high run does, and 255 outside the box.
+
+    The boxes differ in size, so this reads ``img_box`` on the host and makes one refine call per image (both
+    stacks in one call), as the official code does.
+
+    Args:
+        image01: (B, 3, H, W) images in [0, 1] (:func:`varm_image`).
+        cams: (B, C, H, W) multi-scale CAMs in [0, 1].
+        aff: (B, N, N) predicted affinity on ``grid`` (AFA: of the largest-scale CAM pass).
+        cls_label: (B, C) multi-hot image labels.
+        img_box: (B, 4) int64 [top, bottom, left, right).
+        grid: the affinity's (h, w), h * w = N.
+        bkg_high, bkg_low: background scores of the two walks (AFA: cam.high_thre 0.55, cam.low_thre 0.35).
+        radius: Chebyshev radius of the walk's mask (8).
+        mode, num_iter, dilations, backend: of :func:`tscd.kernels.refine`.
+
+    Returns:
+        (B, H, W) int64 labels (0..C, 255).
+    """
+    B, C, H, W = cams.shape
+    stacks = [F.interpolate(propagate_cam_with_bkg(cams, aff, cls_label, bkg=bkg, radius=radius, grid=grid),
+                            size=(H, W), mode="bilinear", align_corners=False) for bkg in (bkg_high, bkg_low)]
+    scores = torch.cat(stacks, dim=1)  # (B, 2 (1+C), H, W); absent classes are 0
+    keep = torch.cat([torch.ones_like(cls_label[:, :1], dtype=torch.bool), cls_label > 0.5], dim=1)
+    label = torch.full((B, H, W), IGNORE_INDEX, dtype=torch.long, device=cams.device)
+    for b, (top, bottom, left, right) in enumerate(img_box.tolist()):
+        crop = image01[b:b + 1, :, top:bottom, left:right].float()
+        h, w = crop.shape[-2:]
+        small = F.interpolate(crop, size=(max(1, h // 2), max(1, w // 2)), mode="bilinear", align_corners=False)
+        ref = refine(small, scores[b:b + 1, :, top:bottom, left:right].contiguous(), dilations=dilations,
+                     num_iter=num_iter, mode=mode, backend=backend)
+        ref = F.interpolate(ref, size=(h, w), mode="bilinear", align_corners=False)
+        drop = ~keep[b].view(1, C + 1, 1, 1)
+        high = ref[:, :C + 1].masked_fill(drop, float("-inf")).argmax(1)[0]
+        low = ref[:, C + 1:].masked_fill(drop, float("-inf")).argmax(1)[0]
+        label[b, top:bottom, left:right] = torch.where(high == 0, torch.where(low == 0, 0, IGNORE_INDEX), high)
+    return label
 
 
 def cam_to_label(cams: torch.Tensor, cls_label: torch.Tensor, bkg: float = 0.45) -> torch.Tensor:

@@ -86,7 +86,8 @@ def transition_matrix(aff: Tensor, h: int, w: int, *, radius: int = RW_RADIUS, p
 
 
 def propagate_cam_with_bkg(cam: Tensor, aff: Tensor, cls_label: Tensor, *, bkg: float = RW_BKG,
-                           radius: int = RW_RADIUS, power: float = RW_POWER, eps: float = RW_EPS) -> Tensor:
+                           radius: int = RW_RADIUS, power: float = RW_POWER, eps: float = RW_EPS,
+                           grid: tuple[int, int] | None = None) -> Tensor:
     """Random-walk refined class scores with a background channel (module docstring).
 
     Args:
@@ -96,6 +97,8 @@ def propagate_cam_with_bkg(cam: Tensor, aff: Tensor, cls_label: Tensor, *, bkg: 
         cls_label: (B, C) multi-hot image labels (present classes).
         bkg: constant background score.
         radius, power, eps: see :func:`transition_matrix`.
+        grid: the affinity's (h, w) when it comes from another input size than the CAM's (AFA propagates the CAM
+            of the crop with the affinity of its 1.5x pass); default: the 1/16 grid of the CAM's size.
 
     Returns:
         (B, 1 + C, h, w) float32 scores; channels of absent classes are 0.
@@ -109,7 +112,13 @@ def propagate_cam_with_bkg(cam: Tensor, aff: Tensor, cls_label: Tensor, *, bkg: 
     if cls_label.shape != (b, c):
         raise ValueError(f"propagate_cam_with_bkg: `cls_label` must be (B, C) = ({b}, {c}); got "
                          f"{tuple(cls_label.shape)}")
-    h, w = grid_size(big_h, big_w, aff.shape[-1])
+    if grid is None:
+        h, w = grid_size(big_h, big_w, aff.shape[-1])
+    elif grid[0] * grid[1] != aff.shape[-1]:
+        raise ValueError(f"propagate_cam_with_bkg: `grid` {tuple(grid)} has {grid[0] * grid[1]} positions; the "
+                         f"affinity has {aff.shape[-1]}")
+    else:
+        h, w = grid
     cam_s = F.interpolate(cam.float(), size=(h, w), mode="bilinear", align_corners=False)
     scores = torch.cat([torch.full_like(cam_s[:, :1], bkg), cam_s], dim=1).flatten(2)  # (B, 1+C, N)
     keep = torch.cat([torch.ones_like(cls_label[:, :1], dtype=torch.bool), cls_label > 0.5], dim=1)  # (B, 1+C)

@@ -55,7 +55,7 @@ def _normalise(cam: Tensor) -> Tensor:
 
 
 def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),
-                    flip: bool = True, decoder: bool = False) -> Tensor:
+                    flip: bool = True, decoder: bool = False, affinity: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-scale (+ flip) CAMs, normalised to [0, 1], without gradients: the fast path.
 
     Args:
@@ -67,9 +67,13 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
         decoder: in train mode, also run the decoder on each pass's features (output discarded) so that its
             BatchNorm running statistics are updated as by the official full-network CAM passes (the trainer's
             default, ``pseudo.cam_decoder``); ignored in eval mode, where it would change nothing.
+        affinity: also return the predicted affinity of the pass at the largest scale, for the un-flipped images
+            (AFA's ``multi_scale_cam_with_aff_mat``): that pass runs the encoder with attention maps and the
+            affinity head.
 
     Returns:
-        cam (B, C, h, w) float in [0, 1].
+        cam (B, C, h, w) float in [0, 1]; with ``affinity``, ``(cam, affinity)`` with affinity (B, N, N), N the
+        positions of the largest scale's 1/16 grid.
 
     Raises:
         ValueError: bad ``images`` shape or ``scales``.
@@ -77,13 +81,19 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
     _check(images, scales, "multi_scale_cam")
     net = _unwrap(model, "multi_scale_cam")
     b, _, h, w = images.shape
-    total = None
+    total = aff = None
     with torch.no_grad():
         for s in scales:
             x = _resize(images, s)
             if flip:
                 x = torch.cat([x, x.flip(-1)], dim=0)
-            if decoder and net.training:
+            if affinity and aff is None and s == max(scales):
+                feats, attns = net.encoder.forward_features(x, net.affinity_attn_blocks)
+                if decoder and net.training:
+                    net.decoder(feats)
+                cam = net.classifier(feats[3])
+                aff = net.affinity_head(attns)[:b]
+            elif decoder and net.training:
                 feats = net.encoder.forward_features(x)[0]
                 net.decoder(feats)  # BatchNorm side effect only, as the official CAM passes
                 cam = net.classifier(feats[3])
@@ -94,11 +104,11 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
                 cam = torch.maximum(cam[:b], cam[b:].flip(-1))
             cam = F.relu(cam)
             total = cam if total is None else total + cam
-        return _normalise(total)
+        return (_normalise(total), aff) if affinity else _normalise(total)
 
 
 def multi_scale_cam_reference(model: nn.Module, images: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),
-                              flip: bool = True) -> Tensor:
+                              flip: bool = True, affinity: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-scale CAMs as the official code computes them: per scale, one full training forward of the image
     and its flip concatenated on the batch axis (decoder and affinity head included, their outputs discarded).
 
@@ -111,23 +121,30 @@ def multi_scale_cam_reference(model: nn.Module, images: Tensor, scales: Sequence
         images: (B, 3, h, w) float.
         scales: resize factors.
         flip: also use the horizontal flip.
+        affinity: also return the affinity of the largest scale's pass, un-flipped images (as
+            :func:`multi_scale_cam`).
 
     Returns:
-        cam (B, C, h, w) float in [0, 1].
+        cam (B, C, h, w) float in [0, 1]; with ``affinity``, ``(cam, affinity)``.
     """
     _check(images, scales, "multi_scale_cam_reference")
     h, w = images.shape[-2:]
     cams = []
+    aff = None
     with torch.no_grad():
         b = images.shape[0]
         for s in scales:
             x = _resize(images, s)
             if flip:
                 x = torch.cat([x, x.flip(-1)], dim=0)
-            cam = F.interpolate(model(x).cam, size=(h, w), mode="bilinear", align_corners=False)
+            out = model(x)
+            if affinity and aff is None and s == max(scales):
+                aff = out.affinity[:b]
+            cam = F.interpolate(out.cam, size=(h, w), mode="bilinear", align_corners=False)
             if flip:
                 cam = torch.max(cam[:b], cam[b:].flip(-1))
             cams.append(F.relu(cam))
         cam = torch.stack(cams, dim=0).sum(dim=0)
         cam = cam + F.adaptive_max_pool2d(-cam, (1, 1))
-        return cam / (F.adaptive_max_pool2d(cam, (1, 1)) + CAM_NORM_EPS)
+        cam = cam / (F.adaptive_max_pool2d(cam, (1, 1)) + CAM_NORM_EPS)
+        return (cam, aff) if affinity else cam

@@ -42,6 +42,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from tscd.models.variants import MIT_CONFIGS, SEGFORMER_RELEASED
 from tscd.models.weights import convert_state_dict, read_mit_weights
 
 logger = logging.getLogger(__name__)
@@ -54,21 +55,6 @@ BLOCK_NORM_EPS: float = 1e-6
 #: Which blocks return attention maps: ``None`` (none), ``"all"``, or ``(stage, block)`` pairs, 0-based, negative
 #: indices counting from the end of the stage (e.g. ``[(3, -2), (3, -1)]``: the last two stage-4 blocks).
 AttnBlocks = Union[None, str, Sequence[tuple[int, int]]]
-
-#: MiT variants (SegFormer): dims and depths; heads (1, 2, 5, 8), sr (8, 4, 2, 1), MLP ratio 4 for all.
-#: Variants SegFormer released ImageNet weights for (``mit_b*.pth``).
-SEGFORMER_RELEASED: frozenset[str] = frozenset(f"mit_b{i}" for i in range(6))
-MIT_CONFIGS: dict[str, dict[str, tuple[int, ...]]] = {
-    "mit_b0": {"embed_dims": (32, 64, 160, 256), "depths": (2, 2, 2, 2)},
-    "mit_b1": {"embed_dims": (64, 128, 320, 512), "depths": (2, 2, 2, 2)},
-    "mit_b2": {"embed_dims": (64, 128, 320, 512), "depths": (3, 4, 6, 3)},
-    "mit_b3": {"embed_dims": (64, 128, 320, 512), "depths": (3, 4, 18, 3)},
-    "mit_b4": {"embed_dims": (64, 128, 320, 512), "depths": (3, 8, 27, 3)},
-    "mit_b5": {"embed_dims": (64, 128, 320, 512), "depths": (3, 6, 40, 3)},
-    # Not a SegFormer size: a tiny MiT for the CPU demo and quick experiments (no pretrained weights exist).
-    "mit_tiny": {"embed_dims": (16, 32, 64, 128), "depths": (1, 1, 1, 2), "num_heads": (1, 1, 2, 4)},
-}
-
 
 def _tokens_to_map(x: Tensor, h: int, w: int) -> Tensor:
     """(B, h*w, C) tokens -> (B, C, h, w) map."""

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: Activation-checkpointing modes of :meth:`TSCDNet.set_checkpointing` (``train.checkpointing``).
 CHECKPOINTING_MODES: tuple[str, ...] = ("off", "encoder", "all")
+#: Pooling of the classifier (``model.pooling``): global max (TSCD, AFA) or average pooling.
+POOLING_MODES: tuple[str, ...] = ("gmp", "gap")
 
 #: Learning-rate multipliers of the parameter groups (docs/method.md 2).
 LR_MULT: dict[str, float] = {"encoder": 1.0, "encoder_norm": 0.0, "heads": 10.0, "decoder": 10.0}
@@ -102,7 +104,7 @@ class TSCDNet(nn.Module):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"TSCDNet: `num_classes` must be >= 1 (foreground classes); got {num_classes}")
-        if pooling not in ("gmp", "gap"):
+        if pooling not in POOLING_MODES:
             raise ValueError(f"TSCDNet: `pooling` must be 'gmp' or 'gap'; got {pooling!r}")
         if not 1 <= affinity_blocks <= encoder.depths[3]:
             raise ValueError(f"TSCDNet: `affinity_blocks` must be in [1, {encoder.depths[3]}] (stage-4 depth); "

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from tscd.models._checkpoint import MAX_LISTED, check_state_dict, read_checkpoint, strip_prefixes, unwrap_state_dict
+from tscd.models.variants import MIT_CONFIGS
 
 logger = logging.getLogger(__name__)
 
@@ -508,9 +509,8 @@ class MiTArchitecture:
 
     @property
     def variant(self) -> str | None:
-        """The :data:`~tscd.models.mit.MIT_CONFIGS` name with these dims and depths (``mit_b1``), else ``None``."""
-        from tscd.models.mit import MIT_CONFIGS
-
+        """The :data:`~tscd.models.variants.MIT_CONFIGS` name with these dims and depths (``mit_b1``), else
+        ``None``."""
         return next((name for name, cfg in MIT_CONFIGS.items()
                      if tuple(cfg["embed_dims"]) == self.embed_dims and tuple(cfg["depths"]) == self.depths), None)
 

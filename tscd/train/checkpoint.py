@@ -142,6 +142,41 @@ def find_resumable(run_dir: str | Path, map_location="cpu", quarantine: bool = F
     return None
 
 
+def resume_from(run_dir: str | Path, resume: str, num_classes: int, recipe: str, map_location="cpu",
+                quarantine: bool = False) -> tuple[Path, dict] | None:
+    """The checkpoint a run resumes from, as (path, state), checked against the run; None to start afresh.
+
+    Args:
+        run_dir: the run directory.
+        resume: ``"auto"`` (the newest readable checkpoint of ``run_dir``, see :func:`find_resumable`), ``"never"``,
+            or the path of a checkpoint.
+        num_classes: the dataset's foreground classes; recipe: the config's recipe (checkpoints written before
+            recipes existed are ``tscd``'s).
+        map_location, quarantine: as :func:`find_resumable`.
+
+    Raises:
+        CheckpointError: unreadable, or trained on another number of classes or with another recipe.
+    """
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = find_resumable(run_dir, map_location=map_location, quarantine=quarantine)
+        if found is None:
+            return None
+        path, state = found
+    else:
+        path = Path(resume)
+        state = load_checkpoint(path, map_location=map_location)
+    if state.get("num_classes") != num_classes:
+        raise CheckpointError(f"checkpoint {path} has {state.get('num_classes')} classes; the dataset has "
+                              f"{num_classes} (another run's checkpoint? use another --run-dir or --resume never)")
+    trained = (state.get("config") or {}).get("recipe", "tscd")
+    if trained != recipe:
+        raise CheckpointError(f"checkpoint {path} was trained with recipe {trained!r}; this config's recipe is "
+                              f"{recipe!r} (use another --run-dir, --resume never, or recipe={trained})")
+    return path, state
+
+
 def save_checkpoint(run_dir: str | Path, iteration: int, state: dict, keep: int) -> Path:
     path = Path(run_dir) / "checkpoints" / f"ckpt_{iteration:07d}.pt"
     atomic_save(state, path)

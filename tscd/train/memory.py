@@ -1,6 +1,7 @@
-"""Memory of a training run: the low-memory mode, peak-memory measurement and the dry run.
+"""Memory of a training run: peak-memory measurement and the dry run (and what the low-memory mode does).
 
-Low-memory mode (``train.memory: low``, e.g. ``configs/voc_lowmem.yaml``) is one switch that sets:
+Low-memory mode (``train.memory: low``, e.g. ``configs/voc_lowmem.yaml``) is one switch that
+:func:`tscd.config.resolve_config` turns into:
 
 * ``train.amp: bf16``: bf16 autocast for the trained forward passes and the no-grad CAM passes (the losses and
   the fused ops get fp32 inputs: the trainer casts the logits and CAMs with ``.float()`` at the op boundary);
@@ -9,9 +10,9 @@ Low-memory mode (``train.memory: low``, e.g. ``configs/voc_lowmem.yaml``) is one
 * ``train.accum_steps``: micro-batches of one image with gradient accumulation, so the global batch (and the
   gradient, up to what accumulation cannot reproduce: BatchNorm statistics and batch-wide means) stays the same.
 
-It overrides those keys (a log line says so); set them one by one with ``train.memory: default`` for anything
-in between. On the CPU bf16 is often slower than fp32 (no bf16 matrix units on many CPUs); it still halves the
-activations.
+It overrides those keys (a log line each, and the run's ``config.yaml`` holds the values that ran); set them one by
+one with ``train.memory: default`` for anything in between. On the CPU bf16 is often slower than fp32 (no bf16
+matrix units on many CPUs); it still halves the activations.
 
 Peak memory (:class:`PeakMemory`): on CUDA ``torch.cuda.max_memory_allocated``; on the CPU, which keeps no
 allocator statistics, the allocation events of torch's CPU allocator recorded by the profiler
@@ -26,7 +27,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -34,59 +34,11 @@ from collections.abc import Iterable
 
 import torch
 
-from tscd.config import Config
+from tscd.config import Config, fit_max_iters
 
 logger = logging.getLogger(__name__)
 
 MIB = 2 ** 20
-
-#: Values of ``train.memory``.
-MEMORY_MODES: tuple[str, ...] = ("default", "low")
-
-
-# ----------------------------------------------------------------------------------------------
-# Low-memory mode
-# ----------------------------------------------------------------------------------------------
-
-def low_memory_settings(cfg: Config, world_size: int = 1) -> dict[str, object]:
-    """The ``train.*`` values that ``train.memory: low`` sets for ``cfg``.
-
-    ``accum_steps`` is included where the configuration has that key: enough steps for micro-batches of one
-    image per process (``data.batch_size`` is the global batch, split across ``world_size`` processes).
-    """
-    settings: dict[str, object] = {"amp": "bf16", "checkpointing": "all"}
-    if hasattr(cfg.train, "accum_steps"):
-        settings["accum_steps"] = max(1, cfg.data.batch_size // max(1, world_size))
-    return settings
-
-
-def resolve_memory_mode(cfg: Config, world_size: int | None = None) -> Config:
-    """``cfg`` with ``train.memory`` applied: unchanged for ``default``, a copy with
-    :func:`low_memory_settings` for ``low`` (each overridden key is logged).
-
-    Args:
-        cfg: a validated configuration.
-        world_size: processes (default: ``$WORLD_SIZE`` or 1).
-
-    Raises:
-        ValueError: unknown ``train.memory``.
-    """
-    mode = cfg.train.memory
-    if mode not in MEMORY_MODES:
-        raise ValueError(f"config: `train.memory` must be one of {', '.join(MEMORY_MODES)}; got {mode!r}")
-    if mode == "default":
-        return cfg
-    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    out = copy.deepcopy(cfg)
-    for key, value in low_memory_settings(cfg, world).items():
-        old = getattr(out.train, key)
-        if old != value:
-            logger.info("train.memory=low: train.%s %r -> %r", key, old, value)
-        setattr(out.train, key, value)
-    if not hasattr(out.train, "accum_steps"):
-        logger.warning("train.memory=low: gradient accumulation (train.accum_steps) is not available in this "
-                       "version; the batch of %d runs at once", cfg.data.batch_size)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,9 +157,11 @@ class DryRunResult:
         return "\n".join(lines)
 
 
-def dry_run_config(cfg: Config, iterations: int, run_dir: str) -> Config:
+def dry_run_config(cfg: Config, iterations: int, run_dir: str, max_iters: int | None = None) -> Config:
     """``cfg`` for a dry run: warm-up off (all losses from iteration 1), no TensorBoard, a scratch run dir."""
     out = copy.deepcopy(cfg)
+    if max_iters is not None:
+        fit_max_iters(out, max_iters)
     out.train.cam_iters = 0
     out.train.max_iters = max(out.train.max_iters, iterations)
     out.train.tensorboard = False
@@ -215,12 +169,17 @@ def dry_run_config(cfg: Config, iterations: int, run_dir: str) -> Config:
     return out
 
 
-def dry_run(cfg: Config, iterations: int = 3) -> DryRunResult:
+def dry_run(cfg: Config, iterations: int = 3, max_iters: int | None = None) -> DryRunResult:
     """Run ``iterations`` post-warm-up training iterations of ``cfg`` on its device and measure them.
 
     CUDA: every iteration is timed; the peak is ``max_memory_allocated`` over all of them. CPU: the profiler
     that measures the peak slows the iteration down, so iterations 1 .. n-1 are timed and the last one is
     measured (n >= 2). Nothing is written: the trainer runs in a temporary directory, deleted afterwards.
+
+    Args:
+        cfg: the configuration as loaded (the trainer resolves it).
+        iterations: how many iterations (>= 2).
+        max_iters: ``--max-iters`` of the command line (it only matters for the learning-rate schedule).
 
     Raises:
         ValueError: ``iterations`` < 2.
@@ -230,7 +189,7 @@ def dry_run(cfg: Config, iterations: int = 3) -> DryRunResult:
     from tscd.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="tscd-dry-run-") as tmp:
-        trainer = Trainer(dry_run_config(cfg, iterations, tmp), resume="never")
+        trainer = Trainer(dry_run_config(cfg, iterations, tmp, max_iters), resume="never")
         try:
             device = trainer.device
             batches = trainer._batches()
@@ -263,16 +222,3 @@ def dry_run(cfg: Config, iterations: int = 3) -> DryRunResult:
         finally:
             trainer.close()
     return DryRunResult(str(device), iterations, seconds, int(peak), state, losses)
-
-
-def dry_run_main(cfg: Config, verbose: bool = False, iterations: int = 3) -> int:
-    """``tscd train --dry-run``: :func:`dry_run` of a loaded configuration, summary on stdout; returns 0."""
-    from tscd.cli import setup_logging
-
-    setup_logging(verbose)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("tscd train --dry-run: run it in one process (without torchrun); it measures one "
-                         "process's share of the batch only under torchrun")
-    result = dry_run(cfg, iterations)
-    print(result.summary())
-    return 0

@@ -5,14 +5,16 @@
   classes present in the image, as a heat map over the image; pseudo labels show their uncertain
   pixels (255, ignored by the loss) in white.
 * :func:`save_curves` draws each loss term, the learning rate and the validation mIoU of the
-  segmentation head, the CAM label and the pseudo labels against the iteration.
+  segmentation head, the CAM label and the pseudo labels against the iteration (the validation records of the
+  run's ``metrics.jsonl``, :func:`tscd.eval.metrics.read_metrics`).
 * :func:`write_run_pictures` does both for a :class:`~tscd.train.trainer.Trainer` at the end of
   training (``train.plots``): ``<run_dir>/val_grid.png`` and ``<run_dir>/curves.png``.
+
+Training and the ``eval`` / ``infer`` commands import this module; it imports nothing of :mod:`tscd.train`.
 """
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,8 +30,6 @@ GRID_COLUMNS: tuple[str, ...] = ("image", "CAM", "pseudo label", "prediction", "
 #: The row keys of :func:`save_grid`, in the order of ``GRID_COLUMNS``.
 GRID_KEYS: tuple[str, ...] = ("image", "cam", "pseudo", "pred", "gt")
 LOSS_KEYS: tuple[str, ...] = ("cls", "seg", "aff", "reg", "scd", "er")
-#: The validation line the trainer logs (``train.log``); :func:`read_val_log` parses it.
-VAL_LINE = re.compile(r"val @(\d+) \([^)]*\): mIoU seg ([\d.naN]+) \| CAM ([\d.naN]+) \| pseudo label ([\d.naN]+)")
 UNCERTAIN_RGB = (255, 255, 255)
 
 
@@ -122,24 +122,6 @@ def save_grid(path: str | Path, rows: Sequence[dict], class_names: Sequence[str]
     return path
 
 
-def read_val_log(log_path: str | Path) -> list[dict]:
-    """Validation scores from a run's ``train.log``: ``[{"iteration", "seg", "cam", "pseudo"}, ...]``.
-
-    A resumed run appends to the log; the last entry of each iteration wins. A missing log gives ``[]``.
-    """
-    p = Path(log_path)
-    if not p.is_file():
-        return []
-    found: dict[int, dict] = {}
-    for line in p.read_text(errors="replace").splitlines():
-        m = VAL_LINE.search(line)
-        if m:
-            it = int(m.group(1))
-            found[it] = {"iteration": it, "seg": float(m.group(2)), "cam": float(m.group(3)),
-                         "pseudo": float(m.group(4))}
-    return [found[k] for k in sorted(found)]
-
-
 def save_curves(path: str | Path, history: Sequence[dict], val_points: Sequence[dict] = (),
                 title: str | None = None, dpi: int = 80) -> Path:
     """Write the training-curve PNG: loss terms, learning rate, validation mIoU.
@@ -147,8 +129,8 @@ def save_curves(path: str | Path, history: Sequence[dict], val_points: Sequence[
     Args:
         path: output file.
         history: the trainer's per-iteration records (``iteration``, the loss terms, ``total``, ``lr``).
-        val_points: ``{"iteration", "seg", "cam", "pseudo"}`` records (mIoU in %), e.g. from
-            :func:`read_val_log`.
+        val_points: validation records of ``metrics.jsonl`` (:func:`tscd.eval.metrics.read_metrics`): their
+            ``iteration`` and ``miou`` of ``seg``, ``cam`` and ``pseudo`` (in %).
         title: optional figure title.
 
     Returns:
@@ -178,7 +160,7 @@ def save_curves(path: str | Path, history: Sequence[dict], val_points: Sequence[
     ax_lr.set_title("learning rate")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     for key, label in (("seg", "segmentation head"), ("cam", "CAM label"), ("pseudo", "pseudo label")):
-        pts = [(v["iteration"], v[key]) for v in val_points if key in v]
+        pts = [(v["iteration"], v["miou"][key]) for v in val_points if v.get("miou", {}).get(key) is not None]
         if pts:
             x, y = np.asarray(pts, dtype=np.float64).T
             ax_iou.plot(x, y, marker="o", label=label)
@@ -294,6 +276,23 @@ def infer_grid(image_paths: Sequence[str | Path], out_dir: str | Path, class_nam
     return save_grid(out_dir / "grid.png", rows, class_names, PALETTE, title=title)
 
 
+def tensorboard_images(writer, images: dict[str, torch.Tensor], palette: Sequence[int], iteration: int) -> None:
+    """A recipe's pictures of its last micro-batch (:meth:`tscd.method.recipes.Recipe.images`) to TensorBoard:
+    the image, the highest CAM, the pseudo label and the prediction (labels in the palette's colours)."""
+    pal = torch.tensor(list(palette)[:768], dtype=torch.uint8).view(-1, 3)
+
+    def colour(label: torch.Tensor) -> torch.Tensor:
+        return pal[label[0].cpu().clamp(max=255).long()].permute(2, 0, 1)
+
+    if "img01" in images:
+        writer.add_image("train/image", images["img01"][0].cpu(), iteration)
+    if "cam" in images:
+        writer.add_image("train/cam_max", images["cam"][0].max(0, keepdim=True)[0].cpu(), iteration)
+    for key, tag in (("pseudo", "train/pseudo_label"), ("pred", "train/prediction")):
+        if key in images:
+            writer.add_image(tag, colour(images[key]), iteration)
+
+
 def write_run_pictures(trainer, num_images: int = 6) -> dict[str, Path]:
     """``<run_dir>/val_grid.png`` (first ``num_images`` val images) and ``<run_dir>/curves.png``.
 
@@ -305,6 +304,7 @@ def write_run_pictures(trainer, num_images: int = 6) -> dict[str, Path]:
     n = min(num_images, len(ds))
     cfg = trainer.cfg
     from tscd.eval.evaluator import protocol_settings
+    from tscd.eval.metrics import read_metrics
 
     settings = protocol_settings("native", cfg, trainer.device, cfg.data.val_split, outputs=("seg", "cam", "pseudo"),
                                  num_images=n)
@@ -313,8 +313,8 @@ def write_run_pictures(trainer, num_images: int = 6) -> dict[str, Path]:
     paths = {"grid": save_grid(run_dir / "val_grid.png", rows, ds.class_names, ds.palette,
                                title=f"{cfg.data.dataset} {cfg.data.val_split}, iteration {it}")}
     if trainer.history:
-        paths["curves"] = save_curves(run_dir / "curves.png", trainer.history, read_val_log(run_dir / "train.log"),
-                                      title=f"{cfg.data.dataset}, {cfg.model.name}")
+        paths["curves"] = save_curves(run_dir / "curves.png", trainer.history, read_metrics(run_dir, "native"),
+                                      title=f"{cfg.data.dataset}, {cfg.recipe}, {cfg.model.name}")
     for k, p in paths.items():
         logger.info("%s picture: %s", k, p)
     return paths
