@@ -36,7 +36,7 @@ TINY_CONFIG: dict[str, dict] = {
     "loss": {"scd_samples": 6},
     "optim": {"lr": 1.0e-3, "warmup_iters": 2},
     "train": {"max_iters": 6, "cam_iters": 2, "log_iters": 1, "val_iters": 0, "ckpt_iters": 3, "keep_ckpts": 2,
-              "seed": 3, "tensorboard": False},
+              "seed": 3, "tensorboard": False, "plots": False},
 }
 
 

@@ -24,6 +24,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_GPU = torch.cuda.is_available()
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test-fast`: one process per core; more threads only contend
+    torch.set_num_threads(1)
 REQUIRED = {b.strip() for b in os.environ.get("TSCD_REQUIRE_BACKENDS", "").split(",") if b.strip()}
 
 BACKEND_DEVICES = [("torch", "cpu"), ("cpp", "cpu"), ("triton", "cpu"),

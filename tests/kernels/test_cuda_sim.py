@@ -159,6 +159,7 @@ def test_refine_nonfinite_like_the_cpu(sim):
     assert torch.equal(out.isnan(), cpu.isnan())
 
 
+@pytest.mark.slow
 def test_refine_grid_y_limit(sim):
     """B * ceil(K / 4) blocks of the step kernel go to grid.y: 65535 is the most a launch takes."""
     img, cam = torch.rand(65535, 3, 1, 1), torch.rand(65535, 4, 1, 1)
@@ -279,6 +280,7 @@ def test_correlation_shared_memory_opt_in_and_refusal(sim):
         sim.correlation_fwd(*inputs(200, torch.float64), True)
 
 
+@pytest.mark.slow
 def test_correlation_grid_y_limit(sim):
     args = [torch.rand(65535, 1, 1) for _ in range(4)] + [torch.rand(65535, 1)]
     out = sim.correlation_fwd(*args, True)
