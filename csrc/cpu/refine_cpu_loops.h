@@ -12,11 +12,7 @@ namespace TSCD_ISA {
 template <typename T>
 TSCD_ALWAYS_INLINE void exp_shifted(T* z, const T* mx, T* sum) {
 #pragma omp simd
-  for (int x = 0; x < kV; ++x) {
-    const T e = refine::exp_approx<T>(z[x] - mx[x]);
-    z[x] = e;
-    sum[x] += e;
-  }
+  for (int x = 0; x < kV; ++x) z[x] = refine::softmax_term(z[x], mx[x], sum[x]);
 }
 
 // The n weights of row y (all W pixels, kV at a time), the steps of refine::pixel_weights.
@@ -59,10 +55,7 @@ void weights_row(const T* imgp, const T* dd, const T* dr, const T* prior, const 
       for (int c = 0; c < 3; ++c) {
         const T* r = imgp + c * plane + s.row[k] + P + s.sx[k] + x0;
 #pragma omp simd
-        for (int x = 0; x < kV; ++x) {
-          const T dv = r[x] - mean[c][x];
-          var[c][x] += dv * dv;
-        }
+        for (int x = 0; x < kV; ++x) refine::add_sq_dev(var[c][x], r[x], mean[c][x]);
       }
     }
     for (int c = 0; c < 3; ++c) {
@@ -89,7 +82,7 @@ void weights_row(const T* imgp, const T* dd, const T* dr, const T* prior, const 
         a += refine::appearance_sq(cen[2][x], r2[x], isg[2][x], scale);
         a = refine::appearance_logit(a);
         a_k[x] = a;
-        max_a[x] = a > max_a[x] ? a : max_a[x];
+        max_a[x] = refine::running_max(max_a[x], a);
       }
       if (varm) {
         const T* dn = dd + off;
@@ -98,9 +91,10 @@ void weights_row(const T* imgp, const T* dd, const T* dr, const T* prior, const 
         T* v_k = Vt + k * kV;
 #pragma omp simd
         for (int x = 0; x < kV; ++x) {
-          const T v = refine::variation<T>(dok ? dn[x] : T(0), x0 + x + 1 < W ? rt[x] : T(0));
+          // the rest of variation_right_ok (0 <= x + sx < W - 1) is in dr: zero pads and a zero last column
+          const T v = refine::slot_variation<T>(dok, dn[x], x0 + x + 1 < W, rt[x]);
           v_k[x] = v;
-          max_v[x] = v > max_v[x] ? v : max_v[x];
+          max_v[x] = refine::running_max(max_v[x], v);
         }
       }
     }
@@ -109,7 +103,7 @@ void weights_row(const T* imgp, const T* dd, const T* dr, const T* prior, const 
       if (varm) exp_shifted<T>(Vt + k * kV, max_v, sum_v);
     }
 #pragma omp simd
-    for (int x = 0; x < kV; ++x) {
+    for (int x = 0; x < kV; ++x) {  // the sums become their inverses
       sum_a[x] = T(1) / sum_a[x];
       sum_v[x] = T(1) / sum_v[x];
     }
@@ -119,11 +113,14 @@ void weights_row(const T* imgp, const T* dd, const T* dr, const T* prior, const 
       T* wr = w + k * plane + yo + x0;
       if (varm) {
 #pragma omp simd
-        for (int x = 0; x < kV; ++x) wr[x] = a_k[x] * sum_a[x] + aux * (v_k[x] * sum_v[x]);
+        for (int x = 0; x < kV; ++x) {
+          wr[x] = refine::slot_weight(refine::softmax_value(a_k[x], sum_a[x]), aux,
+                                      refine::softmax_value(v_k[x], sum_v[x]));
+        }
       } else {
         const T pk = prior[k];
 #pragma omp simd
-        for (int x = 0; x < kV; ++x) wr[x] = a_k[x] * sum_a[x] + aux * pk;
+        for (int x = 0; x < kV; ++x) wr[x] = refine::slot_weight(refine::softmax_value(a_k[x], sum_a[x]), aux, pk);
       }
     }
   }
@@ -145,10 +142,10 @@ TSCD_ALWAYS_INLINE void zero_tile(T (&acc)[KC][kV]) {
 
 // acc[t][x] += w[x] * v[t * plane + x]: one neighbour's weighted maps (channels `plane` apart)
 template <typename T, int KC>
-TSCD_ALWAYS_INLINE void add_tap(T (&acc)[KC][kV], const T* w, const T* v, int64_t plane) {
+TSCD_ALWAYS_INLINE void add_tap_tile(T (&acc)[KC][kV], const T* w, const T* v, int64_t plane) {
   for (int t = 0; t < KC; ++t) {
 #pragma omp simd
-    for (int x = 0; x < kV; ++x) acc[t][x] += w[x] * v[t * plane + x];
+    for (int x = 0; x < kV; ++x) refine::add_tap(acc[t][x], w[x], v[t * plane + x]);
   }
 }
 
@@ -171,7 +168,7 @@ void step_row(const T* src, T* dst, const T* w, const Slots& s, int n, const Lay
     for (int k = 0; k < n; ++k) {
       const T* wr = w + k * plane + yo + x0;
       const T* sr = src + s.row[k] + L.P + s.sx[k] + x0;
-      add_tap<T, KC>(acc, wr, sr, plane);
+      add_tap_tile<T, KC>(acc, wr, sr, plane);
     }
     store_tile<T, KC>(acc, dst + yo + x0, plane);
   }
@@ -198,7 +195,7 @@ void step_transpose_row(const T* g, T* dst, const T* w, const Params& p, const L
         const int64_t off = (int64_t)y * Wp + P - sx[k] + x0;
         const T* wr = w + k * plane + off;
         const T* gr = g + off;
-        add_tap<T, KC>(acc, wr, gr, plane);
+        add_tap_tile<T, KC>(acc, wr, gr, plane);
       }
     }
     store_tile<T, KC>(acc, dst + qo + x0, plane);
@@ -224,7 +221,9 @@ void step_transpose_row(const T* g, T* dst, const T* w, const Params& p, const L
       for (int xx = x_lo; xx < x_hi; xx += kV) {
         for (int t = 0; t < KC; ++t) {
 #pragma omp simd
-          for (int x = 0; x < kV; ++x) sum[t][x] += xx + x < x_hi ? wr[xx + x] * gr[t * plane + xx + x] : T(0);
+          for (int x = 0; x < kV; ++x) {
+            sum[t][x] += xx + x < x_hi ? refine::tap(wr[xx + x], gr[t * plane + xx + x]) : T(0);
+          }
         }
       }
     }
