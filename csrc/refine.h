@@ -139,11 +139,11 @@ C10_HOST_DEVICE inline acc_t slot_variation_at(const scalar_t* img, int H, int W
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t appearance_logit(acc_t sum_sq) { return sum_sq * acc_t(-1.0 / 3.0); }
 
-// One neighbour's term of the sum of squared deviations from the neighbourhood mean.
+// A sum of squared deviations from the neighbourhood mean, with neighbour value q added.
 template <typename acc_t>
-C10_HOST_DEVICE inline void add_sq_dev(acc_t& sq_dev, acc_t q, acc_t mean) {
+C10_HOST_DEVICE inline acc_t add_sq_dev(acc_t sq_dev, acc_t q, acc_t mean) {
   const acc_t d = q - mean;
-  sq_dev += d * d;
+  return sq_dev + d * d;
 }
 
 // The softmaxes over the n slots: the running maximum of the logits z, the numerators exp(z - max) and their sum
@@ -184,7 +184,7 @@ C10_HOST_DEVICE inline void pixel_weights(const scalar_t* img, const Params& p, 
   for (int c = 0; c < 3; ++c) mean[c] /= acc_t(n);
   for (int k = 0; k < n; ++k) {
     const int64_t q = (int64_t)clampi(y + shift_y(p, k), 0, H - 1) * W + clampi(x + shift_x(p, k), 0, W - 1);
-    for (int c = 0; c < 3; ++c) add_sq_dev(var[c], static_cast<acc_t>(img[c * HW + q]), mean[c]);
+    for (int c = 0; c < 3; ++c) var[c] = add_sq_dev(var[c], static_cast<acc_t>(img[c * HW + q]), mean[c]);
   }
   for (int c = 0; c < 3; ++c) isg[c] = inv_sigma(var[c], n);
   const acc_t scale = static_cast<acc_t>(p.rgb_scale), aux = static_cast<acc_t>(p.aux_weight);
@@ -222,11 +222,12 @@ C10_HOST_DEVICE inline void pixel_weights(const scalar_t* img, const Params& p, 
 }
 
 // One tap of the propagation: the weighted neighbour value w * v, which the step adds to its pixel's sum (add_tap)
-// and the transposed step to the neighbour's.
+// and the transposed step to the neighbour's. (add_tap takes w and v by reference: so GCC compiles the CPU's
+// channel-tile loop with one load of w per tap, as the plain expression; by value it reloaded w for every channel.)
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t tap(acc_t w, acc_t v) { return w * v; }
 template <typename acc_t>
-C10_HOST_DEVICE inline void add_tap(acc_t& acc, acc_t w, acc_t v) { acc += tap(w, v); }
+C10_HOST_DEVICE inline acc_t add_tap(acc_t acc, const acc_t& w, const acc_t& v) { return acc + tap(w, v); }
 
 // One propagation step for pixel (y, x) and channels [k0, k0 + kc), kc <= KC.
 // src, dst: (K, H, W) of one image; w: (n, H, W) of that image.
@@ -244,7 +245,7 @@ TSCD_UNROLL
       const acc_t wk = w[(int64_t)(j * kOffsets + o) * HW + pix];
 TSCD_UNROLL
       for (int t = 0; t < KC; ++t) {
-        if (t < kc) add_tap(acc[t], wk, static_cast<acc_t>(src[(int64_t)(k0 + t) * HW + q]));
+        if (t < kc) acc[t] = add_tap(acc[t], wk, static_cast<acc_t>(src[(int64_t)(k0 + t) * HW + q]));
       }
     }
   }

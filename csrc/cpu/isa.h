@@ -11,10 +11,14 @@
 #include <cstdint>
 
 // The small helpers of the per-level loops: always inlined, so that each copy compiles them for its own level.
+// The loops' entry functions (one row, one range of points): never inlined into their callers, so that each is
+// compiled on its own, its code and speed independent of the dispatch around it.
 #if defined(__GNUC__)
 #define TSCD_ALWAYS_INLINE inline __attribute__((always_inline))
+#define TSCD_NOINLINE __attribute__((noinline))
 #else
 #define TSCD_ALWAYS_INLINE inline
+#define TSCD_NOINLINE
 #endif
 
 namespace tscd {

@@ -7,8 +7,8 @@ namespace TSCD_ISA {
 // Keys (row i - k0 of keys) and barycentric weights of the points i0..i1-1 (compiled per ISA: rounding is one
 // instruction from SSE4.1).
 template <typename scalar_t>
-void embed_points(const scalar_t* feat, int64_t N, int d, const scalar_t* scale, int* keys, scalar_t* w, int64_t i0,
-                  int64_t i1, int64_t k0) {
+TSCD_NOINLINE void embed_points(const scalar_t* feat, int64_t N, int d, const scalar_t* scale, int* keys, scalar_t* w,
+                                int64_t i0, int64_t i1, int64_t k0) {
   const int d1 = d + 1;
   // the usual dimensions (2: positions, 5: positions and colours) with d known at compile time: the per-coordinate
   // loops of embed_point unroll and its small arrays stay in registers
@@ -38,8 +38,8 @@ TSCD_ALWAYS_INLINE void prefetch_row(const T* p, int64_t W) {
 // [v0, v1): V[v0..v1) = 0, then for every point i in [i0, i1) in order, V[vtx] += w * (q[i] * nrm[i]) where
 // vtx is in the range. Each vertex thus sums its points in point order, whatever the split (bit-identical).
 template <typename T, int KP>
-void crf_splat(const int32_t* vtx, const T* w, int d1, const T* q, const T* nrm, int64_t S, int64_t width, T* V,
-               int64_t v0, int64_t v1, int64_t i0, int64_t i1) {
+TSCD_NOINLINE void crf_splat(const int32_t* vtx, const T* w, int d1, const T* q, const T* nrm, int64_t S, int64_t width,
+                             T* V, int64_t v0, int64_t v1, int64_t i0, int64_t i1) {
   const int64_t W = KP > 0 ? KP : width;
   for (int64_t m = v0; m < v1; ++m) {
     T* y = V + m * S;
@@ -63,7 +63,7 @@ void crf_splat(const int32_t* vtx, const T* w, int d1, const T* q, const T* nrm,
 
 // One blur direction: dst[m] = blur(src[m], src[nb[2m]], src[nb[2m+1]]) (a missing neighbour is the zero row).
 template <typename T, int KP>
-void crf_blur(const T* src, T* dst, const int32_t* nb, int64_t S, int64_t width, int64_t m0, int64_t m1) {
+TSCD_NOINLINE void crf_blur(const T* src, T* dst, const int32_t* nb, int64_t S, int64_t width, int64_t m0, int64_t m1) {
   const int64_t W = KP > 0 ? KP : width;
   for (int64_t m = m0; m < m1; ++m) {
     if (m + kAhead < m1) {
@@ -157,8 +157,8 @@ TSCD_ALWAYS_INLINE void exp_lanes(const T* l, T mx, T* q, T* lane) {
 // For the points i0..i1-1: l = negu[i] + sum_k weight_k * n_k[i] * slice_k(V_k)[i] / c_d (in kernel order), and
 // q[i] = softmax(l) over the S channels (padding channels: negu = kPadLogit, q = 0). scratch: S values (KP = 0).
 template <typename T, int KP>
-void crf_update(const CrfKernel<T>* ks, int nk, const T* negu, T* q, int64_t S, T* scratch, int64_t i0,
-                int64_t i1) {
+TSCD_NOINLINE void crf_update(const CrfKernel<T>* ks, int nk, const T* negu, T* q, int64_t S, T* scratch, int64_t i0,
+                              int64_t i1) {
   const int64_t W = KP > 0 ? KP : S;
   T lbuf[KP > 0 ? KP : 1];
   T* l = KP > 0 ? lbuf : scratch;

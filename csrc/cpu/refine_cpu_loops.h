@@ -17,8 +17,8 @@ TSCD_ALWAYS_INLINE void exp_shifted(T* z, const T* mx, T* sum) {
 
 // The n weights of row y (all W pixels, kV at a time), the steps of refine::pixel_weights.
 template <typename T>
-void weights_row(const T* imgp, const T* dd, const T* dr, const T* prior, const Params& p, const Layout& L, int y,
-                 T* w, T* scratch) {
+TSCD_NOINLINE void weights_row(const T* imgp, const T* dd, const T* dr, const T* prior, const Params& p,
+                               const Layout& L, int y, T* w, T* scratch) {
   const int n = p.num_dil * refine::kOffsets, W = p.W, P = L.P;
   const int64_t plane = L.plane, yo = (int64_t)y * L.Wp + P;
   Slots s;
@@ -55,7 +55,7 @@ void weights_row(const T* imgp, const T* dd, const T* dr, const T* prior, const 
       for (int c = 0; c < 3; ++c) {
         const T* r = imgp + c * plane + s.row[k] + P + s.sx[k] + x0;
 #pragma omp simd
-        for (int x = 0; x < kV; ++x) refine::add_sq_dev(var[c][x], r[x], mean[c][x]);
+        for (int x = 0; x < kV; ++x) var[c][x] = refine::add_sq_dev(var[c][x], r[x], mean[c][x]);
       }
     }
     for (int c = 0; c < 3; ++c) {
@@ -145,7 +145,7 @@ template <typename T, int KC>
 TSCD_ALWAYS_INLINE void add_tap_tile(T (&acc)[KC][kV], const T* w, const T* v, int64_t plane) {
   for (int t = 0; t < KC; ++t) {
 #pragma omp simd
-    for (int x = 0; x < kV; ++x) refine::add_tap(acc[t][x], w[x], v[t * plane + x]);
+    for (int x = 0; x < kV; ++x) acc[t][x] = refine::add_tap(acc[t][x], w[x], v[t * plane + x]);
   }
 }
 
@@ -160,7 +160,7 @@ TSCD_ALWAYS_INLINE void store_tile(const T (&acc)[KC][kV], T* dst, int64_t plane
 
 // One step of row y for KC channels: dst(t, y, x) = sum_k w_k(y, x) * src(t, row_k, x + sx_k).
 template <typename T, int KC>
-void step_row(const T* src, T* dst, const T* w, const Slots& s, int n, const Layout& L, int y) {
+TSCD_NOINLINE void step_row(const T* src, T* dst, const T* w, const Slots& s, int n, const Layout& L, int y) {
   const int64_t plane = L.plane, yo = (int64_t)y * L.Wp + L.P;
   for (int x0 = 0; x0 < L.W; x0 += kV) {
     T acc[KC][kV];
@@ -179,7 +179,7 @@ void step_row(const T* src, T* dst, const T* w, const Slots& s, int n, const Lay
 // sy_k) = qy} w_k(y, qx - sx_k) * g(t, y, qx - sx_k), with zero pads in w and g; then the pixels whose column
 // clamp(x + sx_k) was clamped onto column 0 or W - 1 are added there.
 template <typename T, int KC>
-void step_transpose_row(const T* g, T* dst, const T* w, const Params& p, const Layout& L, int qy) {
+TSCD_NOINLINE void step_transpose_row(const T* g, T* dst, const T* w, const Params& p, const Layout& L, int qy) {
   const int n = p.num_dil * refine::kOffsets, W = L.W, P = L.P;
   const int64_t plane = L.plane, Wp = L.Wp, qo = (int64_t)qy * Wp + P;
   int lo[kMaxN], hi[kMaxN], sx[kMaxN];
