@@ -133,9 +133,9 @@ def _load_average() -> str | None:
 
 
 def environment(device: torch.device, threads: int) -> dict:
-    """Where and with what the figures were measured (CPU: with the machine's load average, its measured fp32
-    matmul peak ``peak_fp32_gflops`` and copy bandwidth ``peak_copy_gbs``, also on one thread when the run uses
-    more: ``peak_copy_gbs_1t``)."""
+    """Where and with what the figures were measured (CPU: with the cpp kernels' instruction set ``cpu_isa``, the
+    machine's load average, its measured fp32 matmul peak ``peak_fp32_gflops`` and copy bandwidth
+    ``peak_copy_gbs``, also on one thread when the run uses more: ``peak_copy_gbs_1t``)."""
     try:
         import triton
 
@@ -155,6 +155,9 @@ def environment(device: torch.device, threads: int) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if device.type == "cpu":
+        from tscd.kernels import _ext
+
+        env["cpu_isa"] = _ext.cpu_isa() if _ext.has_cpp() else None  # the cpp kernels' instruction set (TSCD_CPU_ISA)
         env["load_average"] = _load_average()
         env["peak_fp32_gflops"] = round(peak_fp32_gflops(threads), 1)
         env["peak_copy_gbs"] = round(peak_copy_gbs(threads), 1)

@@ -9,6 +9,8 @@
 #include <omp.h>
 #endif
 
+#include "cpu/isa.h"
+
 extern "C" {
 // Importing tscd._C loads this library, which runs the registrations below. No Python bindings.
 PyObject* PyInit__C(void) {
@@ -28,8 +30,16 @@ int64_t openmp_max_threads() {
 #endif
 }
 
+// The instruction set the CPU kernels run (2 = AVX-512, 1 = AVX2 + FMA, 0 = baseline; cpu/isa.h), and the widest
+// this CPU supports, for tests and `tscd info`.
+int64_t cpu_isa_level() { return cpu::isa_level(); }
+int64_t cpu_isa_supported() { return cpu::isa_supported(); }
+
 TORCH_LIBRARY(tscd, m) {
   m.def("openmp_max_threads() -> int", &openmp_max_threads);
+  m.def("cpu_isa_level() -> int", &cpu_isa_level);
+  m.def("cpu_isa_supported() -> int", &cpu_isa_supported);
+  m.def("correlation_isa_level() -> int", &cpu_isa_level);  // the older name of cpu_isa_level
 
   // refine: VARM / PAR (docs/method.md 4.1); mode 0 = varm, 1 = par. See csrc/refine.h for the math.
   m.def("refine_weights(Tensor image, int[] dilations, int mode, float rgb_scale, float aux_weight, "

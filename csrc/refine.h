@@ -116,15 +116,59 @@ C10_HOST_DEVICE inline bool variation_right_ok(int x, int sx, int W) { return x 
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t variation(acc_t down, acc_t right) { return (down + right) * acc_t(1.0 / 3.0); }
 
+// The variation term of one slot from the squared down and right differences at its neighbour q: each counts 0
+// where variation_down_ok / variation_right_ok say the step leaves the shifted map (whatever its value there).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t slot_variation(bool down_ok, acc_t down, bool right_ok, acc_t right) {
+  return variation(down_ok ? down : acc_t(0), right_ok ? right : acc_t(0));
+}
+
+// slot_variation of slot (sy, sx) at p = (y, x), with the differences read from the image (3, H, W), only where
+// they count (the CUDA kernel; the CPU kernel reads them from planes of the image's squared differences).
+template <typename scalar_t, typename acc_t>
+C10_HOST_DEVICE inline acc_t slot_variation_at(const scalar_t* img, int H, int W, int y, int x, int sy, int sx) {
+  const int64_t HW = (int64_t)H * W;
+  const int yq = clampi(y + sy, 0, H - 1), xq = clampi(x + sx, 0, W - 1);
+  const bool down_ok = variation_down_ok(y, sy, H), right_ok = variation_right_ok(x, sx, W);
+  return slot_variation(down_ok, down_ok ? down_sq<scalar_t, acc_t>(img, HW, W, H, yq, xq) : acc_t(0), right_ok,
+                        right_ok ? right_sq<scalar_t, acc_t>(img, HW, W, W, yq, xq) : acc_t(0));
+}
+
 // The appearance logit from the sum of the 3 channels' appearance_sq: minus their mean. (A multiplication by
 // the rounded 1/3, not a division: the CPU kernel runs it 96 times per pixel, and a vector division is slow.)
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t appearance_logit(acc_t sum_sq) { return sum_sq * acc_t(-1.0 / 3.0); }
 
+// A sum of squared deviations from the neighbourhood mean, with neighbour value q added.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t add_sq_dev(acc_t sq_dev, acc_t q, acc_t mean) {
+  const acc_t d = q - mean;
+  return sq_dev + d * d;
+}
+
+// The softmaxes over the n slots: the running maximum of the logits z, the numerators exp(z - max) and their sum
+// (softmax_term adds its numerator to the sum), and the value numerator * (1 / sum).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t running_max(acc_t max, acc_t z) { return z > max ? z : max; }
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t softmax_numerator(acc_t z, acc_t max) { return exp_approx(z - max); }
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t softmax_term(acc_t z, acc_t max, acc_t& sum) {
+  const acc_t e = softmax_numerator(z, max);
+  sum += e;
+  return e;
+}
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t softmax_value(acc_t numerator, acc_t inv_sum) { return numerator * inv_sum; }
+
+// The weight of a slot: softmax(a)_k + aux * second, second = softmax(v)_k (VARM) or prior_k (PAR).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t slot_weight(acc_t softmax_a, acc_t aux, acc_t second) { return softmax_a + aux * second; }
+
 // The weights of pixel (y, x), scalar (the CUDA kernel; the CPU kernel runs the same steps 16 pixels at a
 // time): written to w[k * w_stride], k = j * 8 + o. img: (3, H, W); prior: (n,) (PAR only).
 // Steps: neighbour mean, unbiased variance -> 1 / (sigma + eps); logits a_k and v_k with their maxima;
-// the two softmaxes; w_k = softmax(a)_k + aux * (softmax(v)_k or prior_k).
+// the two softmaxes; w_k = slot_weight(softmax(a)_k, aux, softmax(v)_k or prior_k). v_k is recomputed, not stored.
 template <typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline void pixel_weights(const scalar_t* img, const Params& p, int y, int x, const scalar_t* prior,
                                           acc_t* w, int64_t w_stride) {
@@ -140,10 +184,7 @@ C10_HOST_DEVICE inline void pixel_weights(const scalar_t* img, const Params& p, 
   for (int c = 0; c < 3; ++c) mean[c] /= acc_t(n);
   for (int k = 0; k < n; ++k) {
     const int64_t q = (int64_t)clampi(y + shift_y(p, k), 0, H - 1) * W + clampi(x + shift_x(p, k), 0, W - 1);
-    for (int c = 0; c < 3; ++c) {
-      const acc_t dv = static_cast<acc_t>(img[c * HW + q]) - mean[c];
-      var[c] += dv * dv;
-    }
+    for (int c = 0; c < 3; ++c) var[c] = add_sq_dev(var[c], static_cast<acc_t>(img[c * HW + q]), mean[c]);
   }
   for (int c = 0; c < 3; ++c) isg[c] = inv_sigma(var[c], n);
   const acc_t scale = static_cast<acc_t>(p.rgb_scale), aux = static_cast<acc_t>(p.aux_weight);
@@ -151,47 +192,42 @@ C10_HOST_DEVICE inline void pixel_weights(const scalar_t* img, const Params& p, 
   acc_t max_a = -INFINITY, max_v = -INFINITY;
   for (int k = 0; k < n; ++k) {  // logits: a_k kept in w, v_k recomputed below
     const int sy = shift_y(p, k), sx = shift_x(p, k);
-    const int yq = clampi(y + sy, 0, H - 1), xq = clampi(x + sx, 0, W - 1);
+    const int64_t q = (int64_t)clampi(y + sy, 0, H - 1) * W + clampi(x + sx, 0, W - 1);
     acc_t a = 0;
-    for (int c = 0; c < 3; ++c) a += appearance_sq(centre[c], static_cast<acc_t>(img[c * HW + (int64_t)yq * W + xq]),
-                                                   isg[c], scale);
+    for (int c = 0; c < 3; ++c) a += appearance_sq(centre[c], static_cast<acc_t>(img[c * HW + q]), isg[c], scale);
     a = appearance_logit(a);
     w[(int64_t)k * w_stride] = a;
-    max_a = a > max_a ? a : max_a;
-    if (varm) {
-      const acc_t v = variation(variation_down_ok(y, sy, H) ? down_sq<scalar_t, acc_t>(img, HW, W, H, yq, xq) : 0,
-                                variation_right_ok(x, sx, W) ? right_sq<scalar_t, acc_t>(img, HW, W, W, yq, xq) : 0);
-      max_v = v > max_v ? v : max_v;
-    }
+    max_a = running_max(max_a, a);
+    if (varm) max_v = running_max(max_v, slot_variation_at<scalar_t, acc_t>(img, H, W, y, x, sy, sx));
   }
   acc_t sum_a = 0, sum_v = 0;
   for (int k = 0; k < n; ++k) {
-    const acc_t e = exp_approx(w[(int64_t)k * w_stride] - max_a);
-    w[(int64_t)k * w_stride] = e;
-    sum_a += e;
+    w[(int64_t)k * w_stride] = softmax_term(w[(int64_t)k * w_stride], max_a, sum_a);
     if (varm) {
-      const int sy = shift_y(p, k), sx = shift_x(p, k);
-      const int yq = clampi(y + sy, 0, H - 1), xq = clampi(x + sx, 0, W - 1);
-      const acc_t v = variation(variation_down_ok(y, sy, H) ? down_sq<scalar_t, acc_t>(img, HW, W, H, yq, xq) : 0,
-                                variation_right_ok(x, sx, W) ? right_sq<scalar_t, acc_t>(img, HW, W, W, yq, xq) : 0);
-      sum_v += exp_approx(v - max_v);
+      const acc_t v = slot_variation_at<scalar_t, acc_t>(img, H, W, y, x, shift_y(p, k), shift_x(p, k));
+      softmax_term(v, max_v, sum_v);
     }
   }
   const acc_t inv_a = acc_t(1) / sum_a, inv_v = acc_t(1) / sum_v;
   for (int k = 0; k < n; ++k) {
     acc_t second;
     if (varm) {
-      const int sy = shift_y(p, k), sx = shift_x(p, k);
-      const int yq = clampi(y + sy, 0, H - 1), xq = clampi(x + sx, 0, W - 1);
-      const acc_t v = variation(variation_down_ok(y, sy, H) ? down_sq<scalar_t, acc_t>(img, HW, W, H, yq, xq) : 0,
-                                variation_right_ok(x, sx, W) ? right_sq<scalar_t, acc_t>(img, HW, W, W, yq, xq) : 0);
-      second = exp_approx(v - max_v) * inv_v;
+      const acc_t v = slot_variation_at<scalar_t, acc_t>(img, H, W, y, x, shift_y(p, k), shift_x(p, k));
+      second = softmax_value(softmax_numerator(v, max_v), inv_v);
     } else {
       second = static_cast<acc_t>(prior[k]);
     }
-    w[(int64_t)k * w_stride] = w[(int64_t)k * w_stride] * inv_a + aux * second;
+    w[(int64_t)k * w_stride] = slot_weight(softmax_value(w[(int64_t)k * w_stride], inv_a), aux, second);
   }
 }
+
+// One tap of the propagation: the weighted neighbour value w * v, which the step adds to its pixel's sum (add_tap)
+// and the transposed step to the neighbour's. (add_tap takes w and v by reference: so GCC compiles the CPU's
+// channel-tile loop with one load of w per tap, as the plain expression; by value it reloaded w for every channel.)
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t tap(acc_t w, acc_t v) { return w * v; }
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t add_tap(acc_t acc, const acc_t& w, const acc_t& v) { return acc + tap(w, v); }
 
 // One propagation step for pixel (y, x) and channels [k0, k0 + kc), kc <= KC.
 // src, dst: (K, H, W) of one image; w: (n, H, W) of that image.
@@ -209,7 +245,7 @@ TSCD_UNROLL
       const acc_t wk = w[(int64_t)(j * kOffsets + o) * HW + pix];
 TSCD_UNROLL
       for (int t = 0; t < KC; ++t) {
-        if (t < kc) acc[t] += wk * static_cast<acc_t>(src[(int64_t)(k0 + t) * HW + q]);
+        if (t < kc) acc[t] = add_tap(acc[t], wk, static_cast<acc_t>(src[(int64_t)(k0 + t) * HW + q]));
       }
     }
   }
@@ -252,7 +288,7 @@ TSCD_UNROLL
       const acc_t wk = w[(int64_t)(j * kOffsets + o) * HW + pix];
 TSCD_UNROLL
       for (int t = 0; t < KC; ++t) {
-        if (t < kc) Adder::add(dst + (int64_t)(k0 + t) * HW + q, static_cast<scalar_t>(wk * g[t]));
+        if (t < kc) Adder::add(dst + (int64_t)(k0 + t) * HW + q, static_cast<scalar_t>(tap(wk, g[t])));
       }
     }
   }

@@ -1,7 +1,16 @@
 """Test helpers."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_ISA_LEVELS = {"baseline": 0, "avx2": 1, "avx512": 2}  # TSCD_CPU_ISA's values, as torch.ops.tscd.cpu_isa_level()
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float, name: str = "") -> None:
@@ -63,3 +72,26 @@ def tiny_overrides(run_dir=None, changes: dict | None = None) -> list[str]:
     out = [f"{sec}.{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
            for sec, values in tiny_config(changes).items() for key, value in values.items()]
     return out + ([f"train.run_dir={run_dir}"] if run_dir is not None else [])
+
+
+def run_with_cpu_isa(isa: str, code: str, timeout: float = 600) -> str:
+    """Runs ``code`` in a child Python process whose CPU kernels run instruction set ``isa`` (TSCD_CPU_ISA: the level
+    is read once per process), on 2 OpenMP threads, from the repository root; returns its stdout.
+
+    Skips when this CPU lacks ``isa``. The child first checks that the kernels report that level, then runs
+    ``code``; a failure shows the end of the child's stderr.
+    """
+    supported = int(torch.ops.tscd.cpu_isa_supported())
+    if CPU_ISA_LEVELS[isa] > supported:
+        have = {v: k for k, v in CPU_ISA_LEVELS.items()}[supported]
+        pytest.skip(f"this CPU cannot run the {isa} kernels (the widest it supports is {have})")
+    env = dict(os.environ, TSCD_CPU_ISA=isa, OMP_NUM_THREADS="2")
+    env.pop("TSCD_CORRELATION_ISA", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    check = ("import torch, tscd.kernels\n"
+             f"assert torch.ops.tscd.cpu_isa_level() == {CPU_ISA_LEVELS[isa]}, torch.ops.tscd.cpu_isa_level()\n"
+             f"assert torch.ops.tscd.correlation_isa_level() == {CPU_ISA_LEVELS[isa]}\n")
+    proc = subprocess.run([sys.executable, "-c", check + code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

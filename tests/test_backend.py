@@ -71,6 +71,40 @@ def test_extension_openmp_compiled_and_linked():
     assert torch.ops.tscd.openmp_max_threads() >= 1
 
 
+def _cpu_isa_child(code: str, **env: str):
+    """Runs ``code`` in a fresh process (the CPU kernels read their instruction-set cap once per process) with the
+    environment variables ``env`` set and TSCD_CPU_ISA / TSCD_CORRELATION_ISA unset otherwise."""
+    import subprocess
+    import sys
+
+    if not _ext.has_cpp():
+        pytest.skip(f"tscd._C not built: {_ext.load_error()}")
+    full = {k: v for k, v in os.environ.items() if k not in ("TSCD_CPU_ISA", "TSCD_CORRELATION_ISA")}
+    full.update(env)
+    return subprocess.run([sys.executable, "-c", "import torch, tscd.kernels\n" + code], env=full, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("var", ["TSCD_CPU_ISA", "TSCD_CORRELATION_ISA"])
+def test_cpu_isa_setting_checked(var):
+    """A bad instruction-set cap fails the first CPU kernel call (and cpu_isa_level) with a message naming it."""
+    img = "torch.rand(1, 3, 5, 6)"
+    proc = _cpu_isa_child(f"tscd.kernels.refine({img}, {img}, backend='cpp')", **{var: "sse9"})
+    assert proc.returncode != 0 and f"{var} must be avx512, avx2 or baseline; got 'sse9'" in proc.stderr
+
+
+@pytest.mark.parametrize("env,cap", [
+    (dict(TSCD_CPU_ISA="baseline"), 0), (dict(TSCD_CORRELATION_ISA="avx2"), 1),  # the older name still caps
+    (dict(TSCD_CPU_ISA="avx2", TSCD_CORRELATION_ISA="baseline"), 0),  # both set: the narrower wins
+    (dict(TSCD_CPU_ISA="baseline", TSCD_CORRELATION_ISA="avx512"), 0)])
+def test_cpu_isa_cap(env, cap):
+    proc = _cpu_isa_child("print(torch.ops.tscd.cpu_isa_level(), torch.ops.tscd.correlation_isa_level(), "
+                          "torch.ops.tscd.cpu_isa_supported())", **env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    level, alias, supported = map(int, proc.stdout.split())
+    assert level == alias == min(cap, supported)
+
+
 def test_cuda_kernels_compiled_when_required():
     """CI builds with nvcc present: the CUDA kernels must be compiled in (they cannot run without a GPU)."""
     if os.environ.get("TSCD_REQUIRE_CUDA_BUILD", "0") != "1":
@@ -83,6 +117,9 @@ def test_info_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["torch"] == torch.__version__
     assert info["extension"]["built"] == _ext.has_cpp()
+    if _ext.has_cpp():
+        names = list(_ext.CPU_ISA_NAMES.values())
+        assert names.index(info["extension"]["cpu_isa"]) <= names.index(info["extension"]["cpu_isa_supported"])
     cpp_cpu = info["backends"]["cpp"]["cpu"]
     assert (cpp_cpu == "usable") == _ext.has_cpp()
     assert info["backends"]["torch"]["cpu"] == "usable"

@@ -6,20 +6,20 @@
 // per-pair math is csrc/correlation.h; memory beyond the inputs is O(threads*B*N*C).
 // Inner features are read transposed ((C, N) per image) so the innermost loops run over points, contiguous
 // and vectorisable; each block of outer features is packed (C, kRows) so that the register blocks read it by
-// broadcasts from memory; reductions use `omp simd reduction`. The loops are compiled for AVX-512, AVX2 + FMA and
-// the baseline, each with register blocks sized to its vector registers, and picked at run time.
+// broadcasts from memory; reductions use `omp simd reduction`. The loops (correlation_cpu_pass.h) are compiled for
+// AVX-512, AVX2 + FMA and the baseline (isa_each.h), each with register blocks sized to its vector registers; each
+// op call runs the copy of cpu::isa_level().
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <tuple>
 #include <vector>
 
 #include "../correlation_host.h"
+#include "isa.h"
 
 namespace tscd {
 namespace {
@@ -30,58 +30,8 @@ constexpr int kChunk = 256;   // inner points per tile
 constexpr int kPanel = 64;    // outer points per backward work item (a multiple of kRows): each chunk of inner
                               // features and gradients is read from cache by its kPanel / kRows blocks
 
-#define TSCD_CORRELATION_ISA isa_default
-#define TSCD_CORRELATION_VEC 4  // SSE2
-#include "correlation_cpu_pass.h"
-#undef TSCD_CORRELATION_VEC
-#undef TSCD_CORRELATION_ISA
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define TSCD_CORRELATION_X86 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define TSCD_CORRELATION_ISA isa_avx2
-#define TSCD_CORRELATION_VEC 8
-#include "correlation_cpu_pass.h"
-#undef TSCD_CORRELATION_VEC
-#undef TSCD_CORRELATION_ISA
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
-#define TSCD_CORRELATION_ISA isa_avx512
-#define TSCD_CORRELATION_VEC 16
-#define TSCD_CORRELATION_DOT_V 32
-#include "correlation_cpu_pass.h"
-#undef TSCD_CORRELATION_DOT_V
-#undef TSCD_CORRELATION_VEC
-#undef TSCD_CORRELATION_ISA
-#pragma GCC pop_options
-#endif
-
-// 2 = AVX-512, 1 = AVX2 + FMA, 0 = baseline (checked once): the widest the CPU supports, capped by the environment
-// variable TSCD_CORRELATION_ISA ("avx512", "avx2" or "baseline"; read once, at the first call) so that the narrower
-// paths can be tested and timed on a wider CPU.
-int isa_level() {
-#ifdef TSCD_CORRELATION_X86
-  static const int level = [] {
-    int hw = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                     __builtin_cpu_supports("avx512dq")
-                 ? 2
-                 : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0);
-    if (const char* cap = std::getenv("TSCD_CORRELATION_ISA")) {
-      const std::string c(cap);
-      TORCH_CHECK(c == "avx512" || c == "avx2" || c == "baseline" || c.empty(),
-                  "TSCD_CORRELATION_ISA must be avx512, avx2 or baseline; got '", c, "'");
-      if (c == "avx2") hw = std::min(hw, 1);
-      if (c == "baseline") hw = 0;
-    }
-    return hw;
-  }();
-  return level;
-#else
-  return 0;
-#endif
-}
+#define TSCD_ISA_LOOPS "correlation_cpu_pass.h"
+#include "isa_each.h"
 
 template <typename PassT, typename scalar_t>
 PassT make_pass(const at::Tensor& out_s, const at::Tensor& out_t, const at::Tensor& in_sT, const at::Tensor& in_tT,
@@ -102,17 +52,6 @@ PassT make_pass(const at::Tensor& out_s, const at::Tensor& out_t, const at::Tens
 }
 
 inline int64_t blocks_of(int64_t n) { return (n + kRows - 1) / kRows; }
-
-// f(tag) with the tag of the widest instruction set this CPU supports (isa_level): tag's PassFor<scalar_t> is the
-// Pass compiled for it.
-template <typename F>
-void with_pass(F&& f) {
-#ifdef TSCD_CORRELATION_X86
-  if (isa_level() == 2) return f(isa_avx512::Isa{});
-  if (isa_level() == 1) return f(isa_avx2::Isa{});
-#endif
-  f(isa_default::Isa{});
-}
 
 // out[b] = sum_k partial[b * n + k] for b < B, in double and in a fixed order (deterministic)
 template <typename scalar_t>
@@ -185,7 +124,7 @@ at::Tensor correlation_fwd_cpu(const at::Tensor& t1, const at::Tensor& t2, const
   std::vector<double> partial(z.B * nb, 0.0);
   at::Tensor out = at::empty({z.B}, t1.options());
   AT_DISPATCH_FLOATING_TYPES(t1.scalar_type(), "correlation_fwd_cpu", [&] {
-    with_pass([&](auto isa) {
+    with_isa([&](auto isa) {
       forward_all<decltype(isa)::template PassFor, scalar_t>(t1, s1, s2T, t2T, offset, z, clamp_student, partial);
     });
     per_image_sums<scalar_t>(partial, z.B, out);
@@ -201,7 +140,7 @@ std::vector<at::Tensor> correlation_bwd_cpu(const at::Tensor& grad, const at::Te
   at::Tensor ds1 = at::zeros_like(s1), ds2;
   at::Tensor dt1 = at::zeros_like(t1), dt2, dc = at::zeros_like(offset);
   AT_DISPATCH_FLOATING_TYPES(t1.scalar_type(), "correlation_bwd_cpu", [&] {
-    with_pass([&](auto isa) {
+    with_isa([&](auto isa) {
       backward_all<decltype(isa)::template PassFor, scalar_t>(grad.data_ptr<scalar_t>(), t1, t2, s1, s2, offset, z,
                                                               clamp_student, teacher_grad, ds1, ds2, dt1, dt2, dc);
     });
@@ -224,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor out = at::empty({z.B}, t1.options());
   std::vector<double> totals;
   AT_DISPATCH_FLOATING_TYPES(t1.scalar_type(), "correlation_fwd_grad_cpu", [&] {
-    with_pass([&](auto isa) {
+    with_isa([&](auto isa) {
       backward_all<decltype(isa)::template PassFor, scalar_t>(nullptr, t1, t2, s1, s2, offset, z, clamp_student,
                                                               teacher_grad, ds1, ds2, dt1, dt2, dc, &totals);
     });
@@ -235,13 +174,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
-
-// The instruction set the CPU kernels run (2 = AVX-512, 1 = AVX2 + FMA, 0 = baseline), for tests and `tscd info`.
-int64_t correlation_isa_level() { return isa_level(); }
-
-TORCH_LIBRARY_FRAGMENT(tscd, m) {
-  m.def("correlation_isa_level() -> int", &correlation_isa_level);
-}
 
 TORCH_LIBRARY_IMPL(tscd, CPU, m) {
   m.impl("correlation_fwd", &correlation_fwd_cpu);

@@ -1,19 +1,14 @@
-// correlation on the CPU: the tile loops of one pass (see correlation_cpu.cpp). Included once per
-// instruction set, each time inside `namespace TSCD_CORRELATION_ISA` under a matching `#pragma GCC target`,
-// so the same source is vectorised for AVX-512, AVX2+FMA and the baseline; the caller picks at run time.
-// Expects kRows, kChunk, the includes of correlation_cpu.cpp and TSCD_CORRELATION_VEC (floats per vector register
-// of the instruction set); TSCD_CORRELATION_DOT_V optionally.
-namespace TSCD_CORRELATION_ISA {
+// correlation on the CPU: the tile loops of one pass (see correlation_cpu.cpp). Included once per instruction set by
+// isa_each.h, inside `namespace TSCD_ISA` under a matching `#pragma GCC target`, so the same source is vectorised
+// for AVX-512, AVX2+FMA and the baseline; the caller picks a copy per op call (with_isa). Expects kRows, kChunk and
+// the includes of correlation_cpu.cpp, and TSCD_ISA_FLOATS (floats per vector register of the instruction set).
+namespace TSCD_ISA {
 
-// inner points per register block: kV (one vector) in the gradient products, kDotV in the dot products
-// (TSCD_CORRELATION_DOT_V where the caller sets it: two AVX-512 vectors, 16 accumulators of the 32 registers).
-// kRows x kV accumulators plus the operands must fit the registers, or the inner loops spill.
-constexpr int kV = TSCD_CORRELATION_VEC;
-#ifdef TSCD_CORRELATION_DOT_V
-constexpr int kDotV = TSCD_CORRELATION_DOT_V;
-#else
-constexpr int kDotV = kV;
-#endif
+// inner points per register block: kV (one vector) in the gradient products, kDotV in the dot products (two
+// vectors on AVX-512: 16 accumulators of its 32 registers). kRows x kV accumulators plus the operands must fit the
+// registers, or the inner loops spill.
+constexpr int kV = TSCD_ISA_FLOATS;
+constexpr int kDotV = TSCD_ISA_FLOATS == 16 ? 2 * kV : kV;
 
 // The loops over one image. Outer (view-1) points o (n_out, *) row-major, inner (view-2) points transposed
 // (C, n_in); the offset c is indexed by the outer point.
@@ -244,10 +239,10 @@ struct Pass {
   }
 };
 
-// This instruction set as a tag for the callers' dispatch (correlation_cpu.cpp: with_pass).
+// This instruction set as a tag for the callers' dispatch (correlation_cpu.cpp: with_isa).
 struct Isa {
   template <typename scalar_t>
   using PassFor = Pass<scalar_t>;
 };
 
-}  // namespace TSCD_CORRELATION_ISA
+}  // namespace TSCD_ISA

@@ -3,7 +3,9 @@
 // then at::parallel_for (OpenMP) runs over (image, channel): splat, d+1 blur passes, slice. Math: permutohedral.h.
 // dense_crf_fwd has its own fused, channel-contiguous mean-field loop (see "Mean-field dense CRF" below). The hash
 // table is filled in point order (a vertex of the previous point is matched without probing) and probed in
-// batches with prefetches, so that the cache misses of a batch overlap.
+// batches with prefetches, so that the cache misses of a batch overlap. The embedding and the dense CRF's loops
+// (permutohedral_cpu_loops.h) are compiled for AVX-512, AVX2 + FMA and the baseline (isa_each.h); each op call
+// runs the copy of cpu::isa_level().
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,7 +18,7 @@
 #include <vector>
 
 #include "../permutohedral_host.h"
-#include "simd.h"
+#include "isa.h"
 
 namespace tscd {
 namespace {
@@ -98,28 +100,29 @@ class HashTable {
 constexpr int kBatch = 16;               // points / vertices whose hash probes are issued together
 constexpr int64_t kEmbedBlock = 8192;    // points embedded (keys kept) at a time by build_lattice
 
-// Keys (row i - k0 of keys) and barycentric weights of the points i0..i1-1 (compiled per ISA: rounding is one
-// instruction from SSE4.1).
-template <typename scalar_t>
-TSCD_CPU_MULTIVERSION void embed_points(const scalar_t* feat, int64_t N, int d, const scalar_t* scale, int* keys,
-                                        scalar_t* w, int64_t i0, int64_t i1, int64_t k0) {
-  const int d1 = d + 1;
-  // the usual dimensions (2: positions, 5: positions and colours) with d known at compile time: the per-coordinate
-  // loops of embed_point unroll and its small arrays stay in registers
-  auto run = [&](auto dd) {
-    const int dc = decltype(dd)::value > 0 ? decltype(dd)::value : d;
-    for (int64_t i = i0; i < i1; ++i) {
-      perm::embed_point<scalar_t, scalar_t>(feat + i, N, dc, scale, keys + (i - k0) * d1 * dc, w + i * d1);
-    }
-  };
-  switch (d) {
-    case 2: run(std::integral_constant<int, 2>()); break;
-    case 5: run(std::integral_constant<int, 5>()); break;
-    default: run(std::integral_constant<int, 0>()); break;
-  }
-}
+// What the per-level loops (permutohedral_cpu_loops.h) share with the dense CRF below.
+constexpr int kCrfMaxKP = 32;  // widest compile-time channel row; wider rows (K > 32) use a runtime width
 
-template <typename scalar_t>
+// What the fused point pass needs of one kernel's lattice.
+template <typename T>
+struct CrfKernel {
+  const int32_t* vtx;
+  const T* w;
+  const T* V;    // the blurred lattice values
+  const T* nrm;  // n_k per point
+  T inv_gain, weight;
+  int d1;
+};
+
+// The logit of a padding channel (K <= c < S): its softmax weight underflows to 0.
+template <typename T>
+constexpr T kPadLogit = T(-1e30);
+
+#define TSCD_ISA_LOOPS "permutohedral_cpu_loops.h"
+#include "isa_each.h"
+
+// The lattice of one image's points, with the embedding loop of Isa.
+template <typename Isa, typename scalar_t>
 void build_lattice(const scalar_t* feat, int d, int64_t N, Lattice<scalar_t>& L) {
   const int d1 = d + 1;
   L.d = d;
@@ -141,7 +144,7 @@ void build_lattice(const scalar_t* feat, int d, int64_t N, Lattice<scalar_t>& L)
   for (int64_t b0 = 0; b0 < N; b0 += block) {
     const int64_t b1 = std::min<int64_t>(N, b0 + block);
     at::parallel_for(b0, b1, 2048, [&](int64_t i0, int64_t i1) {
-      embed_points<scalar_t>(feat, N, d, scale, keys.get(), L.w.data(), i0, i1, b0);
+      Isa::template embed_points<scalar_t>(feat, N, d, scale, keys.get(), L.w.data(), i0, i1, b0);
     });
     for (int64_t i0 = b0; i0 < b1; i0 += kBatch) {
       const int64_t i1 = std::min<int64_t>(b1, i0 + kBatch);
@@ -249,7 +252,7 @@ void filter_chunk(const Lattice<scalar_t>& L, const scalar_t* v, scalar_t* lat, 
 }
 
 // Builds the lattice of every image (in parallel over images); den (normalize): K 1, minus 1 without the self term.
-template <typename scalar_t>
+template <typename Isa, typename scalar_t>
 void build_all(const scalar_t* feat, int d, int64_t B, int64_t N, std::vector<Lattice<scalar_t>>& lattices,
                std::vector<scalar_t>& den, bool normalize, bool include_self) {
   const scalar_t inv_gain = static_cast<scalar_t>(1.0 / perm::lattice_gain(d));
@@ -258,7 +261,7 @@ void build_all(const scalar_t* feat, int d, int64_t B, int64_t N, std::vector<La
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<scalar_t> buf0, buf1, ones;
     for (int64_t b = b0; b < b1; ++b) {
-      build_lattice<scalar_t>(feat + b * d * N, d, N, lattices[b]);
+      build_lattice<Isa, scalar_t>(feat + b * d * N, d, N, lattices[b]);
       if (normalize) {  // forward order
         ones.assign(N, scalar_t(1));
         scalar_t* db = den.data() + b * N;
@@ -321,7 +324,10 @@ at::Tensor permutohedral_cpu(const char* op, const at::Tensor& values, const at:
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "permutohedral_cpu", [&] {
     std::vector<Lattice<scalar_t>> lattices;
     std::vector<scalar_t> den;
-    build_all<scalar_t>(features.data_ptr<scalar_t>(), d, B, N, lattices, den, normalize, include_self);
+    with_isa([&](auto isa) {
+      build_all<decltype(isa), scalar_t>(features.data_ptr<scalar_t>(), d, B, N, lattices, den, normalize,
+                                         include_self);
+    });
     apply_all<scalar_t>(lattices, den, values.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, K, N, normalize,
                         include_self, transpose);
   });
@@ -337,9 +343,7 @@ at::Tensor permutohedral_cpu(const char* op, const at::Tensor& values, const at:
 //   slice every kernel's lattice, add the messages to -U, softmax into Q.
 // The arithmetic per value is that of mean_field (permutohedral_host.h) with the filter above.
 
-constexpr int kCrfMaxKP = 32;  // widest compile-time channel row; wider rows (K > 32) use a runtime width
-constexpr int64_t kTile = 64;   // points per block of the (K, N) <-> (N, S) transposes
-constexpr int64_t kAhead = 8;   // prefetch distance (vertices) of the blur's neighbour gathers
+constexpr int64_t kTile = 64;  // points per block of the (K, N) <-> (N, S) transposes
 
 // f(ib, ie) over the points [0, N) in blocks of kTile (in parallel): the (K, N) <-> (N, S) transposes, so that
 // each (K, N) row and each (N, S) block is read and written in whole cache lines.
@@ -348,13 +352,6 @@ void for_point_tiles(int64_t N, F&& f) {
   at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
     for (int64_t ib = i0; ib < i1; ib += kTile) f(ib, std::min<int64_t>(i1, ib + kTile));
   });
-}
-
-// Prefetch the cache lines of a row of W values (a gather a few iterations ahead).
-template <typename T>
-TSCD_ALWAYS_INLINE void prefetch_row(const T* p, int64_t W) {
-  __builtin_prefetch(p);
-  __builtin_prefetch(p + W - 1);
 }
 
 // Calls f(std::integral_constant<int, W>()) for a channel width w: 1 or a multiple of 4 up to 32; 0 otherwise
@@ -374,181 +371,6 @@ void with_width(int64_t w, F&& f) {
     default: f(std::integral_constant<int, 0>()); break;
   }
 }
-
-// The splat of the W (= KP, or w at run time) channels at q / V (row stride S), restricted to the vertices
-// [v0, v1): V[v0..v1) = 0, then for every point i in [i0, i1) in order, V[vtx] += w * (q[i] * nrm[i]) where
-// vtx is in the range. Each vertex thus sums its points in point order, whatever the split (bit-identical).
-template <typename T, int KP>
-TSCD_CPU_MULTIVERSION void crf_splat(const int32_t* vtx, const T* w, int d1, const T* q, const T* nrm, int64_t S,
-                                     int64_t width, T* V, int64_t v0, int64_t v1, int64_t i0, int64_t i1) {
-  const int64_t W = KP > 0 ? KP : width;
-  for (int64_t m = v0; m < v1; ++m) {
-    T* y = V + m * S;
-#pragma omp simd
-    for (int64_t c = 0; c < W; ++c) y[c] = T(0);
-  }
-  const uint64_t span = static_cast<uint64_t>(v1 - v0);
-  for (int64_t i = i0; i < i1; ++i) {
-    const T* qi = q + i * S;
-    const T n = nrm[i];
-    for (int r = 0; r < d1; ++r) {
-      const int64_t v = vtx[i * d1 + r];
-      if (static_cast<uint64_t>(v - v0) >= span) continue;
-      T* y = V + v * S;
-      const T wr = w[i * d1 + r];
-#pragma omp simd
-      for (int64_t c = 0; c < W; ++c) y[c] += wr * (qi[c] * n);
-    }
-  }
-}
-
-// One blur direction: dst[m] = blur(src[m], src[nb[2m]], src[nb[2m+1]]) (a missing neighbour is the zero row).
-template <typename T, int KP>
-TSCD_CPU_MULTIVERSION void crf_blur(const T* src, T* dst, const int32_t* nb, int64_t S, int64_t width, int64_t m0,
-                                    int64_t m1) {
-  const int64_t W = KP > 0 ? KP : width;
-  for (int64_t m = m0; m < m1; ++m) {
-    if (m + kAhead < m1) {
-      prefetch_row(src + static_cast<int64_t>(nb[2 * (m + kAhead)]) * S, W);
-      prefetch_row(src + static_cast<int64_t>(nb[2 * (m + kAhead) + 1]) * S, W);
-    }
-    const T* a = src + static_cast<int64_t>(nb[2 * m]) * S;
-    const T* b = src + static_cast<int64_t>(nb[2 * m + 1]) * S;
-    const T* x = src + m * S;
-    T* y = dst + m * S;
-#pragma omp simd
-    for (int64_t c = 0; c < W; ++c) y[c] = perm::blur_value(x[c], a[c], b[c]);
-  }
-}
-
-// What the fused point pass needs of one kernel's lattice.
-template <typename T>
-struct CrfKernel {
-  const int32_t* vtx;
-  const T* w;
-  const T* V;    // the blurred lattice values
-  const T* nrm;  // n_k per point
-  T inv_gain, weight;
-  int d1;
-};
-
-// The logit of a padding channel (K <= c < S): its softmax weight underflows to 0.
-template <typename T>
-constexpr T kPadLogit = T(-1e30);
-
-// l[c] += weight * n * (sum_r w_r V[vtx_r][c]) / c_d for c < W: the slice of one kernel's lattice at one point and
-// its message. D1 > 0: the d+1 vertices known at compile time (the r loop unrolls inside the SIMD loop over channels,
-// and the sum stays in registers); D1 = 0: d1 at run time.
-template <typename T, int D1>
-TSCD_ALWAYS_INLINE void crf_slice_message(const CrfKernel<T>& kk, int64_t i, int64_t S, int64_t W, T* l) {
-  const int d1 = D1 > 0 ? D1 : kk.d1;
-  const int32_t* vtx = kk.vtx + i * d1;
-  const T* w = kk.w + i * d1;
-  const T n = kk.nrm[i];
-  if constexpr (D1 > 0) {
-    const T* x[D1];
-    T wr[D1];
-    for (int r = 0; r < D1; ++r) {
-      x[r] = kk.V + static_cast<int64_t>(vtx[r]) * S;
-      wr[r] = w[r];
-    }
-#pragma omp simd
-    for (int64_t c = 0; c < W; ++c) {
-      T acc = wr[0] * x[0][c];
-      for (int r = 1; r < D1; ++r) acc += wr[r] * x[r][c];
-      l[c] = perm::crf_message(l[c], acc, kk.inv_gain, n, kk.weight);
-    }
-  } else {
-    T acc[kCrfMaxKP];
-    for (int64_t c0 = 0; c0 < W; c0 += kCrfMaxKP) {
-      const int64_t cw = std::min<int64_t>(kCrfMaxKP, W - c0);
-      for (int64_t c = 0; c < cw; ++c) acc[c] = T(0);
-      for (int r = 0; r < d1; ++r) {
-        const T* x = kk.V + static_cast<int64_t>(vtx[r]) * S + c0;
-        const T wr = w[r];
-#pragma omp simd
-        for (int64_t c = 0; c < cw; ++c) acc[c] += wr * x[c];
-      }
-#pragma omp simd
-      for (int64_t c = 0; c < cw; ++c) l[c0 + c] = perm::crf_message(l[c0 + c], acc[c], kk.inv_gain, n, kk.weight);
-    }
-  }
-}
-
-// The softmax's loops run over the W channels (a multiple of 8) in blocks of kLanes = 16 and a last block of 8, so
-// that no scalar remainder is left; lane[c] holds the partial max / sum of the channels c (mod kLanes).
-constexpr int kLanes = 16;
-
-// The max and the sum of the kLanes lanes, pairwise.
-template <typename T>
-TSCD_ALWAYS_INLINE T lane_max(const T* v) {
-  T a[8];
-  for (int c = 0; c < 8; ++c) a[c] = v[c + 8] > v[c] ? v[c + 8] : v[c];
-  for (int c = 0; c < 4; ++c) a[c] = a[c + 4] > a[c] ? a[c + 4] : a[c];
-  const T b0 = a[2] > a[0] ? a[2] : a[0], b1 = a[3] > a[1] ? a[3] : a[1];
-  return b1 > b0 ? b1 : b0;
-}
-template <typename T>
-TSCD_ALWAYS_INLINE T lane_sum(const T* v) {
-  T a[8];
-  for (int c = 0; c < 8; ++c) a[c] = v[c] + v[c + 8];
-  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
-}
-
-// One block of L channels: lane = max(lane, l); q = exp(l - mx), lane += q.
-template <typename T, int L>
-TSCD_ALWAYS_INLINE void max_lanes(const T* l, T* lane) {
-#pragma omp simd
-  for (int c = 0; c < L; ++c) lane[c] = l[c] > lane[c] ? l[c] : lane[c];
-}
-template <typename T, int L>
-TSCD_ALWAYS_INLINE void exp_lanes(const T* l, T mx, T* q, T* lane) {
-#pragma omp simd
-  for (int c = 0; c < L; ++c) {
-    const T e = perm::exp_nonpositive(l[c] - mx);
-    q[c] = e;
-    lane[c] += e;
-  }
-}
-
-// For the points i0..i1-1: l = negu[i] + sum_k weight_k * n_k[i] * slice_k(V_k)[i] / c_d (in kernel order), and
-// q[i] = softmax(l) over the S channels (padding channels: negu = kPadLogit, q = 0). scratch: S values (KP = 0).
-template <typename T, int KP>
-TSCD_CPU_MULTIVERSION void crf_update(const CrfKernel<T>* ks, int nk, const T* negu, T* q, int64_t S, T* scratch,
-                                      int64_t i0, int64_t i1) {
-  const int64_t W = KP > 0 ? KP : S;
-  T lbuf[KP > 0 ? KP : 1];
-  T* l = KP > 0 ? lbuf : scratch;
-  for (int64_t i = i0; i < i1; ++i) {
-    const T* u = negu + i * S;
-#pragma omp simd
-    for (int64_t c = 0; c < W; ++c) l[c] = u[c];
-    for (int k = 0; k < nk; ++k) {
-      switch (ks[k].d1) {  // the lattices of the usual kernels (d = 2: positions, d = 5: positions and colours)
-        case 3: crf_slice_message<T, 3>(ks[k], i, S, W, l); break;
-        case 6: crf_slice_message<T, 6>(ks[k], i, S, W, l); break;
-        default: crf_slice_message<T, 0>(ks[k], i, S, W, l); break;
-      }
-    }
-    // softmax over all W channels: a padding channel's logit is kPadLogit (its messages are 0), so it changes
-    // neither the max nor the sum (its exp underflows to 0)
-    T lane[kLanes];
-    for (int c = 0; c < kLanes; ++c) lane[c] = kPadLogit<T>;
-    int64_t c0 = 0;
-    for (; c0 + kLanes <= W; c0 += kLanes) max_lanes<T, kLanes>(l + c0, lane);
-    if (c0 < W) max_lanes<T, 8>(l + c0, lane);
-    const T mx = lane_max(lane);
-    T* qi = q + i * S;
-    for (int c = 0; c < kLanes; ++c) lane[c] = T(0);
-    for (c0 = 0; c0 + kLanes <= W; c0 += kLanes) exp_lanes<T, kLanes>(l + c0, mx, qi + c0, lane);
-    if (c0 < W) exp_lanes<T, 8>(l + c0, mx, qi + c0, lane);
-    const T sum = lane_sum(lane);
-    const T inv = T(1) / sum;
-#pragma omp simd
-    for (int64_t c = 0; c < W; ++c) qi[c] *= inv;
-  }
-}
-
 // The vertex ranges of a multi-threaded pass, one per thread: [m[t], m[t+1]), and the points that touch each,
 // [lo[t], hi[t]) (vertices are numbered in point order, so a range is touched by a band of points).
 struct CrfSplit {
@@ -587,8 +409,8 @@ CrfSplit crf_split(const Lattice<T>& L, int64_t parts) {
 // Every kernel's splat (into x[k]) and d+1 blur passes (x[k] <-> y[k]) of the S channels of q (times its nrm);
 // returns each kernel's result buffer (x[k] if d+1 is even, else y[k]). The threads
 // split each lattice's vertices (CrfSplit), for the splat and for each blur pass, so that no two threads write one
-// cache line; the result is bit-identical whatever the number of threads.
-template <typename T>
+// cache line; the result is bit-identical whatever the number of threads. Isa: the loops' instruction set.
+template <typename Isa, typename T>
 std::vector<const T*> crf_lattice_pass(const std::vector<Lattice<T>>& lat, const std::vector<CrfSplit>& split,
                                        const T* q, const std::vector<const T*>& nrm, int64_t S,
                                        const std::vector<T*>& x, const std::vector<T*>& y) {
@@ -602,7 +424,7 @@ std::vector<const T*> crf_lattice_pass(const std::vector<Lattice<T>>& lat, const
       const int64_t parts = static_cast<int64_t>(sp.lo.size());
       at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-          crf_splat<T, KP>(L.vtx.data(), L.w.data(), L.d + 1, q, nrm[k], S, S, x[k], sp.m[t], sp.m[t + 1],
+          Isa::template crf_splat<T, KP>(L.vtx.data(), L.w.data(), L.d + 1, q, nrm[k], S, S, x[k], sp.m[t], sp.m[t + 1],
                            sp.lo[t], sp.hi[t]);
         }
       });
@@ -611,7 +433,7 @@ std::vector<const T*> crf_lattice_pass(const std::vector<Lattice<T>>& lat, const
       for (int j = 0; j <= L.d; ++j) {
         at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
           for (int64_t t = t0; t < t1; ++t) {
-            crf_blur<T, KP>(a, b, L.nbr.data() + j * L.M * 2, S, S, sp.m[t], std::min(sp.m[t + 1], L.M));
+            Isa::template crf_blur<T, KP>(a, b, L.nbr.data() + j * L.M * 2, S, S, sp.m[t], std::min(sp.m[t + 1], L.M));
           }
         });
         std::fill(b + L.M * S, b + L.M * S + S, T(0));  // the zero row
@@ -623,13 +445,13 @@ std::vector<const T*> crf_lattice_pass(const std::vector<Lattice<T>>& lat, const
   return out;
 }
 
-template <typename T>
+template <typename Isa, typename T>
 void dense_crf_image(const T* unary, const std::vector<const T*>& feats, const std::vector<int>& dims,
                      at::ArrayRef<double> weights, int64_t num_iter, int K, int64_t N, T* out) {
   const int nk = static_cast<int>(feats.size());
   const int64_t S = (K + 7) / 8 * 8;
   std::vector<Lattice<T>> lat(nk);
-  for (int k = 0; k < nk; ++k) build_lattice<T>(feats[k], dims[k], N, lat[k]);
+  for (int k = 0; k < nk; ++k) build_lattice<Isa, T>(feats[k], dims[k], N, lat[k]);
   std::vector<std::vector<T>> va(nk), vb(nk);
   std::vector<CrfKernel<T>> ks(nk);
   std::vector<std::vector<T>> norms(nk);
@@ -651,7 +473,7 @@ void dense_crf_image(const T* unary, const std::vector<const T*>& feats, const s
     ones[k] = one.data();
   }
   // n_k = (K_k 1)^-1/2: the lattice applied to ones (one channel, row stride 1)
-  const std::vector<const T*> v1 = crf_lattice_pass<T>(lat, split, one.data(), ones, 1, x, y);
+  const std::vector<const T*> v1 = crf_lattice_pass<Isa, T>(lat, split, one.data(), ones, 1, x, y);
   for (int k = 0; k < nk; ++k) {
     const Lattice<T>& L = lat[k];
     const T inv_gain = static_cast<T>(1.0 / perm::lattice_gain(L.d));
@@ -678,13 +500,13 @@ void dense_crf_image(const T* unary, const std::vector<const T*>& feats, const s
       constexpr int KP = decltype(kp)::value;
       at::parallel_for(0, N, 2048, [&](int64_t i0, int64_t i1) {
         std::vector<T> scratch(KP > 0 ? 0 : S);
-        crf_update<T, KP>(ks.data(), nkern, negu.data(), q.data(), S, scratch.data(), i0, i1);
+        Isa::template crf_update<T, KP>(ks.data(), nkern, negu.data(), q.data(), S, scratch.data(), i0, i1);
       });
     });
   };
   update(0);
   for (int64_t it = 0; it < num_iter; ++it) {
-    const std::vector<const T*> v = crf_lattice_pass<T>(lat, split, q.data(), nrm, S, x, y);
+    const std::vector<const T*> v = crf_lattice_pass<Isa, T>(lat, split, q.data(), nrm, S, x, y);
     for (int k = 0; k < nk; ++k) ks[k].V = v[k];
     update(nk);
   }
@@ -705,12 +527,14 @@ at::Tensor dense_crf_cpu(const at::Tensor& unary, at::TensorList features, at::A
   AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "dense_crf_cpu", [&] {
     std::vector<int> dims;
     for (const at::Tensor& f : features) dims.push_back(static_cast<int>(f.size(1)));
-    for (int64_t b = 0; b < B; ++b) {
-      std::vector<const scalar_t*> feats;
-      for (const at::Tensor& f : features) feats.push_back(f.data_ptr<scalar_t>() + b * f.size(1) * N);
-      dense_crf_image<scalar_t>(unary.data_ptr<scalar_t>() + b * K * N, feats, dims, weights, num_iter,
-                                static_cast<int>(K), N, q.data_ptr<scalar_t>() + b * K * N);
-    }
+    with_isa([&](auto isa) {
+      for (int64_t b = 0; b < B; ++b) {
+        std::vector<const scalar_t*> feats;
+        for (const at::Tensor& f : features) feats.push_back(f.data_ptr<scalar_t>() + b * f.size(1) * N);
+        dense_crf_image<decltype(isa), scalar_t>(unary.data_ptr<scalar_t>() + b * K * N, feats, dims, weights,
+                                                 num_iter, static_cast<int>(K), N, q.data_ptr<scalar_t>() + b * K * N);
+      }
+    });
   });
   return q;
 }

@@ -4,8 +4,9 @@
 // the propagated maps) is stored with its rows padded by P = min(max dilation, W - 1) columns on each side
 // and rounded up to whole 16-pixel vectors, so a neighbour clamp(x + sx) in x is the plain address x + sx
 // (replicate padding; zeros where the math needs zeros) and every inner loop runs over 16 consecutive pixels
-// without clamping (TSCD_CPU_MULTIVERSION: AVX-512 / AVX2 / baseline). Rows are clamped once per row and
-// slot. The pixels past W in the last vector compute values that are never read (the pads are refilled).
+// without clamping. Rows are clamped once per row and slot. The pixels past W in the last vector compute values
+// that are never read (the pads are refilled). The row loops (refine_cpu_loops.h) are compiled for AVX-512, AVX2 +
+// FMA and the baseline (isa_each.h); each op call runs the copy of cpu::isa_level().
 // Parallel over (image, row) everywhere: the forward step gathers, and so does the transposed step (per
 // output row, from the rows that clamp onto it), so no two threads write the same row.
 #include <ATen/ATen.h>
@@ -14,10 +15,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "../refine_host.h"
-#include "simd.h"
+#include "isa.h"
 
 namespace tscd {
 namespace {
@@ -115,127 +117,8 @@ void prepare_row(const T* img, const Layout& L, int y, T* imgp, T* dd, T* dr) {
   fill_pads(dr + yo, L, false);
 }
 
-// One softmax numerator row: z[x] <- exp(z[x] - mx[x]), and sum[x] += it (kV pixels).
-template <typename T>
-TSCD_ALWAYS_INLINE void exp_shifted(T* z, const T* mx, T* sum) {
-#pragma omp simd
-  for (int x = 0; x < kV; ++x) {
-    const T e = refine::exp_approx<T>(z[x] - mx[x]);
-    z[x] = e;
-    sum[x] += e;
-  }
-}
-
-// The n weights of row y (all W pixels, kV at a time), the steps of refine::pixel_weights.
-template <typename T>
-TSCD_CPU_MULTIVERSION void weights_row(const T* imgp, const T* dd, const T* dr, const T* prior, const Params& p,
-                                       const Layout& L, int y, T* w, T* scratch) {
-  const int n = p.num_dil * refine::kOffsets, W = p.W, P = L.P;
-  const int64_t plane = L.plane, yo = (int64_t)y * L.Wp + P;
-  Slots s;
-  make_slots(p, L, y, s);
-  bool down_ok[kMaxN];
-  for (int k = 0; k < n; ++k) down_ok[k] = refine::variation_down_ok(y, s.sy[k], p.H);
-  const T scale = static_cast<T>(p.rgb_scale), aux = static_cast<T>(p.aux_weight);
-  const bool varm = p.mode == refine::kModeVarm;
-  T* A = scratch;            // (n, kV): logits, then exponentials
-  T* Vt = scratch + n * kV;  // (n, kV)
-  for (int x0 = 0; x0 < W; x0 += kV) {
-    T cen[3][kV], mean[3][kV], var[3][kV], isg[3][kV];
-    for (int c = 0; c < 3; ++c) {
-      const T* r = imgp + c * plane + yo + x0;
-#pragma omp simd
-      for (int x = 0; x < kV; ++x) {
-        cen[c][x] = r[x];
-        mean[c][x] = 0;
-        var[c][x] = 0;
-      }
-    }
-    for (int k = 0; k < n; ++k) {
-      for (int c = 0; c < 3; ++c) {
-        const T* r = imgp + c * plane + s.row[k] + P + s.sx[k] + x0;
-#pragma omp simd
-        for (int x = 0; x < kV; ++x) mean[c][x] += r[x];
-      }
-    }
-    for (int c = 0; c < 3; ++c) {
-#pragma omp simd
-      for (int x = 0; x < kV; ++x) mean[c][x] /= T(n);
-    }
-    for (int k = 0; k < n; ++k) {
-      for (int c = 0; c < 3; ++c) {
-        const T* r = imgp + c * plane + s.row[k] + P + s.sx[k] + x0;
-#pragma omp simd
-        for (int x = 0; x < kV; ++x) {
-          const T dv = r[x] - mean[c][x];
-          var[c][x] += dv * dv;
-        }
-      }
-    }
-    for (int c = 0; c < 3; ++c) {
-#pragma omp simd
-      for (int x = 0; x < kV; ++x) isg[c][x] = refine::inv_sigma(var[c][x], n);
-    }
-    T max_a[kV], max_v[kV], sum_a[kV], sum_v[kV];
-#pragma omp simd
-    for (int x = 0; x < kV; ++x) {
-      max_a[x] = -INFINITY;
-      max_v[x] = -INFINITY;
-      sum_a[x] = 0;
-      sum_v[x] = 0;
-    }
-    for (int k = 0; k < n; ++k) {
-      const int64_t off = s.row[k] + P + s.sx[k] + x0;
-      const T *r0 = imgp + off, *r1 = imgp + plane + off, *r2 = imgp + 2 * plane + off;
-      T* a_k = A + k * kV;
-#pragma omp simd
-      for (int x = 0; x < kV; ++x) {
-        T a = 0;
-        a += refine::appearance_sq(cen[0][x], r0[x], isg[0][x], scale);
-        a += refine::appearance_sq(cen[1][x], r1[x], isg[1][x], scale);
-        a += refine::appearance_sq(cen[2][x], r2[x], isg[2][x], scale);
-        a = refine::appearance_logit(a);
-        a_k[x] = a;
-        max_a[x] = a > max_a[x] ? a : max_a[x];
-      }
-      if (varm) {
-        const T* dn = dd + off;
-        const T* rt = dr + off;
-        const bool dok = down_ok[k];
-        T* v_k = Vt + k * kV;
-#pragma omp simd
-        for (int x = 0; x < kV; ++x) {
-          const T v = refine::variation<T>(dok ? dn[x] : T(0), x0 + x + 1 < W ? rt[x] : T(0));
-          v_k[x] = v;
-          max_v[x] = v > max_v[x] ? v : max_v[x];
-        }
-      }
-    }
-    for (int k = 0; k < n; ++k) {
-      exp_shifted<T>(A + k * kV, max_a, sum_a);
-      if (varm) exp_shifted<T>(Vt + k * kV, max_v, sum_v);
-    }
-#pragma omp simd
-    for (int x = 0; x < kV; ++x) {
-      sum_a[x] = T(1) / sum_a[x];
-      sum_v[x] = T(1) / sum_v[x];
-    }
-    for (int k = 0; k < n; ++k) {
-      const T* a_k = A + k * kV;
-      const T* v_k = Vt + k * kV;
-      T* wr = w + k * plane + yo + x0;
-      if (varm) {
-#pragma omp simd
-        for (int x = 0; x < kV; ++x) wr[x] = a_k[x] * sum_a[x] + aux * (v_k[x] * sum_v[x]);
-      } else {
-        const T pk = prior[k];
-#pragma omp simd
-        for (int x = 0; x < kV; ++x) wr[x] = a_k[x] * sum_a[x] + aux * pk;
-      }
-    }
-  }
-  for (int k = 0; k < n; ++k) fill_pads(w + k * plane + (int64_t)y * L.Wp, L, false);  // zeros: the transpose
-}
+#define TSCD_ISA_LOOPS "refine_cpu_loops.h"
+#include "isa_each.h"
 
 // (B, n, H, Wp) weights in the padded layout (zero pads).
 template <typename T>
@@ -253,14 +136,16 @@ at::Tensor weights_padded(const at::Tensor& image, const T* prior, const Params&
       prepare_row<T>(img + b * 3 * HW, L, (int)(r % H), base, base + 3 * L.plane, base + 4 * L.plane);
     }
   });
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(2 * n * kV);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / H;
-      const T* base = ap + b * 5 * L.plane;
-      weights_row<T>(base, base + 3 * L.plane, base + 4 * L.plane, prior, p, L, (int)(r % H), wp + b * n * L.plane,
-                     scratch.data());
-    }
+  with_isa([&](auto isa) {
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> scratch(2 * n * kV);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / H;
+        const T* base = ap + b * 5 * L.plane;
+        decltype(isa)::template weights_row<T>(base, base + 3 * L.plane, base + 4 * L.plane, prior, p, L, (int)(r % H),
+                                               wp + b * n * L.plane, scratch.data());
+      }
+    });
   });
   return w;
 }
@@ -269,131 +154,9 @@ at::Tensor weights_padded(const at::Tensor& image, const T* prior, const Params&
 // Propagation
 // ------------------------------------------------------------------------------------------------
 
-// The register tile of the propagation steps: KC channels x kV pixels of one row.
-template <typename T, int KC>
-TSCD_ALWAYS_INLINE void zero_tile(T (&acc)[KC][kV]) {
-  for (int t = 0; t < KC; ++t) {
-#pragma omp simd
-    for (int x = 0; x < kV; ++x) acc[t][x] = 0;
-  }
-}
-
-// acc[t][x] += w[x] * v[t * plane + x]: one neighbour's weighted maps (channels `plane` apart)
-template <typename T, int KC>
-TSCD_ALWAYS_INLINE void add_tap(T (&acc)[KC][kV], const T* w, const T* v, int64_t plane) {
-  for (int t = 0; t < KC; ++t) {
-#pragma omp simd
-    for (int x = 0; x < kV; ++x) acc[t][x] += w[x] * v[t * plane + x];
-  }
-}
-
-// dst[t * plane + x] = acc[t][x]
-template <typename T, int KC>
-TSCD_ALWAYS_INLINE void store_tile(const T (&acc)[KC][kV], T* dst, int64_t plane) {
-  for (int t = 0; t < KC; ++t) {
-#pragma omp simd
-    for (int x = 0; x < kV; ++x) dst[t * plane + x] = acc[t][x];
-  }
-}
-
-// One step of row y for KC channels: dst(t, y, x) = sum_k w_k(y, x) * src(t, row_k, x + sx_k).
-template <typename T, int KC>
-TSCD_CPU_MULTIVERSION void step_row(const T* src, T* dst, const T* w, const Slots& s, int n, const Layout& L,
-                                    int y) {
-  const int64_t plane = L.plane, yo = (int64_t)y * L.Wp + L.P;
-  for (int x0 = 0; x0 < L.W; x0 += kV) {
-    T acc[KC][kV];
-    zero_tile<T, KC>(acc);
-    for (int k = 0; k < n; ++k) {
-      const T* wr = w + k * plane + yo + x0;
-      const T* sr = src + s.row[k] + L.P + s.sx[k] + x0;
-      add_tap<T, KC>(acc, wr, sr, plane);
-    }
-    store_tile<T, KC>(acc, dst + yo + x0, plane);
-  }
-  for (int t = 0; t < KC; ++t) fill_pads(dst + t * plane + (int64_t)y * L.Wp, L, true);
-}
-
-// The transposed step for output row qy and KC channels (a gather): dst(t, qy, qx) = sum_k sum_{y : clamp(y +
-// sy_k) = qy} w_k(y, qx - sx_k) * g(t, y, qx - sx_k), with zero pads in w and g; then the pixels whose column
-// clamp(x + sx_k) was clamped onto column 0 or W - 1 are added there.
-template <typename T, int KC>
-TSCD_CPU_MULTIVERSION void step_transpose_row(const T* g, T* dst, const T* w, const Params& p, const Layout& L,
-                                              int qy) {
-  const int n = p.num_dil * refine::kOffsets, W = L.W, P = L.P;
-  const int64_t plane = L.plane, Wp = L.Wp, qo = (int64_t)qy * Wp + P;
-  int lo[kMaxN], hi[kMaxN], sx[kMaxN];
-  for (int k = 0; k < n; ++k) {
-    refine::source_rows(qy, refine::shift_y(p, k), p.H, &lo[k], &hi[k]);
-    sx[k] = refine::clampi(refine::shift_x(p, k), -P, P);
-  }
-  for (int x0 = 0; x0 < W; x0 += kV) {
-    T acc[KC][kV];
-    zero_tile<T, KC>(acc);
-    for (int k = 0; k < n; ++k) {
-      for (int y = lo[k]; y <= hi[k]; ++y) {
-        const int64_t off = (int64_t)y * Wp + P - sx[k] + x0;
-        const T* wr = w + k * plane + off;
-        const T* gr = g + off;
-        add_tap<T, KC>(acc, wr, gr, plane);
-      }
-    }
-    store_tile<T, KC>(acc, dst + qo + x0, plane);
-  }
-  // border columns, 16 lanes at a time (lanes past the run are discarded; reads may pass the row's end by
-  // < 16 elements, which the buffers' tail slack covers)
-  T left[KC][kV], right[KC][kV];
-  for (int t = 0; t < KC; ++t) {
-#pragma omp simd
-    for (int x = 0; x < kV; ++x) {
-      left[t][x] = 0;
-      right[t][x] = 0;
-    }
-  }
-  for (int k = 0; k < n; ++k) {
-    if (sx[k] == 0) continue;
-    // sx < 0: columns [0, -sx) clamp onto column 0; sx > 0: columns [W - sx, W) onto column W - 1
-    const int x_lo = sx[k] < 0 ? 0 : W - sx[k], x_hi = sx[k] < 0 ? -sx[k] : W;
-    T(*sum)[kV] = sx[k] < 0 ? left : right;
-    for (int y = lo[k]; y <= hi[k]; ++y) {
-      const T* wr = w + k * plane + (int64_t)y * Wp + P;
-      const T* gr = g + (int64_t)y * Wp + P;
-      for (int xx = x_lo; xx < x_hi; xx += kV) {
-        for (int t = 0; t < KC; ++t) {
-#pragma omp simd
-          for (int x = 0; x < kV; ++x) sum[t][x] += xx + x < x_hi ? wr[xx + x] * gr[t * plane + xx + x] : T(0);
-        }
-      }
-    }
-  }
-  for (int t = 0; t < KC; ++t) {
-    T l = 0, r = 0;
-    for (int x = 0; x < kV; ++x) {
-      l += left[t][x];
-      r += right[t][x];
-    }
-    dst[t * plane + qo] += l;
-    dst[t * plane + qo + W - 1] += r;
-  }
-  for (int t = 0; t < KC; ++t) fill_pads(dst + t * plane + (int64_t)qy * Wp, L, false);
-}
-
-template <typename T, int KC>
-void row_dispatch(bool transpose, const T* src, T* dst, const T* w, const Slots* s, const Params& p, const Layout& L,
-                  int y, int kc) {
-  if (kc == KC) {
-    if (transpose) {
-      step_transpose_row<T, KC>(src, dst, w, p, L, y);
-    } else {
-      step_row<T, KC>(src, dst, w, *s, p.num_dil * refine::kOffsets, L, y);
-    }
-  } else if constexpr (KC > 1) {
-    row_dispatch<T, KC - 1>(transpose, src, dst, w, s, p, L, y, kc);
-  }
-}
-
-// One step (forward or transposed) for all images, rows and channels; channels >= num_channels[b] are 0.
-template <typename T>
+// One step (forward or transposed) for all images, rows and channels, with the row functions of Isa; channels >=
+// num_channels[b] are 0.
+template <typename Isa, typename T>
 void step_cpu(bool transpose, const T* src, T* dst, const T* w, const int64_t* nc, const Params& p, const Layout& L,
               int64_t B, int64_t K) {
   const int64_t H = p.H, n = p.num_dil * refine::kOffsets;
@@ -407,7 +170,7 @@ void step_cpu(bool transpose, const T* src, T* dst, const T* w, const int64_t* n
       for (int64_t k0 = 0; k0 < k_valid; k0 += kChunk) {
         const int kc = (int)std::min<int64_t>(kChunk, k_valid - k0);
         const int64_t off = (b * K + k0) * L.plane;
-        row_dispatch<T, kChunk>(transpose, src + off, dst + off, w + b * n * L.plane, &s, p, L, y, kc);
+        Isa::template step_row<T>(transpose, src + off, dst + off, w + b * n * L.plane, &s, p, L, y, kc);
       }
       for (int64_t k = std::max<int64_t>(k_valid, 0); k < K; ++k) {
         T* d = dst + (b * K + k) * L.plane + (int64_t)y * L.Wp;
@@ -427,11 +190,13 @@ at::Tensor propagate_cpu(bool transpose, const at::Tensor& maps, const at::Tenso
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "refine_propagate_cpu", [&] {
     to_padded<scalar_t>(maps.data_ptr<scalar_t>(), bufs[1].data_ptr<scalar_t>(), B * K, L, !transpose);
-    for (int64_t t = 0; t < num_iter; ++t) {
-      const scalar_t* src = bufs[(t + 1) % 2].data_ptr<scalar_t>();
-      scalar_t* dst = bufs[t % 2].data_ptr<scalar_t>();
-      step_cpu<scalar_t>(transpose, src, dst, w.data_ptr<scalar_t>(), nc, p, L, B, K);
-    }
+    with_isa([&](auto isa) {
+      for (int64_t t = 0; t < num_iter; ++t) {
+        const scalar_t* src = bufs[(t + 1) % 2].data_ptr<scalar_t>();
+        scalar_t* dst = bufs[t % 2].data_ptr<scalar_t>();
+        step_cpu<decltype(isa), scalar_t>(transpose, src, dst, w.data_ptr<scalar_t>(), nc, p, L, B, K);
+      }
+    });
     out = from_padded<scalar_t>(bufs[(num_iter - 1) % 2], L);
   });
   return out;

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests._utils import assert_close
+from tests._utils import assert_close, run_with_cpu_isa
 from tests.conftest import require_backend
 from tscd.kernels import correlation_loss
 from tscd.kernels._ext import has_cpp
@@ -353,13 +353,7 @@ def test_correlation_cpp_core_nan_stays_local(N1):
 
 
 ISA_CHILD = r"""
-import os, sys, torch
-import tscd.kernels  # registers the ops
 from tests.kernels.test_correlation import CORE_SIZES, _core_torch
-cap = {"avx512": 2, "avx2": 1, "baseline": 0}[os.environ["TSCD_CORRELATION_ISA"]]
-hw = {"AVX512": 2, "AVX2": 1}.get(torch.backends.cpu.get_cpu_capability(), 0)
-level = torch.ops.tscd.correlation_isa_level()
-assert level == min(cap, hw), (level, cap, hw)
 for threads in (1, 2):
     torch.set_num_threads(threads)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
@@ -383,40 +377,17 @@ for threads in (1, 2):
                         [(f * grad.view(-1, *[1] * (f.dim() - 1)), o) for f, o in zip(fused[1:], order)]:
                     err = (got.double() - want.detach()).abs().max().item()
                     assert err <= tol * (1 + want.abs().max().item()), (what, err)
-print("ok", level)
 """
 
 
-@pytest.mark.skipif(not has_cpp(), reason="tscd._C not built")
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
 def test_correlation_cpp_every_instruction_set(isa):
     """The CPU kernels are compiled for AVX-512, AVX2 + FMA and the baseline (each with its own register blocks) and
-    pick the widest the CPU has; TSCD_CORRELATION_ISA caps it, so each path is checked here (forward, backward and
-    the fused op against the materialised core, float64 and float32, every tile size, 1 and 2 threads) whatever CPU
-    runs the tests. In a child process: the choice is read once per process."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TSCD_CORRELATION_ISA=isa, OMP_NUM_THREADS="2")
-    env["PYTHONPATH"] = os.pathsep.join([str(repo)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    proc = subprocess.run([sys.executable, "-c", ISA_CHILD], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
-
-
-@pytest.mark.skipif(not has_cpp(), reason="tscd._C not built")
-def test_correlation_cpp_isa_setting_checked():
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TSCD_CORRELATION_ISA="sse9")
-    proc = subprocess.run([sys.executable, "-c", "import tscd.kernels, torch; torch.ops.tscd.correlation_isa_level()"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "TSCD_CORRELATION_ISA must be avx512, avx2 or baseline; got 'sse9'" in proc.stderr
+    run the widest the CPU has; TSCD_CPU_ISA caps it, so each path this CPU can run is checked here (forward,
+    backward and the fused op against the materialised core, float64 and float32, every tile size, 1 and 2
+    threads). In a child process: the level is read once per process."""
+    require_backend("correlation_fwd", "cpp", "cpu", SUPPORTED_BACKENDS)
+    run_with_cpu_isa(isa, ISA_CHILD)
 
 
 @pytest.mark.skipif(not has_cpp(), reason="tscd._C not built")

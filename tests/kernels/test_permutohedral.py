@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests._utils import assert_close
+from tests._utils import assert_close, run_with_cpu_isa
 from tests.conftest import HAS_GPU, require_backend
 from tscd.kernels import dense_crf, dense_energy_loss, permutohedral_filter
 from tscd.kernels._ext import has_cpp
@@ -102,17 +102,34 @@ LATTICE_CASES = {  # name: (image, sxy, srgb, normalize, max rel error, max rel 
 @needs_cpp
 @pytest.mark.parametrize("case", list(LATTICE_CASES))
 def test_lattice_vs_exact(case):
+    _check_lattice_vs_exact(case)
+
+
+def _check_lattice_vs_exact(case, dtypes=(torch.float64,)):
+    """The cpp filter in each of ``dtypes`` against the exact one in float64; and its gradient (the transposed
+    lattice, with and without the self term) against the forward: <A x, y> = <x, A^T y> (A is linear in x)."""
     kind, sxy, srgb, normalize, tol, tol_gain, (g_lo, g_hi) = LATTICE_CASES[case]
     img = (smooth_image if kind == "smooth" else edge_image)(63, 71)
     feats = crf_features(img, sxy, srgb)
     values = torch.rand(1, 4, feats.shape[-1], dtype=torch.float64)
     exact = permutohedral_filter(values, feats, normalize=normalize, backend="torch")
-    lat = permutohedral_filter(values, feats, normalize=normalize, backend="cpp")
-    gain = (lat * exact).sum() / (lat * lat).sum()  # least-squares scalar: exact ~ gain * lat
-    sum_ratio = (lat.sum() / exact.sum()).item()
-    assert rel_error(lat, exact) <= tol, f"{case}: relative error {rel_error(lat, exact):.4f} > {tol}"
-    assert rel_error(gain * lat, exact) <= tol_gain, f"{case}: error after gain {rel_error(gain * lat, exact):.4f}"
-    assert g_lo <= sum_ratio <= g_hi, f"{case}: lattice/exact sum ratio {sum_ratio:.3f} not in [{g_lo}, {g_hi}]"
+    for dtype in dtypes:
+        lat = permutohedral_filter(values.to(dtype), feats.to(dtype), normalize=normalize, backend="cpp").double()
+        gain = (lat * exact).sum() / (lat * lat).sum()  # least-squares scalar: exact ~ gain * lat
+        sum_ratio = (lat.sum() / exact.sum()).item()
+        what = f"{case} {dtype}"
+        assert rel_error(lat, exact) <= tol, f"{what}: relative error {rel_error(lat, exact):.4f} > {tol}"
+        assert rel_error(gain * lat, exact) <= tol_gain, f"{what}: error after gain {rel_error(gain * lat, exact):.4f}"
+        assert g_lo <= sum_ratio <= g_hi, f"{what}: lattice/exact sum ratio {sum_ratio:.3f} not in [{g_lo}, {g_hi}]"
+        for include_self in (True, False):
+            x = values.to(dtype).requires_grad_()
+            out = permutohedral_filter(x, feats.to(dtype), normalize=normalize, include_self=include_self,
+                                       backend="cpp")
+            y = torch.rand_like(out)
+            (aty,) = torch.autograd.grad(out, x, y)
+            lhs, rhs = (out.double() * y.double()).sum().item(), (values * aty.double()).sum().item()
+            assert abs(lhs - rhs) <= (1e-12 if dtype == torch.float64 else 1e-5) * abs(lhs), \
+                f"{what}, include_self={include_self}: <A x, y> = {lhs} but <x, A^T y> = {rhs}"
 
 
 @needs_cpp
@@ -135,14 +152,19 @@ def test_lattice_calibration_on_full_dimensional_cloud():
 
 @needs_cpp
 def test_include_self_flag():
+    _check_include_self(torch.float64)
+
+
+def _check_include_self(dtype):
     feats = crf_features(edge_image(21, 23), 10.0, 15.0)
     v = torch.rand(2, 3, feats.shape[-1], dtype=torch.float64)
     feats = feats.expand(2, -1, -1).contiguous()
-    with_self = permutohedral_filter(v, feats, backend="cpp")
-    without = permutohedral_filter(v, feats, include_self=False, backend="cpp")
-    assert_close(without, with_self - v, rtol=1e-12, atol=1e-12, name="the self term is v")
+    vk, fk = v.to(dtype), feats.to(dtype)
+    with_self = permutohedral_filter(vk, fk, backend="cpp")
+    without = permutohedral_filter(vk, fk, include_self=False, backend="cpp")
+    assert_close(without, with_self - vk, rtol=1e-12, atol=1e-12, name="the self term is v")
     # normalised without the self term, against the exact filter
-    lat = permutohedral_filter(v, feats, normalize=True, include_self=False, backend="cpp")
+    lat = permutohedral_filter(vk, fk, normalize=True, include_self=False, backend="cpp")
     exact = permutohedral_filter(v, feats, normalize=True, include_self=False, backend="torch")
     assert rel_error(lat, exact) < 0.08
 
@@ -363,6 +385,10 @@ def _edge_band(gt: torch.Tensor, radius: int = 2) -> torch.Tensor:
 @needs_cpp
 @pytest.mark.parametrize("seed", [0, 1])
 def test_dense_crf_matches_exact_mean_field(seed):
+    _check_crf_vs_exact(seed)
+
+
+def _check_crf_vs_exact(seed):
     img, probs, _ = _noisy_label_scene(32, 37, seed=seed)
     q_lat = dense_crf(img, probs.double(), backend="cpp")
     q_ref = dense_crf_reference(img[None].double(), probs.double())
@@ -545,15 +571,21 @@ def test_dense_crf_op_matches_python_mean_field_on_the_lattice():
                           (torch.rand(1, 3, 20), [torch.rand(1, 2, 20), torch.rand(1, 5, 20)], [3.0, 4.0], 2))
 
 
+CRF_LAYOUTS = [(3, torch.float64, "both"), (5, torch.float64, "both"), (8, torch.float32, "both"),
+               (21, torch.float32, "both"), (21, torch.float64, "gauss"), (13, torch.float64, "bilateral"),
+               (33, torch.float64, "both"), (40, torch.float32, "both")]
+
+
 @needs_cpp
-@pytest.mark.parametrize("K, dtype, kernels", [
-    (3, torch.float64, "both"), (5, torch.float64, "both"), (8, torch.float32, "both"), (21, torch.float32, "both"),
-    (21, torch.float64, "gauss"), (13, torch.float64, "bilateral"), (33, torch.float64, "both"),
-    (40, torch.float32, "both")])
+@pytest.mark.parametrize("K, dtype, kernels", CRF_LAYOUTS)
 def test_dense_crf_op_channel_layouts(K, dtype, kernels):
     """The fused op's channel-row layouts (K padded to a multiple of 8; SIMD widths 8..32 and the runtime width
     beyond 32; channel groups split across threads) give the reference loop's result with the same lattice
     filter, for a batch of two different images (different lattices), on 1 and 2 threads (bit-identical)."""
+    _check_crf_layout(K, dtype, kernels)
+
+
+def _check_crf_layout(K, dtype, kernels):
     from tscd.kernels.permutohedral import _filter_fn
     from tscd.kernels.reference.permutohedral import dense_crf_with
 
@@ -585,3 +617,37 @@ def test_dense_crf_extreme_logits():
     q = dense_crf(img, hard, backend="cpp", bilateral_compat=400.0)
     assert torch.isfinite(q).all()
     assert_close(q.sum(1), torch.ones_like(q[:, 0]), rtol=1e-5, atol=1e-5, name="sum")
+
+
+# ----------------------------------------------------------------------------------------------
+# Every instruction set of the CPU kernels
+# ----------------------------------------------------------------------------------------------
+
+ISA_LATTICE_CASES = ["edge-xy3-sum", "smooth-xy3-norm", "edge-loss-sum", "edge-loss-norm"]  # d = 2, 5; sum, norm
+ISA_CHILD = r"""
+from tests.kernels.test_permutohedral import (CRF_LAYOUTS, ISA_LATTICE_CASES, _check_crf_layout, _check_crf_vs_exact,
+                                              _check_include_self, _check_lattice_vs_exact)
+for case in ISA_LATTICE_CASES:
+    torch.manual_seed(0)  # each check from the seed of the test that runs it in the main process (conftest)
+    _check_lattice_vs_exact(case, (torch.float64, torch.float32))
+for dtype in (torch.float64, torch.float32):
+    torch.manual_seed(0)
+    _check_include_self(dtype)
+for layout in CRF_LAYOUTS:
+    torch.manual_seed(0)
+    _check_crf_layout(*layout)
+torch.manual_seed(0)
+_check_crf_vs_exact(0)
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_cpp_every_instruction_set(isa):
+    """The CPU kernels' loops (the lattice embedding, the dense CRF's splat, blur and update) are compiled for
+    AVX-512, AVX2 + FMA and the baseline, and run the widest the CPU has; TSCD_CPU_ISA caps it, so each path this
+    CPU can run is checked here: the filter (plain and normalised, with and without the self term, d = 2 and 5)
+    against the exact filter and its gradient against the forward (the adjoint identity), in float64 and float32;
+    dense_crf against the reference loop on the same lattice and against the exact mean field. In a child process:
+    the level is read once per process."""
+    require_backend("permutohedral_fwd", "cpp", "cpu", SUPPORTED_BACKENDS)
+    run_with_cpu_isa(isa, ISA_CHILD)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests._utils import assert_close
+from tests._utils import assert_close, run_with_cpu_isa
 from tests.conftest import require_backend
 from tscd.kernels import refine, refine_weights
 from tscd.kernels._ext import has_cpp
@@ -164,6 +164,7 @@ CASES = {
     "odd-W33-K9-masked": (2, 9, 11, 33, (6, 17), DEFAULT_DILATIONS, 4, [9, 5]),
     "K13-W47-ragged": (3, 13, 7, 47, (7, 47), (1, 3, 24), 3, [13, 8, 1]),
     "large-dil-21x45": (1, 2, 21, 45, (21, 45), (2, 40), 3, None),
+    "K21-odd-9x19": (1, 21, 9, 19, (5, 7), (1, 2, 4, 8), 3, None),
 }
 TINY = {"1x1", "2x3", "B3-K3-nonsquare", "ragged-K"}
 
@@ -211,6 +212,10 @@ def test_refine_float64_tight(case, mode):
     """float64 runs the kernel's own math (exact exp): it matches the reference to rounding, so an index
     off by one at a border, a pad, a clamp or a vector tail shows up far above the tolerance."""
     require_backend("refine_fwd", "cpp", "cpu", SUPPORTED_BACKENDS)
+    _check_float64_cpp(case, mode)
+
+
+def _check_float64_cpp(case, mode):
     img, cam, kw = _inputs(case, "cpu", torch.float64)
     cam_ref = cam.detach().requires_grad_()
     cam_k = cam.detach().requires_grad_()
@@ -225,6 +230,30 @@ def test_refine_float64_tight(case, mode):
     w = refine_weights(img, dilations=kw["dilations"], mode=mode, backend="cpp")
     w_ref = refine_weights_reference(img, dilations=kw["dilations"], mode=mode)
     assert_close(w, w_ref, rtol=1e-12, atol=1e-14, name=f"float64 weights {case}")
+
+
+# The CPU kernel's cases for each instruction set: odd sizes, 1- and 2-channel to 21-channel maps across the
+# 8-channel chunks, num_channels masks, large dilations, borders.
+ISA_CASES = ["odd7x13-K1-resize", "K21-odd-9x19", "ragged-K", "border-heavy-40x9", "W1-tall", "H1-wide",
+             "odd-W33-K9-masked", "K13-W47-ragged", "large-dil-21x45"]
+ISA_CHILD = r"""
+from tests.kernels.test_refine import ISA_CASES, _check_case, _check_float64_cpp
+for mode in ("varm", "par"):
+    for case in ISA_CASES:
+        torch.manual_seed(0)
+        _check_case(case, "cpp", "cpu", mode)
+        _check_float64_cpp(case, mode)
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_refine_cpp_every_instruction_set(isa):
+    """The CPU kernel's loops are compiled for AVX-512, AVX2 + FMA and the baseline, and run the widest the CPU has;
+    TSCD_CPU_ISA caps it, so each path this CPU can run is checked here: forward and gradient, varm and par,
+    float32 (against the float64 reference) and float64 (tight, weights too). In a child process: the level is read
+    once per process."""
+    require_backend("refine_fwd", "cpp", "cpu", SUPPORTED_BACKENDS)
+    run_with_cpu_isa(isa, ISA_CHILD)
 
 
 @pytest.mark.skipif(not has_cpp(), reason="tscd._C not built")

@@ -78,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
         + ("  [TRITON_INTERPRET=1]" if info["triton_interpret"] else ""),
         f"GPU         {info['gpu'] or 'none visible'}",
         f"threads     {info['torch_threads']}",
-        "extension   " + ("tscd._C built; OpenMP threads {}; correlation CPU path {}; CUDA kernels compiled: {}".format(
-            ext.get("openmp_threads"), ext.get("cpu_correlation_isa"), "yes" if ext.get("cuda_kernels") else "no")
+        "extension   " + ("tscd._C built; OpenMP threads {}; CPU kernels {} (this CPU: {}); CUDA kernels compiled: {}"
+                            .format(ext.get("openmp_threads"), ext.get("cpu_isa"), ext.get("cpu_isa_supported"),
+                                    "yes" if ext.get("cuda_kernels") else "no")
             if ext["built"]
             else f"NOT built: {ext['error']}"),
         *(f"  build     {line}" for line in (ext["build_report"] or {}).get("summary", [])

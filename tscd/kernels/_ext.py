@@ -12,6 +12,8 @@ BUILD_HELP = (
     "build it with `pip install -e .` from the repository root "
     "(README.md, 'Install'); `tscd info` shows what is built"
 )
+# The instruction sets of the CPU kernels, by torch.ops.tscd.cpu_isa_level(); TSCD_CPU_ISA takes these names.
+CPU_ISA_NAMES = {0: "baseline", 1: "avx2", 2: "avx512"}
 
 
 def _import_extension() -> str | None:
@@ -61,13 +63,22 @@ def build_report() -> dict | None:
         return None
 
 
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run: the widest this CPU supports, capped by the environment variable
+    TSCD_CPU_ISA (or its older name TSCD_CORRELATION_ISA); the error's first line for a bad cap."""
+    try:
+        return CPU_ISA_NAMES[int(torch.ops.tscd.cpu_isa_level())]
+    except RuntimeError as err:
+        return f"error: {str(err).splitlines()[0]}"
+
+
 def build_info() -> dict:
     """What the extension says about its own build (empty when not built)."""
     if not has_cpp():
         return {}
     return {
         "openmp_threads": int(torch.ops.tscd.openmp_max_threads()),
-        # the vector path the CPU correlation kernel picked (capped by TSCD_CORRELATION_ISA)
-        "cpu_correlation_isa": {2: "avx512", 1: "avx2"}.get(int(torch.ops.tscd.correlation_isa_level()), "baseline"),
+        "cpu_isa": cpu_isa(),
+        "cpu_isa_supported": CPU_ISA_NAMES[int(torch.ops.tscd.cpu_isa_supported())],
         "cuda_kernels": has_cuda_kernels(),
     }
