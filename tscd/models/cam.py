@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from tscd.models.tscd_net import _unwrap
 
@@ -86,27 +87,31 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
     total = aff = None
     with torch.no_grad():
         for s in scales:
-            x = _resize(images, s)
-            if flip:
-                x = torch.cat([x, x.flip(-1)], dim=0)
-            if affinity and aff is None and s == max(scales):
-                feats, attns = net.encoder.forward_features(x, net.affinity_attn_blocks)
-                if decoder and net.training:
-                    net.decoder.track_statistics(feats)
-                cam = net.classifier(feats[3])
-                aff = net.affinity_head(attns)[:b]
-            elif decoder and net.training:
-                feats = net.encoder.forward_features(x)[0]
-                net.decoder.track_statistics(feats)  # the official full pass's side effects only (BN, RNG)
-                cam = net.classifier(feats[3])
-            else:
-                cam = net.forward_cam(x)
-            cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
-            if flip:
-                cam = torch.maximum(cam[:b], cam[b:].flip(-1))
-            cam = F.relu(cam)
-            total = cam if total is None else total + cam
+            with record_function(f"tscd/cam_pass/scale={s:g}"):
+                want_aff = affinity and aff is None and s == max(scales)
+                cam, pass_aff = _cam_pass(net, _resize(images, s), b, flip, decoder and net.training, want_aff)
+                aff = pass_aff if want_aff else aff
+                cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
+                if flip:
+                    cam = torch.maximum(cam[:b], cam[b:].flip(-1))
+                cam = F.relu(cam)
+                total = cam if total is None else total + cam
         return (_normalise(total), aff) if affinity else _normalise(total)
+
+
+def _cam_pass(net: nn.Module, x: Tensor, b: int, flip: bool, decoder: bool,
+              affinity: bool) -> tuple[Tensor, Tensor | None]:
+    """One scale's pass of :func:`multi_scale_cam`: the CAM logits of ``x`` (and its flip, concatenated on the
+    batch axis), the decoder's side effects, and the affinity of the first ``b`` images when asked."""
+    if flip:
+        x = torch.cat([x, x.flip(-1)], dim=0)
+    if not (decoder or affinity):
+        return net.forward_cam(x), None
+    feats, attns = net.encoder.forward_features(x, net.affinity_attn_blocks if affinity else None)
+    if decoder:
+        with record_function("tscd/cam_pass/decoder_stats"):
+            net.decoder.track_statistics(feats)  # the official full pass's side effects only (BN, RNG)
+    return net.classifier(feats[3]), (net.affinity_head(attns)[:b] if affinity else None)
 
 
 def multi_scale_cam_reference(model: nn.Module, images: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),
@@ -139,7 +144,8 @@ def multi_scale_cam_reference(model: nn.Module, images: Tensor, scales: Sequence
             x = _resize(images, s)
             if flip:
                 x = torch.cat([x, x.flip(-1)], dim=0)
-            out = model(x)
+            with record_function(f"tscd/cam_pass/scale={s:g}"):
+                out = model(x)
             if affinity and aff is None and s == max(scales):
                 aff = out.affinity[:b]
             cam = F.interpolate(out.cam, size=(h, w), mode="bilinear", align_corners=False)
