@@ -367,7 +367,8 @@ def write_phases(op: str, env: dict, rows: list[dict], profiles: dict[str, dict]
     lines += ["", "Iteration FLOPs (forward + backward: matmuls, convolutions, attention; torch.utils.flop_counter) "
               "and their rate against the machine's fp32 matmul rate "
               f"({env.get('peak_fp32_gflops')} GFLOP/s, {env['threads']} threads, 2048^3 torch.mm):", "",
-              "| path | GFLOP / iteration | s / iteration (timed) | GFLOP/s | of the matmul peak |", "|---|---|---|---|---|"]
+              "| path | GFLOP / iteration | s / iteration (timed) | GFLOP/s | of the matmul peak |",
+              "|---|---|---|---|---|"]
     for r in rows:
         if "gflop" in r:
             rate = r["gflop"] / r["s_per_it"]
