@@ -143,7 +143,7 @@ class SegFormerHead(nn.Module):
         The statistics are those of the fuse conv's output. The projections, the bilinear resize and the 1x1 fuse
         conv are linear per pixel, so the fuse conv's slice of stage i is folded into stage i's projection
         (``W_i P_i``, 256 x C_i) and applied at that stage's resolution; only those 256-channel maps are resized
-        and summed. The ``4 * embed_dim``-channel map at 1/4 resolution and the last conv are never formed:
+        (once per resolution: TSCD's stages 3 and 4 share 1/16) and summed. The ``4 * embed_dim``-channel map at 1/4 resolution and the last conv are never formed:
         about 4x less decoder work in the CAM passes, the same statistics up to float rounding (the sums are
         associated differently).
 
@@ -157,16 +157,17 @@ class SegFormerHead(nn.Module):
         size = feats[0].shape[-2:]
         fuse = self.fuse.conv.weight.flatten(1)  # (E, 4E): input channels deepest stage first
         E, n = fuse.shape[0], len(self.linear_c)
-        y = None
+        by_size: dict[tuple[int, int], Tensor] = {}  # stages at the same resolution are summed before resizing
         bias = 0.0
         for i, (f, linear) in enumerate(zip(feats, self.linear_c)):
             part = fuse[:, (n - 1 - i) * E:(n - i) * E]  # (E, E): this stage's slice of the fuse conv
             b, _, h, w = f.shape
             z = F.linear(f.flatten(2).transpose(1, 2), part @ linear.weight).transpose(1, 2).reshape(b, E, h, w)
             bias = bias + part @ linear.bias
-            if z.shape[-2:] != size:
-                z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
-            y = z if y is None else y + z
+            by_size[(h, w)] = z if (h, w) not in by_size else by_size[(h, w)] + z
+        y = by_size.pop(tuple(size))
+        for z in by_size.values():
+            y = y + F.interpolate(z, size=size, mode="bilinear", align_corners=False)
         y = y + bias.view(1, E, 1, 1).to(y.dtype)
         self.fuse.bn(y)  # the running statistics' update, exactly BatchNorm's own
         self.dropout(y.new_zeros(y.shape[0], E, 1, 1))  # the same RNG draw as the dropout mask of (B, E, h, w)
