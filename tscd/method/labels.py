@@ -100,10 +100,16 @@ def refine_cams_with_bkg(image01: torch.Tensor, cams: torch.Tensor, cls_label: t
     stack = stack.gather(1, perm.view(B, -1, 1, 1).expand(-1, -1, h, w))
     refined = refine(img_s, stack, dilations=dilations, num_iter=num_iter, mode=mode, num_channels=n_valid,
                      backend=backend)  # (B, 2 (1+C), h, w), present channels first
+    # absent channels can never win the argmax: the lowest finite value (not -inf: the resize's zero weights
+    # would make 0 * -inf = NaN), set at the refine resolution, in place
+    skipped = torch.arange(2 * (C + 1), device=cams.device).view(1, -1) >= n_valid.view(-1, 1)
+    refined.masked_fill_(skipped.view(B, -1, 1, 1), torch.finfo(refined.dtype).min)
     refined = refined.gather(1, perm.argsort(dim=1).view(B, -1, 1, 1).expand(-1, -1, h, w))  # back in class order
-    refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)
-    high = refined[:, :C + 1].masked_fill(drop, float("-inf")).argmax(1)
-    low = refined[:, C + 1:].masked_fill(drop, float("-inf")).argmax(1)
+    # resized channels-last: the argmax over channels then reads contiguous memory
+    refined = F.interpolate(refined.contiguous(memory_format=torch.channels_last), size=(H, W), mode="bilinear",
+                            align_corners=False)
+    high = refined[:, :C + 1].argmax(1)
+    low = refined[:, C + 1:].argmax(1)
     label = torch.where(high == 0, torch.where(low == 0, 0, IGNORE_INDEX), high)
     if img_box is not None:
         label = label.masked_fill(~box_mask(img_box, H, W), IGNORE_INDEX)
