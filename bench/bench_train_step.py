@@ -7,6 +7,9 @@ Rows (same weights, same batches, random init, drop-path and dropout off so that
   host; fp32, the global batch at once.
 * ``default``: the default path (multi-scale CAMs through the encoder only, one batched VARM call, fused
   kernels, backend auto); fp32, the global batch at once.
+* ``compiled`` (only when asked: ``--rows``): the default path with ``train.compile`` (the trained forward and its
+  backward through torch.compile; the first timed iteration includes the compilation, so time it with
+  ``--timed 2`` or more).
 * ``low-memory``: ``train.memory=low`` (bf16 autocast, activation checkpointing ``all``, micro-batches of one
   image). Where the trainer has no gradient accumulation (``train.accum_steps``) yet, the iteration is run as
   one ``train_step`` per image of the global batch (an optimizer step each; the peak is the same as with
@@ -54,8 +57,11 @@ logger = logging.getLogger("bench_train_step")
 ROWS: dict[str, tuple[bool, list[str]]] = {
     "reference-style": (True, []),
     "default": (False, []),
+    "compiled": (False, ["train.compile=true"]),
     "low-memory": (False, ["train.memory=low"]),
 }
+#: the rows run unless --rows says otherwise (``compiled``: minutes of inductor compilation on a 2-core CPU)
+DEFAULT_ROWS = ("reference-style", "default", "low-memory")
 
 
 def make_trainer(args, name: str, run_dir: str) -> Trainer:
@@ -254,7 +260,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="tscd_mit_b1")
     p.add_argument("--timed", type=int, default=1,
                    help="timed iterations per row before the measured one (0: time the measured one)")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                   help=f"comma-separated subset of {', '.join(ROWS)} (default {','.join(DEFAULT_ROWS)})")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--amp", default="off", choices=["off", "bf16"], help="amp of the fp32 rows")
     p.add_argument("--out", default=None)

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 import tscd.method.labels as labels_mod
 from tscd.data.transforms import normalize
 from tscd.kernels import refine
-from tscd.method.labels import (box_mask, cam_to_label, refine_cams_with_bkg, refine_cams_with_bkg_sequential,
-                                varm_image)
+from tscd.method.labels import box_mask, cam_to_label, refine_cams_with_bkg, refine_cams_with_bkg_sequential, varm_image
 
 
 def test_varm_image_truncates_to_uint8_as_the_official_code():

@@ -143,9 +143,9 @@ class SegFormerHead(nn.Module):
         The statistics are those of the fuse conv's output. The projections, the bilinear resize and the 1x1 fuse
         conv are linear per pixel, so the fuse conv's slice of stage i is folded into stage i's projection
         (``W_i P_i``, 256 x C_i) and applied at that stage's resolution; only those 256-channel maps are resized
-        (once per resolution: TSCD's stages 3 and 4 share 1/16) and summed. The ``4 * embed_dim``-channel map at 1/4 resolution and the last conv are never formed:
-        about 4x less decoder work in the CAM passes, the same statistics up to float rounding (the sums are
-        associated differently).
+        (once per resolution: TSCD's stages 3 and 4 share 1/16) and summed. The ``4 * embed_dim``-channel map at
+        1/4 resolution and the last conv are never formed: about 5x less decoder work in the CAM passes, the same
+        statistics up to float rounding (the sums are associated differently).
 
         Args:
             feats: the encoder maps [(B, C_i, h_i, w_i)], shallowest (largest) first.
