@@ -350,7 +350,8 @@ def write_phases(op: str, env: dict, rows: list[dict], profiles: dict[str, dict]
 
     out = (Path(out_dir) if out_dir is not None else RESULTS_DIR) / device_tag(env)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{op}.json").write_text(json.dumps({"op": op, "env": env, "rows": rows, "profiles": profiles},
+    # not "rows": bench/report.py renders the iteration rows from the main result file already
+    (out / f"{op}.json").write_text(json.dumps({"op": op, "env": env, "iterations": rows, "profiles": profiles},
                                                indent=2) + "\n")
     names = list(profiles)
     timing = "device time of the kernels launched in each range" if env["device_type"] == "cuda" else \
