@@ -165,9 +165,8 @@ class SegFormerHead(nn.Module):
             z = F.linear(f.flatten(2).transpose(1, 2), part @ linear.weight).transpose(1, 2).reshape(b, E, h, w)
             bias = bias + part @ linear.bias
             by_size[(h, w)] = z if (h, w) not in by_size else by_size[(h, w)] + z
-        y = by_size.pop(tuple(size))
+        y = by_size.pop(tuple(size)).add_(bias.view(1, E, 1, 1).to(feats[0].dtype))  # in place: no grad here
         for z in by_size.values():
-            y = y + F.interpolate(z, size=size, mode="bilinear", align_corners=False)
-        y = y + bias.view(1, E, 1, 1).to(y.dtype)
+            y.add_(F.interpolate(z, size=size, mode="bilinear", align_corners=False))
         self.fuse.bn(y)  # the running statistics' update, exactly BatchNorm's own
         self.dropout(y.new_zeros(y.shape[0], E, 1, 1))  # the same RNG draw as the dropout mask of (B, E, h, w)
