@@ -7,6 +7,9 @@ Rows (same weights, same batches, random init, drop-path and dropout off so that
   host; fp32, the global batch at once.
 * ``default``: the default path (multi-scale CAMs through the encoder only, one batched VARM call, fused
   kernels, backend auto); fp32, the global batch at once.
+* ``compiled`` (only when asked: ``--rows``): the default path with ``train.compile`` (the trained forward and its
+  backward through torch.compile; the first timed iteration includes the compilation, so time it with
+  ``--timed 2`` or more).
 * ``low-memory``: ``train.memory=low`` (bf16 autocast, activation checkpointing ``all``, micro-batches of one
   image). Where the trainer has no gradient accumulation (``train.accum_steps``) yet, the iteration is run as
   one ``train_step`` per image of the global batch (an optimizer step each; the peak is the same as with
@@ -18,7 +21,15 @@ more iteration is measured with :class:`tscd.train.memory.PeakMemory` (CUDA ``ma
 allocator events recorded by the profiler): peak = weights + gradients + optimizer state at its start + the
 peak of tensor bytes during it (``peak_mib``), the same method for every row.
 
+``--profile``: per row, one more iteration under ``torch.profiler`` gives the per-phase breakdown (the ``tscd/*``
+ranges the trainer, the recipe and the CAM passes mark: CAM passes per scale and their decoder statistics, pseudo
+labels, training forwards, the fused losses, backward, optimizer), plus the operator-level top list of the first
+row's CAM passes, the iteration's FLOP count (``torch.utils.flop_counter``: matmuls, convolutions, attention) and
+its share of the machine's measured fp32 matmul rate, and the data pipeline's time per batch in the main process.
+Written to ``train_step-<model>-<crop>-b<batch>-phases.{md,json}``.
+
     python bench/bench_train_step.py --device cpu --crop 512 --batch 4 --model tscd_mit_b1 --timed 1
+    python bench/bench_train_step.py --device cpu --crop 320 --batch 2 --rows default --profile
     python bench/bench_train_step.py --device cuda --crop 512 --batch 4 --model tscd_mit_b1 --timed 10
 """
 from __future__ import annotations
@@ -46,8 +57,11 @@ logger = logging.getLogger("bench_train_step")
 ROWS: dict[str, tuple[bool, list[str]]] = {
     "reference-style": (True, []),
     "default": (False, []),
+    "compiled": (False, ["train.compile=true"]),
     "low-memory": (False, ["train.memory=low"]),
 }
+#: the rows run unless --rows says otherwise (``compiled``: minutes of inductor compilation on a 2-core CPU)
+DEFAULT_ROWS = ("reference-style", "default", "low-memory")
 
 
 def make_trainer(args, name: str, run_dir: str) -> Trainer:
@@ -144,6 +158,100 @@ def run_row(name: str, trainer: Trainer, batches: list[dict], device: torch.devi
     return row
 
 
+#: (label, ``tscd/*`` range, depth) of the phase table; a range's time includes the ranges inside it
+PHASES: list[tuple[str, str, int]] = [
+    ("labels of all micro-batches first (accumulation)", "tscd/labels", 0),
+    ("forward work (labels, forwards, losses)", "tscd/terms", 0),
+    ("CAM passes, both views (no grad)", "tscd/cam_passes", 1),
+    ("scale {s}", "tscd/cam_pass/scale=", 2),
+    ("decoder statistics (all scales)", "tscd/cam_pass/decoder_stats", 2),
+    ("pseudo labels (refine)", "tscd/pseudo_label", 1),
+    ("affinity labels", "tscd/affinity_label", 1),
+    ("training forward, view 1", "tscd/forward/view1", 1),
+    ("forward, view 2 (SCD)", "tscd/forward/view2", 1),
+    ("CRF loss", "tscd/crf_loss", 1),
+    ("SCD loss", "tscd/scd_loss", 1),
+    ("backward", "tscd/backward", 0),
+    ("optimizer (AdamW, schedule)", "tscd/optimizer", 0),
+]
+
+
+def profile_phases(trainer: Trainer, batch: dict, device: torch.device) -> tuple[float, dict[str, float]]:
+    """One iteration under torch.profiler: its wall time and the summed time of each ``tscd/*`` range (CPU: the
+    range's wall time on the main thread; CUDA: the device time of the kernels launched inside it), seconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        iteration(trainer, batch)
+        sync(device)
+        total = time.perf_counter() - t0
+    ranges: dict[str, float] = {}
+    for e in prof.events():
+        if e.name.startswith("tscd/"):
+            us = e.device_time_total if device.type == "cuda" else e.cpu_time_total
+            ranges[e.name] = ranges.get(e.name, 0.0) + us / 1e6
+    return total, ranges
+
+
+def phase_rows(total: float, ranges: dict[str, float]) -> list[dict]:
+    rows = []
+    for label, key, depth in PHASES:
+        keys = sorted((k for k in ranges if k.startswith(key)), key=lambda k: float(k.split("=")[1])) \
+            if key.endswith("=") else [key] if key in ranges else []
+        for k in keys:
+            name = label.format(s=k.split("=")[1]) if "{s}" in label else label
+            rows.append({"phase": "&nbsp;" * 4 * depth + name, "s": ranges[k], "share": ranges[k] / total})
+    top = sum(ranges.get(k, 0.0) for _, k, d in PHASES if d == 0)
+    rows.append({"phase": "rest (zeroing gradients, loss sums, logging values)", "s": total - top,
+                 "share": (total - top) / total})
+    rows.append({"phase": "**iteration (profiled)**", "s": total, "share": 1.0})
+    return rows
+
+
+def cam_operator_top(trainer: Trainer, img: torch.Tensor, device: torch.device, n: int = 15) -> list[dict]:
+    """The operators of one view's CAM passes (train mode, as in the iteration) by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    trainer.net.train()
+    steps = trainer.recipe.steps
+    steps.cams(img)  # warm-up
+    sync(device)
+    with profile(activities=acts) as prof:
+        steps.cams(img)
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if not e.key.startswith("tscd/")]
+    whole = sum(getattr(e, attr) for e in events)
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"op": e.key, "calls": e.count, "self_ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / whole}
+            for e in events[:n]]
+
+
+def iteration_flops(trainer: Trainer, batch: dict) -> float:
+    """FLOPs of one iteration (forward and backward; matmuls, convolutions, attention), by FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        iteration(trainer, batch)
+    return float(counter.get_total_flops())
+
+
+def data_seconds(trainer: Trainer, n: int = 3) -> float:
+    """The data pipeline's time per batch in the main process (``num_workers=0``; training hides it in workers)."""
+    times = []
+    it = iter(trainer.train_loader)
+    for _ in range(n):
+        t0 = time.perf_counter()
+        if next(it, None) is None:
+            break
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -152,10 +260,13 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="tscd_mit_b1")
     p.add_argument("--timed", type=int, default=1,
                    help="timed iterations per row before the measured one (0: time the measured one)")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                   help=f"comma-separated subset of {', '.join(ROWS)} (default {','.join(DEFAULT_ROWS)})")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--amp", default="off", choices=["off", "bf16"], help="amp of the fp32 rows")
     p.add_argument("--out", default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="also the per-phase breakdown, CAM operator top list and FLOPs (-phases.md/json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = [n for n in args.rows.split(",") if n]
@@ -173,10 +284,23 @@ def main(argv=None) -> int:
     it = iter(first.train_loader)
     batches = [next(it) for _ in range(args.timed + 1)]
     rows = []
+    profiles: dict[str, dict] = {}
     t_start = time.time()
     for name in names:
-        rows.append(run_row(name, trainers[name], batches, device, args.timed))
-        del trainers[name]  # free its weights and optimizer state before the next row
+        trainer = trainers[name]
+        rows.append(run_row(name, trainer, batches, device, args.timed))
+        if args.profile:
+            total, ranges = profile_phases(trainer, batches[-1], device)
+            flops = iteration_flops(trainer, batches[-1])
+            rows[-1]["gflop"] = flops / 1e9
+            if device.type == "cpu":
+                rows[-1]["matmul_peak_share"] = flops / rows[-1]["s_per_it"] / (env["peak_fp32_gflops"] * 1e9)
+            profiles[name] = {"total_s": total, "ranges": ranges, "phases": phase_rows(total, ranges)}
+            if name == ("default" if "default" in names else names[0]):
+                profiles[name]["cam_ops"] = cam_operator_top(trainer, batches[-1]["img"].to(device), device)
+                profiles[name]["data_s_per_batch"] = data_seconds(trainer)
+            logger.info("%-16s profiled: %s", name, {k: round(v, 3) for k, v in sorted(ranges.items())})
+        del trainers[name], trainer  # free its weights and optimizer state before the next row
     load_after = os.getloadavg()
     base = rows[0]
     for row in rows:
@@ -203,12 +327,74 @@ def main(argv=None) -> int:
     if any(r["accumulation"] == "emulated" for r in rows):
         notes += (" low-memory: gradient accumulation (train.accum_steps) not in this version: the iteration ran "
                   "as one train_step per image (see bench/bench_train_step.py).")
+    if args.profile:
+        columns += [("gflop", "GFLOP / iteration"), ("matmul_peak_share", "of the matmul peak")]
     for r in rows:
         r.pop("losses_first")
     paths = write_results(f"train_step-{args.model}-{args.crop}-b{args.batch}", env, rows, columns, args.out,
                           notes=notes)
     logger.info("wrote %s and %s", *paths)
+    if args.profile:
+        paths = write_phases(f"train_step-{args.model}-{args.crop}-b{args.batch}-phases", env, rows, profiles,
+                             args.out)
+        logger.info("wrote %s and %s", *paths)
     return 0
+
+
+def write_phases(op: str, env: dict, rows: list[dict], profiles: dict[str, dict], out_dir) -> tuple:
+    """The per-phase tables (one column pair per row), the CAM operator list and the FLOP figures."""
+    import json
+    from pathlib import Path
+
+    from bench._common import RESULTS_DIR, device_tag
+
+    out = (Path(out_dir) if out_dir is not None else RESULTS_DIR) / device_tag(env)
+    out.mkdir(parents=True, exist_ok=True)
+    # not "rows": bench/report.py renders the iteration rows from the main result file already
+    (out / f"{op}.json").write_text(json.dumps({"op": op, "env": env, "iterations": rows, "profiles": profiles},
+                                               indent=2) + "\n")
+    names = list(profiles)
+    timing = "device time of the kernels launched in each range" if env["device_type"] == "cuda" else \
+        "wall time of each range on the main thread"
+    lines = [f"# {op} on {env['device']}", "",
+             f"torch {env['torch']}, threads {env['threads']}, git {env['git']}, {env['date']}, load average "
+             f"{env.get('load_average')}, cpp kernels {env.get('cpu_isa')}", "",
+             f"One post-warm-up iteration per path under torch.profiler ({timing}; a range includes the ranges "
+             f"indented below it). The profiled iteration runs a little slower than the timed ones "
+             f"(bench/bench_train_step.py).", ""]
+    lines.append("| phase | " + " | ".join(f"{n}: s | {n}: share" for n in names) + " |")
+    lines.append("|---|" + "---|---|" * len(names))
+    by_name = {n: {r["phase"]: r for r in profiles[n]["phases"]} for n in names}
+    phases = phase_rows(1.0, {k: 0.0 for n in names for k in profiles[n]["ranges"]})  # the union, in order
+    for r in phases:
+        cells = []
+        for n in names:
+            x = by_name[n].get(r["phase"])
+            cells += [f"{x['s']:.3g}", f"{100 * x['share']:.1f} %"] if x else ["-", "-"]
+        lines.append(f"| {r['phase']} | " + " | ".join(cells) + " |")
+    lines += ["", "Iteration FLOPs (forward + backward: matmuls, convolutions, attention; torch.utils.flop_counter) "
+              "and their rate against the machine's fp32 matmul rate "
+              f"({env.get('peak_fp32_gflops')} GFLOP/s, {env['threads']} threads, 2048^3 torch.mm):", "",
+              "| path | GFLOP / iteration | s / iteration (timed) | GFLOP/s | of the matmul peak |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+        if "gflop" in r:
+            rate = r["gflop"] / r["s_per_it"]
+            share = f"{100 * r['matmul_peak_share']:.0f} %" if "matmul_peak_share" in r else "-"
+            lines.append(f"| {r['path']} | {r['gflop']:.0f} | {r['s_per_it']:.3g} | {rate:.0f} | {share} |")
+    first = "default" if "default" in names else names[0]
+    p0 = profiles[first]
+    if "data_s_per_batch" in p0:
+        lines += ["", f"Data pipeline, main process (num_workers=0): {p0['data_s_per_batch']:.3f} s per batch "
+                  "(training overlaps it in loader workers)."]
+    if "cam_ops" in p0:
+        lines += ["", f"Operators of one view's multi-scale CAM passes ({first}, train mode), by self time:", "",
+                  "| operator | calls | self ms | share |", "|---|---|---|---|"]
+        lines += [f"| {o['op']} | {o['calls']} | {o['self_ms']:.1f} | {100 * o['share']:.1f} % |"
+                  for o in p0["cam_ops"]]
+    md = out / f"{op}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return out / f"{op}.json", md
 
 
 if __name__ == "__main__":

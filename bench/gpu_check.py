@@ -16,8 +16,9 @@ Stages, in order, each a subprocess with its own time budget (seconds, capped by
                 the tscd line that caused it; the step passes when the only ones are the step's result
                 (the float() of the returned losses)
     bench_ops   tscd bench refine correlation permutohedral --device cuda at the default (SPEC) sizes
-    train_step  bench/bench_train_step.py at crop 512 (reference-style vs default, and whatever other rows
-                the script has): s/iteration and peak memory
+    train_step  bench/bench_train_step.py at crop 512, global batch 4: reference-style, default, compiled
+                (train.compile) and low-memory rows, s/iteration and peak memory, with --profile (the per-phase
+                table of each row, the CAM passes' operator list, FLOPs)
     train_fp32, train_bf16
                 a short real `tscd train` on the demo config (a few hundred iterations, then validation)
 
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: stage -> budget in seconds on a GPU (H100/H200, 16 cores); caps, not estimates: the total is capped at
 #: 450 s (--total-budget), and a stage gets at most what is left of it
-GPU_BUDGETS = {"install": 120, "pytest": 120, "no_sync": 40, "bench_ops": 60, "train_step": 50, "train_fp32": 40,
+GPU_BUDGETS = {"install": 120, "pytest": 120, "no_sync": 40, "bench_ops": 60, "train_step": 120, "train_fp32": 40,
                "train_bf16": 30}
 #: the dry run on a CPU (2 cores, possibly shared with other jobs): tiny sizes, but imports and model builds
 #: dominate; about 1 min of CPU per stage, the budgets leave room for a loaded machine
@@ -250,7 +251,8 @@ class Check:
         if self.dry:
             args = ["--device", "cpu", "--crop", "64", "--batch", "2", "--model", "tscd_mit_tiny", "--timed", "1"]
         else:
-            args = ["--device", "cuda", "--crop", "512", "--batch", "4", "--model", "tscd_mit_b1", "--timed", "2"]
+            args = ["--device", "cuda", "--crop", "512", "--batch", "4", "--model", "tscd_mit_b1", "--timed", "3",
+                    "--rows", "reference-style,default,compiled,low-memory", "--profile"]
         cmd = [self.python, "bench/bench_train_step.py", *args, "--out", str(out_dir)]
         rc, out, _ = self.run("train_step", cmd, budget)
         rows = []

@@ -252,11 +252,11 @@ def _summary_rows(data: dict) -> list[str]:
 
 def memory_rows(all_data: list[dict]) -> list[str]:
     """Markdown rows of the training-memory table: every configuration of each bench_train_step result that
-    measured peak memory (reference-style, default, low-memory), side by side with its time."""
+    measured peak memory (reference-style, default, low-memory, ... whichever ran), side by side with its time."""
     out = []
     for data in all_data:
         rows = data["rows"]
-        if not data["op"].startswith("train_step") or not any(r.get("path") == "low-memory" for r in rows):
+        if not data["op"].startswith("train_step") or not any(r.get("path") != rows[0]["path"] for r in rows):
             continue
         dev = data["env"]["device"]
         base = rows[0]["path"]

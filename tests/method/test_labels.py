@@ -1,11 +1,15 @@
-"""tscd.method.labels: the VARM image (uint8 truncation), and no host sync in the pseudo-label path."""
+"""tscd.method.labels: the VARM image (uint8 truncation), no host sync in the pseudo-label path, and only the
+present classes refined."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import tscd.method.labels as labels_mod
 from tscd.data.transforms import normalize
-from tscd.method.labels import cam_to_label, refine_cams_with_bkg, refine_cams_with_bkg_sequential, varm_image
+from tscd.kernels import refine
+from tscd.method.labels import box_mask, cam_to_label, refine_cams_with_bkg, refine_cams_with_bkg_sequential, varm_image
 
 
 def test_varm_image_truncates_to_uint8_as_the_official_code():
@@ -89,3 +93,68 @@ def test_the_sync_guard_catches_a_sync(monkeypatch):
     img01, cams, cls_label, img_box = _inputs()
     with _SyncGuard(monkeypatch), pytest.raises(AssertionError, match="host sync"):
         refine_cams_with_bkg_sequential(img01, cams, cls_label, img_box, backend="torch", num_iter=1)
+
+
+def _all_channels(image01, cams, cls_label, img_box, **kw):
+    """The pseudo labels refining all 2 (1+C) channels (before absent channels were skipped)."""
+    B, C, H, W = cams.shape
+    scale = kw.pop("scale", 0.5)
+    h, w = max(1, int(H * scale)), max(1, int(W * scale))
+    img_s = F.interpolate(image01.float(), size=(h, w), mode="bilinear", align_corners=False)
+    cams_s = F.interpolate(cams.float(), size=(h, w), mode="bilinear", align_corners=False)
+    keep = torch.cat([torch.ones_like(cls_label[:, :1], dtype=torch.bool), cls_label > 0.5], dim=1)
+    drop = ~keep.view(B, C + 1, 1, 1)
+    stacks = [torch.cat([torch.full_like(cams_s[:, :1], bkg), cams_s], 1).masked_fill(drop, float("-inf")).softmax(1)
+              for bkg in (0.55, 0.35)]
+    refined = F.interpolate(refine(img_s, torch.cat(stacks, 1), **kw), size=(H, W), mode="bilinear",
+                            align_corners=False)
+    high = refined[:, :C + 1].masked_fill(drop, float("-inf")).argmax(1)
+    low = refined[:, C + 1:].masked_fill(drop, float("-inf")).argmax(1)
+    label = torch.where(high == 0, torch.where(low == 0, 0, 255), high)
+    return label.masked_fill(~box_mask(img_box, H, W), 255)
+
+
+@pytest.mark.parametrize("C,size", [(20, (37, 45)), (80, (24, 31))])
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_pseudo_labels_refine_present_channels_only(monkeypatch, C, size, backend):
+    """Only each image's present channels are refined (num_channels = 2 (1 + present), on the device), and the
+    labels are those of refining every channel, to the bit: VOC and COCO widths, odd sizes, an image without
+    any class, one with many."""
+    H, W = size
+    g = torch.Generator().manual_seed(C)
+    B = 4
+    img01, cams = torch.rand(B, 3, H, W, generator=g), torch.rand(B, C, H, W, generator=g) ** 2
+    cls_label = torch.zeros(B, C)
+    cls_label[0, [1, C - 1]] = 1
+    cls_label[2, ::3] = 1  # many classes
+    cls_label[3, [0]] = 1  # image 1 has no class at all (background only)
+    img_box = torch.tensor([[0, H, 0, W], [2, H - 3, 3, W - 1], [0, H - 5, 1, W], [0, H, 0, W - 4]])
+    want = _all_channels(img01, cams, cls_label, img_box, num_iter=4, backend=backend)
+    seen = {}
+    real = labels_mod.refine
+
+    def spy(image, cam, **kw):
+        seen["nc"], seen["K"] = kw["num_channels"], cam.shape[1]
+        out = real(image, cam, **kw)
+        nc = kw["num_channels"]
+        skipped = torch.arange(cam.shape[1]).view(1, -1) >= nc.view(-1, 1)
+        assert bool((out.permute(1, 0, 2, 3)[skipped.t()] == 0).all()), "skipped channels must come back as 0"
+        return out
+
+    monkeypatch.setattr(labels_mod, "refine", spy)
+    got = refine_cams_with_bkg(img01, cams, cls_label, img_box, num_iter=4, backend=backend)
+    assert seen["K"] == 2 * (C + 1)
+    assert seen["nc"].tolist() == [2 * (1 + int(n)) for n in cls_label.sum(1)]
+    assert torch.equal(got, want)
+
+
+def test_refine_device_num_channels_is_clamped_without_a_check():
+    """num_channels as a tensor on the maps' device is used as is (no host read), clamped to [0, K]; a sequence is
+    checked."""
+    g = torch.Generator().manual_seed(0)
+    img, cam = torch.rand(2, 3, 9, 11, generator=g), torch.rand(2, 5, 9, 11, generator=g)
+    got = refine(img, cam, num_iter=2, num_channels=torch.tensor([9, -2]), backend="cpp")
+    want = refine(img, cam, num_iter=2, num_channels=[5, 0], backend="cpp")
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="num_channels"):
+        refine(img, cam, num_iter=2, num_channels=[9, 0], backend="cpp")

@@ -117,3 +117,47 @@ def test_decoder_free_cam_passes_leave_bn_untouched():
     multi_scale_cam(net, torch.randn(2, 3, 48, 64), scales=(1.0, 0.5), decoder=False)
     after = _bn_state(net)
     assert after[2] == before[2] and torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+
+
+@pytest.mark.parametrize("size", [(48, 64), (37, 53), (16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_track_statistics_is_the_discarded_forward(size, dtype):
+    """SegFormerHead.track_statistics (the CAM passes' decoder) changes what a discarded train-mode forward changes:
+    the fuse BatchNorm's running statistics (to float rounding: the fold re-associates the sums), its batch count,
+    and the RNG stream (the dropout mask's draw), on odd sizes and where no stage needs resizing."""
+    net = _train_model().to(dtype)
+    net.decoder.fuse.bn.momentum = 0.9  # the update dominates the running statistics
+    with torch.no_grad():
+        feats = net.encoder.forward_features(torch.randn(3, 3, *size, dtype=dtype))[0]
+    full, fold = _train_model().decoder.to(dtype), _train_model().decoder.to(dtype)
+    for d in (full, fold):
+        d.load_state_dict(net.decoder.state_dict())
+        d.fuse.bn.momentum = 0.9
+        d.dropout.p = 0.1  # _train_model turns dropout off: here its draw is the point
+    torch.manual_seed(5)
+    rng_start = torch.get_rng_state()
+    with torch.no_grad():
+        full(feats)
+    rng_full = torch.get_rng_state()
+    assert not torch.equal(rng_full, rng_start)
+    torch.manual_seed(5)
+    fold.track_statistics(feats)
+    assert torch.equal(torch.get_rng_state(), rng_full), "the dropout draw must be the full forward's"
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    for name in ("running_mean", "running_var"):
+        want, got = getattr(full.fuse.bn, name), getattr(fold.fuse.bn, name)
+        assert not torch.equal(want, getattr(net.decoder.fuse.bn, name)), name
+        assert_close(got, want, name=name, **tol)
+    assert int(fold.fuse.bn.num_batches_tracked) == int(full.fuse.bn.num_batches_tracked) == 1
+
+
+def test_track_statistics_eval_mode_and_errors():
+    net = _train_model().eval()
+    with torch.no_grad():
+        feats = net.encoder.forward_features(torch.randn(1, 3, 32, 32))[0]
+    before, rng = _bn_state(net), torch.get_rng_state()
+    net.decoder.track_statistics(feats)
+    after = _bn_state(net)
+    assert after[2] == before[2] and torch.equal(after[0], before[0]) and torch.equal(torch.get_rng_state(), rng)
+    with pytest.raises(ValueError, match="4 maps"):
+        net.decoder.track_statistics(feats[:3])

@@ -83,7 +83,9 @@ def refine(image: torch.Tensor, cam: torch.Tensor, *, dilations: Sequence[int] =
         rgb_scale: factor of the appearance term; default 4 (varm) or 1/0.3 (par).
         aux_weight: weight of the second term (0.01): varm subtracts it, par adds it.
         pos_scale: PAR's position scale (0.3); unused by varm.
-        num_channels: optional per-image count of valid channels (B ints in [0, K]).
+        num_channels: optional per-image count of valid channels (B ints in [0, K]). A sequence or a tensor on
+            another device is checked on the host; an integer tensor already on ``cam``'s device is used without a
+            host sync (values outside [0, K] are clamped, not reported).
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpp"`` or ``"torch"`` (see tscd.kernels).
 
     Returns:
@@ -111,7 +113,7 @@ def refine(image: torch.Tensor, cam: torch.Tensor, *, dilations: Sequence[int] =
     if name == "torch":
         return refine_reference(image, cam, dilations=dil, num_iter=num_iter, mode=mode, rgb_scale=rgb_scale,
                                 aux_weight=aux_weight, pos_scale=pos_scale,
-                                num_channels=None if nc is None else nc.tolist())
+                                num_channels=nc)
     if image.requires_grad:
         raise ValueError(f"{OP}: gradients w.r.t. `image` are implemented by backend='torch' only (got backend "
                          f"{name!r}); pass image.detach() (the image is data in TSCD) or use backend='torch'")
@@ -164,6 +166,11 @@ def refine_weights(image: torch.Tensor, *, dilations: Sequence[int] = DEFAULT_DI
 def _num_channels_tensor(num_channels, B: int, K: int, device: torch.device) -> torch.Tensor | None:
     if num_channels is None:
         return None
+    if isinstance(num_channels, torch.Tensor) and num_channels.device == device and num_channels.dim() == 1 \
+            and num_channels.shape[0] == B and not (num_channels.dtype.is_floating_point or
+                                                    num_channels.dtype.is_complex or num_channels.dtype == torch.bool):
+        # already on the device: no host-side check (it would sync); clamped to [0, K] there instead
+        return num_channels.clamp(0, K).to(torch.int64).contiguous()
     nc = torch.as_tensor(num_channels)
     if nc.dtype.is_floating_point or nc.dtype == torch.bool or nc.dim() != 1 or nc.shape[0] != B:
         raise ValueError(f"{OP}: `num_channels` must hold one int per image (B={B}); got {num_channels!r}")

@@ -92,15 +92,46 @@ def refine_cams_with_bkg(image01: torch.Tensor, cams: torch.Tensor, cls_label: t
     for bkg in (bkg_high, bkg_low):
         with_bkg = torch.cat([torch.full_like(cams_s[:, :1], bkg), cams_s], dim=1)  # (B, 1+C, h, w)
         stacks.append(with_bkg.masked_fill(drop, float("-inf")).softmax(dim=1))  # 0 on dropped channels
-    refined = refine(img_s, torch.cat(stacks, dim=1), dilations=dilations, num_iter=num_iter, mode=mode,
-                     backend=backend)  # one call: (B, 2 (1+C), h, w)
-    refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)
-    high = refined[:, :C + 1].masked_fill(drop, float("-inf")).argmax(1)
-    low = refined[:, C + 1:].masked_fill(drop, float("-inf")).argmax(1)
+    # one call for the batch and both thresholds, on each image's present channels only (about 8 of VOC's 42,
+    # COCO's 162): they are moved to the front, their count passed on the device (no host sync), the rest
+    # skipped by the kernels; every channel is refined independently, so the present ones are unchanged
+    perm, n_valid = _present_first(keep)
+    stack = torch.cat(stacks, dim=1)
+    stack = stack.gather(1, perm.view(B, -1, 1, 1).expand(-1, -1, h, w))
+    refined = refine(img_s, stack, dilations=dilations, num_iter=num_iter, mode=mode, num_channels=n_valid,
+                     backend=backend)  # (B, 2 (1+C), h, w), present channels first
+    # absent channels can never win the argmax: the lowest finite value (not -inf: the resize's zero weights
+    # would make 0 * -inf = NaN), set at the refine resolution, in place
+    skipped = torch.arange(2 * (C + 1), device=cams.device).view(1, -1) >= n_valid.view(-1, 1)
+    refined.masked_fill_(skipped.view(B, -1, 1, 1), torch.finfo(refined.dtype).min)
+    refined = refined.gather(1, perm.argsort(dim=1).view(B, -1, 1, 1).expand(-1, -1, h, w))  # back in class order
+    # resized channels-last: the argmax over channels then reads contiguous memory
+    refined = F.interpolate(refined.contiguous(memory_format=torch.channels_last), size=(H, W), mode="bilinear",
+                            align_corners=False)
+    high = refined[:, :C + 1].argmax(1)
+    low = refined[:, C + 1:].argmax(1)
     label = torch.where(high == 0, torch.where(low == 0, 0, IGNORE_INDEX), high)
     if img_box is not None:
         label = label.masked_fill(~box_mask(img_box, H, W), IGNORE_INDEX)
     return label
+
+
+def _present_first(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channel order that puts each image's present channels of both stacked thresholds first.
+
+    Args:
+        keep: (B, K) bool, the present channels (background included) of one threshold's stack.
+
+    Returns:
+        ``(perm, n)``: perm (B, 2K) int64, the channels of ``cat([high, low], 1)`` in the order: present
+        channels of the high stack, present channels of the low stack (class order within each), then the
+        absent ones; n (B,) int64 = 2 * present, on the device (no host sync).
+    """
+    B, K = keep.shape
+    k = torch.arange(2 * K, device=keep.device)
+    absent = ~keep.repeat(1, 2)  # (B, 2K): channel c of the concatenation is class c % K of stack c // K
+    perm = (absent.long() * 2 * K + k).argsort(dim=1)
+    return perm, 2 * keep.sum(dim=1)
 
 
 def refine_cams_with_bkg_sequential(image01: torch.Tensor, cams: torch.Tensor, cls_label: torch.Tensor,

@@ -14,10 +14,11 @@ Mode: both use the model's current train/eval mode. The official training loop c
 with the model in train mode, so drop-path is active (CAMs in train mode are stochastic; compare the two paths
 in eval mode) and, because its CAM passes run the whole network, the decoder's BatchNorm running statistics are
 updated by every CAM pass (one pass per scale, image and flip concatenated on the batch axis). The fast path
-reproduces that side effect with ``decoder=True`` (the decoder runs on the encoder features of each pass under
-no_grad, its output is discarded; only in train mode, where it changes state); ``decoder=False`` skips it (the
-decoder-free fast option: cheaper, but validation and test then use BN statistics of the training forwards
-only). See docs/differences.md.
+reproduces that side effect with ``decoder=True``: :meth:`~tscd.models.segformer_head.SegFormerHead.track_statistics`
+runs on the encoder features of each pass (only in train mode, where it changes state): the same running statistics
+(to float rounding) and the same RNG draw as the discarded decoder forward, at about a quarter of its cost.
+``decoder=False`` skips it (the decoder-free fast option: cheaper, but validation and test then use BN statistics
+of the training forwards only). See docs/differences.md.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from tscd.models.tscd_net import _unwrap
 
@@ -64,8 +66,9 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
         images: (B, 3, h, w) float, ImageNet-normalised, on the model's device.
         scales: resize factors; (1.0, 0.5, 1.5) in TSCD and AFA.
         flip: also use the horizontal flip (max-fused with the CAM).
-        decoder: in train mode, also run the decoder on each pass's features (output discarded) so that its
-            BatchNorm running statistics are updated as by the official full-network CAM passes (the trainer's
+        decoder: in train mode, also update the decoder's BatchNorm running statistics (and draw its dropout
+            mask) from each pass's features as the official full-network CAM passes do, without forming the
+            decoder's output (:meth:`~tscd.models.segformer_head.SegFormerHead.track_statistics`) (the trainer's
             default, ``pseudo.cam_decoder``); ignored in eval mode, where it would change nothing.
         affinity: also return the predicted affinity of the pass at the largest scale, for the un-flipped images
             (AFA's ``multi_scale_cam_with_aff_mat``): that pass runs the encoder with attention maps and the
@@ -84,27 +87,31 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
     total = aff = None
     with torch.no_grad():
         for s in scales:
-            x = _resize(images, s)
-            if flip:
-                x = torch.cat([x, x.flip(-1)], dim=0)
-            if affinity and aff is None and s == max(scales):
-                feats, attns = net.encoder.forward_features(x, net.affinity_attn_blocks)
-                if decoder and net.training:
-                    net.decoder(feats)
-                cam = net.classifier(feats[3])
-                aff = net.affinity_head(attns)[:b]
-            elif decoder and net.training:
-                feats = net.encoder.forward_features(x)[0]
-                net.decoder(feats)  # BatchNorm side effect only, as the official CAM passes
-                cam = net.classifier(feats[3])
-            else:
-                cam = net.forward_cam(x)
-            cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
-            if flip:
-                cam = torch.maximum(cam[:b], cam[b:].flip(-1))
-            cam = F.relu(cam)
-            total = cam if total is None else total + cam
+            with record_function(f"tscd/cam_pass/scale={s:g}"):
+                want_aff = affinity and aff is None and s == max(scales)
+                cam, pass_aff = _cam_pass(net, _resize(images, s), b, flip, decoder and net.training, want_aff)
+                aff = pass_aff if want_aff else aff
+                cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
+                if flip:
+                    cam = torch.maximum(cam[:b], cam[b:].flip(-1))
+                cam = F.relu(cam)
+                total = cam if total is None else total + cam
         return (_normalise(total), aff) if affinity else _normalise(total)
+
+
+def _cam_pass(net: nn.Module, x: Tensor, b: int, flip: bool, decoder: bool,
+              affinity: bool) -> tuple[Tensor, Tensor | None]:
+    """One scale's pass of :func:`multi_scale_cam`: the CAM logits of ``x`` (and its flip, concatenated on the
+    batch axis), the decoder's side effects, and the affinity of the first ``b`` images when asked."""
+    if flip:
+        x = torch.cat([x, x.flip(-1)], dim=0)
+    if not (decoder or affinity):
+        return net.forward_cam(x), None
+    feats, attns = net.encoder.forward_features(x, net.affinity_attn_blocks if affinity else None)
+    if decoder:
+        with record_function("tscd/cam_pass/decoder_stats"):
+            net.decoder.track_statistics(feats)  # the official full pass's side effects only (BN, RNG)
+    return net.classifier(feats[3]), (net.affinity_head(attns)[:b] if affinity else None)
 
 
 def multi_scale_cam_reference(model: nn.Module, images: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),
@@ -137,7 +144,8 @@ def multi_scale_cam_reference(model: nn.Module, images: Tensor, scales: Sequence
             x = _resize(images, s)
             if flip:
                 x = torch.cat([x, x.flip(-1)], dim=0)
-            out = model(x)
+            with record_function(f"tscd/cam_pass/scale={s:g}"):
+                out = model(x)
             if affinity and aff is None and s == max(scales):
                 aff = out.affinity[:b]
             cam = F.interpolate(out.cam, size=(h, w), mode="bilinear", align_corners=False)

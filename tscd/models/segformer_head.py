@@ -133,3 +133,40 @@ class SegFormerHead(nn.Module):
             projected.append(y)
         x = self.fuse(torch.cat(projected[::-1], dim=1))
         return self.pred(self.dropout(x))
+
+    @torch.no_grad()
+    def track_statistics(self, feats: Sequence[Tensor]) -> None:
+        """What a discarded no-grad forward changes, at a fraction of its cost: the fuse BatchNorm's running
+        statistics and the RNG stream (the dropout mask), as ``forward(feats)`` would change them (train mode; in
+        eval mode nothing changes and nothing runs).
+
+        The statistics are those of the fuse conv's output. The projections, the bilinear resize and the 1x1 fuse
+        conv are linear per pixel, so the fuse conv's slice of stage i is folded into stage i's projection
+        (``W_i P_i``, 256 x C_i) and applied at that stage's resolution; only those 256-channel maps are resized
+        (once per resolution: TSCD's stages 3 and 4 share 1/16) and summed. The ``4 * embed_dim``-channel map at
+        1/4 resolution and the last conv are never formed: about 5x less decoder work in the CAM passes, the same
+        statistics up to float rounding (the sums are associated differently).
+
+        Args:
+            feats: the encoder maps [(B, C_i, h_i, w_i)], shallowest (largest) first.
+        """
+        if len(feats) != len(self.linear_c):
+            raise ValueError(f"SegFormerHead: `feats` must hold {len(self.linear_c)} maps; got {len(feats)}")
+        if not self.training:
+            return
+        size = feats[0].shape[-2:]
+        fuse = self.fuse.conv.weight.flatten(1)  # (E, 4E): input channels deepest stage first
+        E, n = fuse.shape[0], len(self.linear_c)
+        by_size: dict[tuple[int, int], Tensor] = {}  # stages at the same resolution are summed before resizing
+        bias = 0.0
+        for i, (f, linear) in enumerate(zip(feats, self.linear_c)):
+            part = fuse[:, (n - 1 - i) * E:(n - i) * E]  # (E, E): this stage's slice of the fuse conv
+            b, _, h, w = f.shape
+            z = F.linear(f.flatten(2).transpose(1, 2), part @ linear.weight).transpose(1, 2).reshape(b, E, h, w)
+            bias = bias + part @ linear.bias
+            by_size[(h, w)] = z if (h, w) not in by_size else by_size[(h, w)] + z
+        y = by_size.pop(tuple(size)).add_(bias.view(1, E, 1, 1).to(feats[0].dtype))  # in place: no grad here
+        for z in by_size.values():
+            y.add_(F.interpolate(z, size=size, mode="bilinear", align_corners=False))
+        self.fuse.bn(y)  # the running statistics' update, exactly BatchNorm's own
+        self.dropout(y.new_zeros(y.shape[0], E, 1, 1))  # the same RNG draw as the dropout mask of (B, E, h, w)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from tscd.config import Config, resolve_config, save_config
 from tscd.data import build_dataset, build_loader
@@ -234,7 +235,8 @@ class Trainer:
         labels: list[dict | None] = [None] * n
         norms = None
         if n > 1:  # count normalisers of the whole batch before any backward
-            labels = [recipe.labels(mb, it) for mb in micro]
+            with record_function("tscd/labels"):
+                labels = [recipe.labels(mb, it) for mb in micro]
             norms = recipe.count_norms(labels) if labels[0] is not None else None
         sums: dict[str, torch.Tensor] = {}
         for i, (mb, lab) in enumerate(zip(micro, labels)):
@@ -242,18 +244,21 @@ class Trainer:
             last = i == n - 1
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
             with sync:
-                terms = self.step_terms(mb, it, lab, norms)
+                with record_function("tscd/terms"):
+                    terms = self.step_terms(mb, it, lab, norms)
                 scaled = {k: v * (1.0 if (norms is not None and k in recipe.count_terms) else frac)
                           for k, v in terms.items()}
                 loss = sum(weights[k] * v for k, v in scaled.items())
-                loss.backward()
+                with record_function("tscd/backward"):
+                    loss.backward()
             for k, v in scaled.items():
                 sums[k] = sums[k] + v.detach() if k in sums else v.detach()
             labels[i] = None  # free this micro-batch's labels
-        self._zero_missing_grads()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)  # no gradients alive between iterations (memory)
-        self.scheduler.step()
+        with record_function("tscd/optimizer"):
+            self._zero_missing_grads()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)  # no gradients alive between iterations (memory)
+            self.scheduler.step()
         recipe.after_step(it)
         names = list(sums)
         floats = torch.stack([sums[k].float() for k in names]).tolist()  # one host transfer for all terms

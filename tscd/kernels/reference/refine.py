@@ -91,7 +91,7 @@ def refine_weights_reference(image: torch.Tensor, *, dilations: Sequence[int] = 
 
 def refine_reference(image: torch.Tensor, cam: torch.Tensor, *, dilations: Sequence[int] = DEFAULT_DILATIONS,
                      num_iter: int = 10, mode: str = "varm", rgb_scale: float | None = None, aux_weight: float = 0.01,
-                     pos_scale: float = 0.3, num_channels: Sequence[int] | None = None) -> torch.Tensor:
+                     pos_scale: float = 0.3, num_channels: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
     """VARM / PAR refinement of ``cam`` guided by ``image`` (docs/method.md 4.1).
 
     ``cam`` is first resized to the image size (bilinear, align_corners=True), then propagated
@@ -114,7 +114,7 @@ def refine_reference(image: torch.Tensor, cam: torch.Tensor, *, dilations: Seque
     for _ in range(num_iter):
         out = (_neighbours(out, dilations) * weights).sum(dim=2)
     if num_channels is not None:
-        keep = torch.arange(cam.shape[1], device=cam.device).view(1, -1) < torch.as_tensor(
-            list(num_channels), device=cam.device).view(-1, 1)
+        nc = num_channels if isinstance(num_channels, torch.Tensor) else torch.as_tensor(list(num_channels))
+        keep = torch.arange(cam.shape[1], device=cam.device).view(1, -1) < nc.to(cam.device).view(-1, 1)
         out = torch.where(keep.view(cam.shape[0], cam.shape[1], 1, 1), out, torch.zeros_like(out))  # NaN-free 0
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch.profiler import record_function
 
 from tscd.kernels import dense_energy_loss
 from tscd.method.labels import box_mask, refine_cams_with_bkg, refine_cams_with_bkg_sequential, varm_image
@@ -62,7 +63,7 @@ class SharedSteps:
         images (AFA's ``multi_scale_cam_with_aff_mat``), as ``(cams, affinity)``.
         """
         scales = self.cfg.pseudo.cam_scales
-        with torch.no_grad(), self.ctx.autocast():
+        with torch.no_grad(), self.ctx.autocast(), record_function("tscd/cam_passes"):
             if self.official:
                 out = multi_scale_cam_reference(self.ctx.net, img, scales, affinity=affinity)
             else:
@@ -77,9 +78,10 @@ class SharedSteps:
         """The refined two-threshold pseudo label (B, H, W) int64 (docs/method.md 3; ``pseudo.refine_mode``)."""
         p = self.cfg.pseudo
         make = refine_cams_with_bkg_sequential if self.official else refine_cams_with_bkg
-        return make(varm_image(img), cams, cls_label, img_box, bkg_high=p.bkg_high, bkg_low=p.bkg_low,
-                    scale=p.refine_scale, mode=p.refine_mode, num_iter=p.refine_iters, dilations=p.dilations,
-                    backend=self.backend)
+        with record_function("tscd/pseudo_label"):
+            return make(varm_image(img), cams, cls_label, img_box, bkg_high=p.bkg_high, bkg_low=p.bkg_low,
+                        scale=p.refine_scale, mode=p.refine_mode, num_iter=p.refine_iters,
+                        dilations=p.dilations, backend=self.backend)
 
     def crf_loss(self, img: torch.Tensor, probs: torch.Tensor, label: torch.Tensor,
                  img_box: torch.Tensor) -> torch.Tensor:
@@ -91,5 +93,7 @@ class SharedSteps:
         args = (varm_image(img, truncate=False) * 255.0, probs, roi, label)
         if self.official:  # the official code copies everything to the host and runs the C++ lattice there
             args = tuple(a.cpu() for a in args)
-        return dense_energy_loss(*args, sigma_rgb=L.crf_sigma_rgb, sigma_xy=L.crf_sigma_xy, scale=L.crf_scale,
-                                 gain=L.crf_gain, backend="cpp" if self.official else self.backend).to(self.ctx.device)
+        with record_function("tscd/crf_loss"):
+            return dense_energy_loss(*args, sigma_rgb=L.crf_sigma_rgb, sigma_xy=L.crf_sigma_xy, scale=L.crf_scale,
+                                     gain=L.crf_gain, backend="cpp" if self.official else self.backend
+                                     ).to(self.ctx.device)

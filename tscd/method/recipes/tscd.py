@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from tscd.kernels import correlation_loss
 from tscd.method.labels import affinity_label, varm_image
@@ -58,7 +59,8 @@ class TSCDRecipe(Recipe):
         labels = {"cams": cams, "pseudo": self.steps.pseudo_label(img, cams, cls_label, img_box)}
         if self.cfg.loss.aff:
             H, W = img.shape[-2:]
-            labels["aff"] = affinity_label(labels["pseudo"], (-(-H // 16), -(-W // 16)), self.cfg.loss.aff_radius)
+            with record_function("tscd/affinity_label"):
+                labels["aff"] = affinity_label(labels["pseudo"], (-(-H // 16), -(-W // 16)), self.cfg.loss.aff_radius)
         return labels
 
     def counts(self, labels: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -72,7 +74,7 @@ class TSCDRecipe(Recipe):
         L, ctx = self.cfg.loss, self.ctx
         terms: dict[str, torch.Tensor] = {}
         B, _, H, W = img.shape
-        with ctx.autocast():
+        with ctx.autocast(), record_function("tscd/forward/view1"):
             out = ctx.model(img)
         if labels is None:  # after the view-1 forward: the official order of the forward passes
             labels = self.labels(batch, iteration)
@@ -95,13 +97,14 @@ class TSCDRecipe(Recipe):
             terms["reg"] = self.steps.crf_loss(img, seg_up.softmax(1), pseudo, img_box)
         if L.scd or (L.er and L.er_mode == "grad"):
             view2 = F.interpolate(img, scale_factor=L.scd_scale, mode="bilinear", align_corners=True)
-            with ctx.autocast():
+            with ctx.autocast(), record_function("tscd/forward/view2"):
                 out2 = ctx.net(view2)
             if L.scd:
                 t2 = self.steps.cams(view2)
                 s2 = F.interpolate(out2.seg_logits.float(), size=t2.shape[-2:], mode="bilinear", align_corners=True)
-                terms["scd"] = correlation_loss(cams, t2, seg_up, s2, num_samples=L.scd_samples,
-                                                generator=self.scd_gen, backend=self.steps.backend)
+                with record_function("tscd/scd_loss"):
+                    terms["scd"] = correlation_loss(cams, t2, seg_up, s2, num_samples=L.scd_samples,
+                                                    generator=self.scd_gen, backend=self.steps.backend)
             if L.er and L.er_mode == "grad":
                 terms["er"] = equivariance_loss(out.cam.float(), out2.cam.float())
         return terms
