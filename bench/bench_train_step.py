@@ -176,14 +176,18 @@ PHASES: list[tuple[str, str, int]] = [
 ]
 
 
+def _profiler(device: torch.device):
+    """torch.profiler over the CPU and, on a GPU, its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+
+
 def profile_phases(trainer: Trainer, batch: dict, device: torch.device) -> tuple[float, dict[str, float]]:
     """One iteration under torch.profiler: its wall time and the summed time of each ``tscd/*`` range (CPU: the
     range's wall time on the main thread; CUDA: the device time of the kernels launched inside it), seconds."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
-    with profile(activities=acts) as prof:
+    with _profiler(device) as prof:
         t0 = time.perf_counter()
         iteration(trainer, batch)
         sync(device)
@@ -213,14 +217,11 @@ def phase_rows(total: float, ranges: dict[str, float]) -> list[dict]:
 
 def cam_operator_top(trainer: Trainer, img: torch.Tensor, device: torch.device, n: int = 15) -> list[dict]:
     """The operators of one view's CAM passes (train mode, as in the iteration) by self time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     trainer.net.train()
     steps = trainer.recipe.steps
     steps.cams(img)  # warm-up
     sync(device)
-    with profile(activities=acts) as prof:
+    with _profiler(device) as prof:
         steps.cams(img)
         sync(device)
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"

@@ -16,7 +16,7 @@ in eval mode) and, because its CAM passes run the whole network, the decoder's B
 updated by every CAM pass (one pass per scale, image and flip concatenated on the batch axis). The fast path
 reproduces that side effect with ``decoder=True``: :meth:`~tscd.models.segformer_head.SegFormerHead.track_statistics`
 runs on the encoder features of each pass (only in train mode, where it changes state): the same running statistics
-(to float rounding) and the same RNG draw as the discarded decoder forward, at about a quarter of its cost.
+(to float rounding) and the same RNG draw as the discarded decoder forward, at about a fifth of its cost.
 ``decoder=False`` skips it (the decoder-free fast option: cheaper, but validation and test then use BN statistics
 of the training forwards only). See docs/differences.md.
 """

@@ -58,6 +58,12 @@ def checkpoint_keep_bn_stats(fn: Callable[..., object], module: nn.Module, *args
     return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)
 
 
+def _per_pixel(f: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """A linear map of every pixel's channels: (B, C_in, h, w) -> (B, C_out, h, w) (contiguous)."""
+    b, _, h, w = f.shape
+    return F.linear(f.flatten(2).transpose(1, 2), weight, bias).transpose(1, 2).reshape(b, -1, h, w)
+
+
 class ConvBNReLU(nn.Module):
     """1x1 conv (no bias) + BatchNorm2d + ReLU.
 
@@ -126,8 +132,7 @@ class SegFormerHead(nn.Module):
         size = feats[0].shape[-2:]
         projected = []
         for f, linear in zip(feats, self.linear_c):
-            b, _, h, w = f.shape
-            y = linear(f.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
+            y = _per_pixel(f, linear.weight, linear.bias)
             if y.shape[-2:] != size:
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             projected.append(y)
@@ -161,8 +166,8 @@ class SegFormerHead(nn.Module):
         bias = 0.0
         for i, (f, linear) in enumerate(zip(feats, self.linear_c)):
             part = fuse[:, (n - 1 - i) * E:(n - i) * E]  # (E, E): this stage's slice of the fuse conv
-            b, _, h, w = f.shape
-            z = F.linear(f.flatten(2).transpose(1, 2), part @ linear.weight).transpose(1, 2).reshape(b, E, h, w)
+            h, w = f.shape[-2:]
+            z = _per_pixel(f, part @ linear.weight)
             bias = bias + part @ linear.bias
             by_size[(h, w)] = z if (h, w) not in by_size else by_size[(h, w)] + z
         y = by_size.pop(tuple(size)).add_(bias.view(1, E, 1, 1).to(feats[0].dtype))  # in place: no grad here
