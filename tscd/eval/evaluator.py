@@ -49,6 +49,7 @@ from tscd.eval.metrics import ConfusionMatrix
 from tscd.eval.outputs import save_mask
 from tscd.method.labels import cam_to_label, refine_cams_with_bkg
 from tscd.method.random_walk import RW_BKG, RW_POWER, RW_RADIUS, affinity_cam_label
+from tscd.models.tscd_net import _unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +209,8 @@ def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, settings
     """Score ``model`` on ``dataset`` (native-size items with ``label``), see the module docstring.
 
     Args:
-        model: a :class:`~tscd.models.TSCDNet` (put in eval mode here).
+        model: a :class:`~tscd.models.TSCDNet` or ToCo's network (put in eval mode here; a network without an
+            affinity head skips the ``aff`` output).
         dataset: an evaluation dataset (``build_dataset(..., train=False)``) whose items have ``label``.
         settings: :class:`EvalSettings`.
         device: where to run.
@@ -225,6 +227,9 @@ def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, settings
     settings.check()
     device = torch.device(device)
     outputs = [o for o in OUTPUTS if o in settings.outputs]
+    if "aff" in outputs and getattr(_unwrap(model, "evaluate"), "affinity_head", None) is None:
+        logger.info("evaluate: the network has no affinity head (ToCo's ViT): output 'aff' skipped")
+        outputs.remove("aff")
     names = list(getattr(dataset, "class_names", [])) or None
     num_classes = int(getattr(dataset, "num_classes"))
     mats = {o: ConfusionMatrix(num_classes + 1, device) for o in outputs}

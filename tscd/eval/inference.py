@@ -10,6 +10,7 @@ and un-flipped flip, ReLU, sum over scales, per-map min-max normalisation), so n
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from tscd.config import Config, ConfigError, apply_overrides, config_from_dict, resolve_config
 from tscd.errors import CheckpointError
+from tscd.method.recipes import find_recipe
 from tscd.models import MIT_CONFIGS, MODEL_CONFIGS, TSCD_STRIDES, MixVisionTransformer, TSCDNet, create_model
 from tscd.models._checkpoint import check_state_dict, read_checkpoint, strip_prefixes, unwrap_state_dict
 from tscd.models.cam import CAM_NORM_EPS
@@ -118,8 +120,14 @@ def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu"
 
 
 def _build(cfg: Config, num_classes: int) -> TSCDNet:
-    """The architecture of ``cfg.model`` without any weights (the full state dict is loaded right after)."""
+    """The architecture of ``cfg.model`` without any weights (the full state dict is loaded right after); a recipe
+    with a network of its own (ToCo's ViT) builds it."""
     m = cfg.model
+    recipe = find_recipe(cfg.recipe)
+    if recipe is not None and "build_network" in vars(recipe):
+        cfg = copy.deepcopy(cfg)
+        cfg.model.pretrained = None
+        return recipe.build_network(cfg, num_classes)
     if m.name not in MODEL_CONFIGS:
         return create_model(m.name)  # raises the factory's error, naming the closest valid model
     encoder = MixVisionTransformer(**{**MIT_CONFIGS[MODEL_CONFIGS[m.name]], "strides": TSCD_STRIDES})
@@ -223,7 +231,8 @@ def forward_multi_scale(model: TSCDNet, img: Tensor, *, seg_scales: Sequence[flo
             cam = out.cam
             logits = out.seg_logits.float()
             if s == 1.0:
-                seg_ref, affinity, cls_logits = logits[:b], out.affinity[:b], out.cls_logits[:b]
+                seg_ref, cls_logits = logits[:b], out.cls_logits[:b]
+                affinity = None if out.affinity is None else out.affinity[:b]
             if s in seg_ms_set:
                 if logits.shape[-2:] != seg_ref.shape[-2:]:
                     logits = F.interpolate(logits, size=seg_ref.shape[-2:], mode="bilinear", align_corners=False)

@@ -22,7 +22,8 @@ of the training forwards only). See docs/differences.md.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,8 @@ def _normalise(cam: Tensor) -> Tensor:
 
 
 def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),
-                    flip: bool = True, decoder: bool = False, affinity: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                    flip: bool = True, decoder: bool = False, affinity: bool = False,
+                    cam_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-scale (+ flip) CAMs, normalised to [0, 1], without gradients: the fast path.
 
     Args:
@@ -73,6 +75,8 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
         affinity: also return the predicted affinity of the pass at the largest scale, for the un-flipped images
             (AFA's ``multi_scale_cam_with_aff_mat``): that pass runs the encoder with attention maps and the
             affinity head.
+        cam_fn: the CAM logits of one pass's batch (default: the network's ``forward_cam``), e.g. ToCo's CAM and
+            auxiliary CAM as one map of 2C channels (every step after it is per channel).
 
     Returns:
         cam (B, C, h, w) float in [0, 1]; with ``affinity``, ``(cam, affinity)`` with affinity (B, N, N), N the
@@ -89,7 +93,8 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
         for s in scales:
             with record_function(f"tscd/cam_pass/scale={s:g}"):
                 want_aff = affinity and aff is None and s == max(scales)
-                cam, pass_aff = _cam_pass(net, _resize(images, s), b, flip, decoder and net.training, want_aff)
+                cam, pass_aff = _cam_pass(net, _resize(images, s), b, flip, decoder and net.training, want_aff,
+                                          cam_fn)
                 aff = pass_aff if want_aff else aff
                 cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
                 if flip:
@@ -99,12 +104,14 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
         return (_normalise(total), aff) if affinity else _normalise(total)
 
 
-def _cam_pass(net: nn.Module, x: Tensor, b: int, flip: bool, decoder: bool,
-              affinity: bool) -> tuple[Tensor, Tensor | None]:
+def _cam_pass(net: nn.Module, x: Tensor, b: int, flip: bool, decoder: bool, affinity: bool,
+              cam_fn: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
     """One scale's pass of :func:`multi_scale_cam`: the CAM logits of ``x`` (and its flip, concatenated on the
     batch axis), the decoder's side effects, and the affinity of the first ``b`` images when asked."""
     if flip:
         x = torch.cat([x, x.flip(-1)], dim=0)
+    if cam_fn is not None:
+        return cam_fn(x), None
     if not (decoder or affinity):
         return net.forward_cam(x), None
     feats, attns = net.encoder.forward_features(x, net.affinity_attn_blocks if affinity else None)
@@ -115,7 +122,8 @@ def _cam_pass(net: nn.Module, x: Tensor, b: int, flip: bool, decoder: bool,
 
 
 def multi_scale_cam_reference(model: nn.Module, images: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),
-                              flip: bool = True, affinity: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                              flip: bool = True, affinity: bool = False,
+                              cam_of: Callable[[Any], Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-scale CAMs as the official code computes them: per scale, one full training forward of the image
     and its flip concatenated on the batch axis (decoder and affinity head included, their outputs discarded).
 
@@ -130,6 +138,7 @@ def multi_scale_cam_reference(model: nn.Module, images: Tensor, scales: Sequence
         flip: also use the horizontal flip.
         affinity: also return the affinity of the largest scale's pass, un-flipped images (as
             :func:`multi_scale_cam`).
+        cam_of: the CAM logits of a pass's output (default: its ``cam`` field).
 
     Returns:
         cam (B, C, h, w) float in [0, 1]; with ``affinity``, ``(cam, affinity)``.
@@ -148,7 +157,8 @@ def multi_scale_cam_reference(model: nn.Module, images: Tensor, scales: Sequence
                 out = model(x)
             if affinity and aff is None and s == max(scales):
                 aff = out.affinity[:b]
-            cam = F.interpolate(out.cam, size=(h, w), mode="bilinear", align_corners=False)
+            cam = F.interpolate(out.cam if cam_of is None else cam_of(out), size=(h, w), mode="bilinear",
+                                align_corners=False)
             if flip:
                 cam = torch.max(cam[:b], cam[b:].flip(-1))
             cams.append(F.relu(cam))

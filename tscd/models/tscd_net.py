@@ -193,8 +193,9 @@ class TSCDNet(nn.Module):
 
 
 def _unwrap(model: nn.Module, caller: str = "param_groups") -> nn.Module:
-    """The TSCDNet inside DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
-    while not isinstance(model, TSCDNet):
+    """The network (a TSCDNet, or another network with ``forward_cam`` such as ToCo's) inside DDP (``.module``) or
+    torch.compile (``._orig_mod``) wrappers."""
+    while not (isinstance(model, TSCDNet) or hasattr(type(model), "forward_cam")):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
             raise TypeError(f"{caller}: `model` must be a TSCDNet (possibly wrapped by DDP or torch.compile); got "

@@ -75,7 +75,7 @@ class AFARecipe(Recipe):
         """CAMs -> PAR pseudo label; after the switch also the propagated label; affinity labels (no grad)."""
         if self.warmup(iteration):
             return None
-        img, cls_label, img_box = batch
+        img, cls_label, img_box = batch.img, batch.cls_label, batch.img_box
         p, L = self.cfg.pseudo, self.cfg.loss
         H, W = img.shape[-2:]
         switched = self.switched(iteration)
@@ -104,7 +104,7 @@ class AFARecipe(Recipe):
               norms: dict[str, tuple[torch.Tensor, ...]] | None = None) -> dict[str, torch.Tensor]:
         if self.warmup(iteration):
             return self.steps.warmup_terms(batch)
-        img, cls_label, img_box = batch
+        img, cls_label, img_box = batch.img, batch.cls_label, batch.img_box
         L, ctx = self.cfg.loss, self.ctx
         H, W = img.shape[-2:]
         with ctx.autocast():

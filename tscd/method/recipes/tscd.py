@@ -54,7 +54,7 @@ class TSCDRecipe(Recipe):
         """View-1 CAMs -> pseudo labels -> affinity labels (no grad, no host sync on the default path)."""
         if self.warmup(iteration):
             return None
-        img, cls_label, img_box = batch
+        img, cls_label, img_box = batch.img, batch.cls_label, batch.img_box
         cams = self.steps.cams(img)
         labels = {"cams": cams, "pseudo": self.steps.pseudo_label(img, cams, cls_label, img_box)}
         if self.cfg.loss.aff:
@@ -70,7 +70,7 @@ class TSCDRecipe(Recipe):
               norms: dict[str, tuple[torch.Tensor, ...]] | None = None) -> dict[str, torch.Tensor]:
         if self.warmup(iteration):
             return self.steps.warmup_terms(batch)
-        img, cls_label, img_box = batch
+        img, cls_label, img_box = batch.img, batch.cls_label, batch.img_box
         L, ctx = self.cfg.loss, self.ctx
         terms: dict[str, torch.Tensor] = {}
         B, _, H, W = img.shape
