@@ -93,8 +93,9 @@ class Trainer:
         if d.dataset == "demo" and d.root is None:
             kwargs = dict(num_images=d.demo_num_train if train else d.demo_num_val, size=d.demo_size,
                           seed=self.cfg.train.seed)
+        views = get_recipe(self.cfg.recipe).views if train else None  # a recipe's extra views (ToCo's)
         return build_dataset(d.dataset, split, d.root, train, d.crop_size if train else None, skip_bad=d.skip_bad,
-                             scale_range=d.scale_range, img_pad_value=d.pad_value, **kwargs)
+                             scale_range=d.scale_range, img_pad_value=d.pad_value, views=views, **kwargs)
 
     def _build_data(self) -> None:
         d, world, accum = self.cfg.data, self.dist.world_size, self.cfg.train.accum_steps
@@ -198,9 +199,11 @@ class Trainer:
         for i in range(n):
             img, cls_label, img_box = (batch[k][i * size:(i + 1) * size].to(self.device, non_blocking=True)
                                        for k in ("img", "cls_label", "img_box"))
+            views = {k: v[i * size:(i + 1) * size].to(self.device, non_blocking=True)
+                     for k, v in batch["views"].items()} if "views" in batch else None
             if self.cfg.train.channels_last:
                 img = img.contiguous(memory_format=torch.channels_last)
-            out.append(Batch(img, cls_label, img_box))
+            out.append(Batch(img, cls_label, img_box, views))
         return out
 
     def _zero_missing_grads(self) -> None:

@@ -76,7 +76,7 @@ class Batch(NamedTuple):
         img: (B, 3, H, W) float, ImageNet-normalised training crops.
         cls_label: (B, C) float multi-hot image labels.
         img_box: (B, 4) int64 [top, bottom, left, right) of the real image inside each (padded) crop.
-        views: the extra views a recipe's data transform makes (:attr:`Recipe.views`, e.g. ToCo's ``view2`` and
+        views: the extra views of the recipe's data transform (:attr:`Recipe.views`; ToCo's ``view2`` and
             ``local``), (B, 3, H, W) each, or None.
     """
 
@@ -120,9 +120,9 @@ class Recipe(nn.Module):
         config_class: dataclass of its own config section (named ``name``), or None.
         count_terms: names of the terms normalised by counts over the batch (pixels, pairs) rather than averaged
             over images; :meth:`counts` gives their normalisers.
-        views: names of the extra views of each image the recipe needs from its data transform (e.g. ToCo's
-            ``("view2", "local")``); the trainer builds the training set with that transform and puts them in
-            :attr:`Batch.views`.
+        views: the extra views of each training image the recipe needs: a view set of
+            :func:`tscd.data.base.make_transform` (``"toco"``: ``view2`` and ``local``), or None; the trainer builds
+            the training set with it and puts the views in :attr:`Batch.views`.
         defaults: ``"section.key": value`` applied by :func:`tscd.config.resolve_config` to keys that no file or
             override set.
         unused: ``"section.key": value`` for shared keys the recipe ignores: resolution sets them to ``value``
@@ -136,7 +136,7 @@ class Recipe(nn.Module):
     name: ClassVar[str] = ""
     config_class: ClassVar[type | None] = None
     count_terms: ClassVar[tuple[str, ...]] = ()
-    views: ClassVar[tuple[str, ...]] = ()
+    views: ClassVar[str | None] = None
     defaults: ClassVar[dict[str, Any]] = {}
     unused: ClassVar[dict[str, Any]] = {}
 

@@ -90,8 +90,8 @@ class ToCoRecipe(Recipe):
     name = "toco"
     config_class = ToCoConfig
     count_terms = ("seg", "ptc")
-    #: the extra views of ToCo's data transform (tscd.data: ``views="toco"``)
-    views = ("view2", "local")
+    #: ToCo's data transform: the crop plus ``view2`` and ``local`` (tscd.data.views)
+    views = "toco"
     defaults = {"model.name": "toco_vit_base", "model.drop_path_rate": 0.0, "model.decoder_dim": 512,
                 "data.crop_size": 448, "pseudo.refine_mode": "par", "pseudo.bkg_high": 0.7, "pseudo.bkg_low": 0.25,
                 "pseudo.cam_bkg": 0.5, "loss.seg": 0.1, "loss.reg": 0.05, "optim.power": 0.9}
@@ -163,8 +163,9 @@ class ToCoRecipe(Recipe):
         """CAMs -> ROI, local crops and flags; auxiliary CAM -> token pair label (with the contrast terms); after
         the warm-up, the PAR pseudo label (no gradient, no host sync). Nothing the iteration does not use."""
         img, cls_label, img_box = batch.img, batch.cls_label, batch.img_box
-        if not batch.views or any(k not in batch.views for k in self.views):
-            raise ValueError(f"toco recipe: the batch lacks the views {self.views} of ToCo's data transform")
+        if not batch.views or {"view2", "local"} - set(batch.views):
+            raise ValueError("toco recipe: the batch lacks the views 'view2' and 'local' of ToCo's data transform "
+                             "(tscd.data.views.ToCoTrainTransform)")
         p, L, T = self.cfg.pseudo, self.cfg.loss, self.cfg.recipe_cfg
         H, W = img.shape[-2:]
         contrast = self.contrast(iteration) and (T.ptc or T.ctc)
