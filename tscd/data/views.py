@@ -34,8 +34,9 @@ Quirks kept from the official code
 ----------------------------------
 * The main image is flipped (and jittered, blurred) *after* ``img_box`` was computed, and the box is not
   mirrored: when this second flip happens and the crop has padding on one side, ``img_box`` describes the
-  unflipped crop, not the image the network sees. The label returned with it (when the dataset has masks)
-  is likewise the unflipped crop's; neither is used by the ToCo losses to align pixels.
+  unflipped crop, not the image the network sees (the official training still uses it as is, to blank the
+  pseudo labels and the refinement outside the box, so some padding counts as image and some image columns
+  as padding). The label returned with it (when the dataset has masks) is likewise the unflipped crop's.
 * The local view has its own flip draw, so it is mirrored relative to the main image half the time, although
   the recipe cuts its local crops from it where the main image's CAM is uncertain.
 * The photometric chain sees the padding too: jitter and blur change the black canvas (blur smears the image
