@@ -15,6 +15,9 @@ key             type             meaning
 ``img_box``     int64 (4,)       ``[top, bottom, left, right]``: the real image inside ``img``, as
                                  ``img[:, top:bottom, left:right]`` (bottom/right exclusive); for
                                  evaluation items the full image ``[0, H, 0, W]``
+``views``       dict             only with ``views="toco"`` (training): ``{"view2", "local"}``, each float32
+                                 (3,crop,crop) normalised; ToCo's extra views (:mod:`tscd.data.views`);
+                                 the default collate stacks them to ``batch["views"][name]`` (B,3,crop,crop)
 ==============  ===============  ==========================================================================
 
 Training items are ``crop x crop`` (random rescale ``U(0.5, 2)``, horizontal flip, padding with raw
@@ -25,8 +28,9 @@ first) and ``palette`` (768 ints for ``PIL.Image.putpalette``; index 255 is the 
 Entry points
 ------------
 * ``build_dataset(name, split, root, train, crop_size=None, *, skip_bad=False, scale_range=(0.5, 2.0),
-  flip_prob=0.5, img_pad_value=None, **kwargs)`` for ``name`` in ``voc``, ``coco``, ``custom``,
-  ``demo`` (``root=None`` with ``demo`` generates the data in memory).
+  flip_prob=0.5, img_pad_value=None, views=None, **kwargs)`` for ``name`` in ``voc``, ``coco``, ``custom``,
+  ``demo`` (``root=None`` with ``demo`` generates the data in memory); ``views="toco"`` adds ToCo's views
+  (:class:`~tscd.data.views.ToCoTrainTransform`, needs torchvision).
 * ``build_loader(dataset, batch_size, shuffle, num_workers=0, seed=0, drop_last=False,
   distributed=False)``: augmentation randomness per item from (seed, epoch, index), identical for
   any number of workers, never repeated across workers; ``DistributedSampler`` when distributed;
@@ -55,11 +59,12 @@ from tscd.data.factory import DATASET_NAMES, build_dataset
 from tscd.data.io import DataError
 from tscd.data.loader import build_loader
 from tscd.data.transforms import EvalTransform, TrainTransform, denormalize, normalize
+from tscd.data.views import TOCO_VIEW_NAMES, ToCoTrainTransform
 from tscd.data.voc import VOCDataset, prepare_voc
 
 __all__ = [
-    "COCO_CLASSES", "DATASET_NAMES", "DEMO_CLASSES", "PALETTE", "VOC_CLASSES",
+    "COCO_CLASSES", "DATASET_NAMES", "DEMO_CLASSES", "PALETTE", "TOCO_VIEW_NAMES", "VOC_CLASSES",
     "COCODataset", "CustomDataset", "DataError", "DemoDataset", "EvalTransform", "SegmentationDataset",
-    "TrainTransform", "VOCDataset",
+    "ToCoTrainTransform", "TrainTransform", "VOCDataset",
     "build_dataset", "build_loader", "denormalize", "normalize", "prepare_coco", "prepare_voc", "write_demo",
 ]

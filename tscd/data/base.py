@@ -60,9 +60,34 @@ def item_rng(index: int, epoch: int = 0, seed: int = 0) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index)])
 
 
-def make_transform(train: bool, crop_size: int = 512, **kwargs: Any) -> Callable:
-    """``TrainTransform(crop_size, **kwargs)`` if ``train`` else ``EvalTransform()``."""
-    return TrainTransform(crop_size, **kwargs) if train else EvalTransform()
+#: The training-view sets :func:`make_transform` knows: ``"none"`` (the crop only), ``"toco"`` (the crop plus ToCo's
+#: ``view2`` and ``local`` views, :class:`tscd.data.views.ToCoTrainTransform`).
+TRAIN_VIEWS: tuple[str, ...] = ("none", "toco")
+
+
+def make_transform(train: bool, crop_size: int = 512, views: str | None = None, **kwargs: Any) -> Callable:
+    """The transform of a dataset.
+
+    Args:
+        train: training augmentation, else ``EvalTransform()`` (then ``views`` and ``kwargs`` are ignored).
+        crop_size: the training crop.
+        views: ``None``/``"none"``: ``TrainTransform(crop_size, **kwargs)``; ``"toco"``:
+            ``ToCoTrainTransform(crop_size, **kwargs)`` (needs torchvision), whose items carry ``item["views"]``.
+        **kwargs: the transform's other arguments (``scale_range``, ``flip_prob``, ``img_pad_value``, ...).
+
+    Raises:
+        ValueError: an unknown ``views``.
+    """
+    views = "none" if views is None else views
+    if views not in TRAIN_VIEWS:
+        raise ValueError(f"make_transform: `views` must be one of {TRAIN_VIEWS}; got {views!r}")
+    if not train:
+        return EvalTransform()
+    if views == "toco":
+        from tscd.data.views import ToCoTrainTransform
+
+        return ToCoTrainTransform(crop_size, **kwargs)
+    return TrainTransform(crop_size, **kwargs)
 
 
 class SegmentationDataset(Dataset):
@@ -72,7 +97,8 @@ class SegmentationDataset(Dataset):
         samples: the entries (see :class:`Sample`).
         class_names: C + 1 names, background first.
         train: training mode (affects the default transform and the empty-label check).
-        transform: callable ``(img, label, rng) -> (img, label, img_box)``; default
+        transform: callable ``(img, label, rng) -> (img, label, img_box)``, or ``-> (img, label, img_box, views)``
+            with ``views`` a dict of named tensors, which becomes ``item["views"]``; default
             :class:`TrainTransform` (``crop_size``) if ``train`` else :class:`EvalTransform`.
         crop_size: crop of the default training transform.
         skip_bad: skip bad samples with a warning instead of raising (see the module docstring).
@@ -184,11 +210,14 @@ class SegmentationDataset(Dataset):
     def get_item(self, index: int, epoch: int = 0, seed: int = 0) -> dict[str, Any]:
         """The item at ``index`` with the augmentation of (seed, epoch, index); no skipping."""
         img, mask, cls_label = self.load_raw(index)
-        img_t, label_t, box = self.transform(img, mask, item_rng(index, epoch, seed))
+        out = self.transform(img, mask, item_rng(index, epoch, seed))
+        img_t, label_t, box = out[:3]
         item = {"name": self.name_of(index), "img": img_t,
                 "cls_label": torch.from_numpy(np.asarray(cls_label, dtype=np.float32).copy()), "img_box": box}
         if label_t is not None:
             item["label"] = label_t
+        if len(out) > 3:  # a transform with extra views (e.g. ToCoTrainTransform) returns them as a 4th element
+            item["views"] = dict(out[3])
         return item
 
     def __getitem__(self, key: ItemKey) -> dict[str, Any]:

@@ -15,7 +15,8 @@ DATASET_NAMES: tuple[str, ...] = ("voc", "coco", "custom", "demo")
 
 def build_dataset(name: str, split: str, root: str | os.PathLike | None, train: bool, crop_size: int | None = None, *,
                   skip_bad: bool = False, scale_range: Sequence[float] = (0.5, 2.0), flip_prob: float = 0.5,
-                  img_pad_value: Sequence[float] | float | None = None, **kwargs: Any) -> SegmentationDataset:
+                  img_pad_value: Sequence[float] | float | None = None, views: str | None = None,
+                  **kwargs: Any) -> SegmentationDataset:
     """Build a dataset by name.
 
     Args:
@@ -29,6 +30,9 @@ def build_dataset(name: str, split: str, root: str | os.PathLike | None, train: 
         crop_size: training crop; default 512, or the image size for the in-memory demo set (96).
         skip_bad: skip bad samples with a counted warning instead of raising.
         scale_range, flip_prob, img_pad_value: training-transform settings (:class:`TrainTransform`).
+        views: extra training views (:func:`tscd.data.base.make_transform`): ``None``/``"none"``, or ``"toco"``
+            for ToCo's ``item["views"] = {"view2", "local"}`` (:class:`tscd.data.views.ToCoTrainTransform`);
+            checked even when ``train`` is False, and then unused.
         **kwargs: per dataset: ``voc``: ``split_file``, ``allow_empty_labels``; ``coco``: ``year``,
             ``allow_empty_labels``; ``custom``: ``image_dir``, ``labels_file``, ``mask_dir``,
             ``classes``, ``allow_empty_labels`` (override the folder convention); ``demo``:
@@ -38,7 +42,7 @@ def build_dataset(name: str, split: str, root: str | os.PathLike | None, train: 
         The dataset (item format in :mod:`tscd.data`).
 
     Raises:
-        ValueError: unknown name or split; TypeError: an argument the dataset does not take;
+        ValueError: unknown name, split or views; TypeError: an argument the dataset does not take;
         FileNotFoundError / DataError: see the dataset classes.
     """
     if name not in DATASET_NAMES:
@@ -46,8 +50,8 @@ def build_dataset(name: str, split: str, root: str | os.PathLike | None, train: 
     if name == "demo" and root is None and crop_size is None:
         crop_size = int(kwargs.get("size", 96))
     crop_size = 512 if crop_size is None else int(crop_size)
-    transform = make_transform(train, crop_size, scale_range=scale_range, flip_prob=flip_prob,
-                               img_pad_value=img_pad_value) if train else make_transform(False)
+    transform = make_transform(train, crop_size, views, scale_range=scale_range, flip_prob=flip_prob,
+                               img_pad_value=img_pad_value)
 
     def take(allowed: Sequence[str]) -> dict[str, Any]:
         unknown = sorted(set(kwargs) - set(allowed))

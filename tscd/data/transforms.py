@@ -138,6 +138,17 @@ class TrainTransform:
             img float32 (3, crop, crop) normalised; label int64 (crop, crop) with 255 in padding, or
             None; img_box int64 (4,) [top, bottom, left, right], bottom/right exclusive.
         """
+        out_img, out_label, box = self.crop_arrays(img, label, rng)
+        return normalize(out_img), _label_tensor(out_label), box
+
+    def crop_arrays(self, img: np.ndarray, label: np.ndarray | None, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor]:
+        """The augmentation of :meth:`__call__` before normalisation (the same random draws, in the same order).
+
+        Returns:
+            img float32 (crop, crop, 3) on the 0..255 scale (padding = ``img_pad_value``); label uint8
+            (crop, crop) with 255 in padding, or None; img_box int64 (4,) as in :meth:`__call__`.
+        """
         h, w = img.shape[:2]
         # 1. random rescale
         lo, hi = self.scale_range
@@ -170,7 +181,7 @@ class TrainTransform:
             out_label = np.full((crop, crop), IGNORE_INDEX, dtype=np.uint8)
             out_label[top:bottom, left:right] = label[sy:sy + bottom - top, sx:sx + right - left]
         box = torch.tensor([top, bottom, left, right], dtype=torch.int64)
-        return normalize(out_img), _label_tensor(out_label), box
+        return out_img, out_label, box
 
     def __repr__(self) -> str:
         return (f"TrainTransform(crop_size={self.crop_size}, scale_range={self.scale_range}, "
