@@ -64,10 +64,17 @@ ROWS: dict[str, tuple[bool, list[str]]] = {
 DEFAULT_ROWS = ("reference-style", "default", "low-memory")
 
 
+#: the loss terms a full iteration of each recipe computes (the bench refuses a partial one)
+FULL_TERMS: dict[str, set[str]] = {"tscd": {"cls", "seg", "aff", "reg", "scd"}, "afa": {"cls", "seg", "aff"},
+                                   "toco": {"cls", "cls_aux", "ptc", "ctc", "seg", "reg"}}
+#: the model of each recipe's row when --model is not given
+DEFAULT_MODEL: dict[str, str] = {"tscd": "tscd_mit_b1", "afa": "tscd_mit_b1", "toco": "toco_vit_base"}
+
+
 def make_trainer(args, name: str, run_dir: str) -> Trainer:
     reference_style, extra = ROWS[name]
     overrides = [
-        "data.dataset=demo", "data.train_split=train", "data.val_split=val",
+        f"recipe={args.recipe}", "data.dataset=demo", "data.train_split=train", "data.val_split=val",
         f"data.crop_size={args.crop}", f"data.demo_size={args.crop}",
         f"data.batch_size={args.batch}", "data.num_workers=0",
         f"data.demo_num_train={args.batch * (args.timed + 1)}",
@@ -99,7 +106,7 @@ def iteration(trainer: Trainer, batch: dict) -> dict:
     trainer.iteration = max(trainer.iteration, trainer.cfg.train.cam_iters + 1) + 1
     losses = [trainer.train_step(mb) for mb in micro_batches(trainer, batch)]
     out = {k: statistics.fmean(lo[k] for lo in losses) for k in losses[0]}
-    missing = {"cls", "seg", "aff", "reg", "scd"} - set(out)
+    missing = FULL_TERMS[trainer.cfg.recipe] - set(out)
     if missing:
         raise RuntimeError(f"bench_train_step: the iteration did not compute {sorted(missing)}: not a full iteration")
     return out
@@ -116,7 +123,9 @@ def init_optimizer_state(trainer: Trainer) -> None:
 
 def run_row(name: str, trainer: Trainer, batches: list[dict], device: torch.device, timed: int) -> dict:
     torch.manual_seed(0)
-    trainer.recipe.scd_gen.manual_seed(0)
+    for gen in ("scd_gen", "crop_gen"):  # the recipe's own generator (TSCD's SCD points, ToCo's crops)
+        if hasattr(trainer.recipe, gen):
+            getattr(trainer.recipe, gen).manual_seed(0)
     times, first = [], None
     for batch in batches[:timed]:
         sync(device)
@@ -167,10 +176,15 @@ PHASES: list[tuple[str, str, int]] = [
     ("decoder statistics (all scales)", "tscd/cam_pass/decoder_stats", 2),
     ("pseudo labels (refine)", "tscd/pseudo_label", 1),
     ("affinity labels", "tscd/affinity_label", 1),
+    ("local crops: ROI, positions, windows, flags (ToCo)", "tscd/local_crops", 1),
+    ("token pair labels (ToCo)", "tscd/token_label", 1),
     ("training forward, view 1", "tscd/forward/view1", 1),
     ("forward, view 2 (SCD)", "tscd/forward/view2", 1),
+    ("class tokens of view 2 and the local crops, heads (ToCo)", "tscd/forward/views", 1),
     ("CRF loss", "tscd/crf_loss", 1),
     ("SCD loss", "tscd/scd_loss", 1),
+    ("patch token contrast (ToCo)", "tscd/ptc_loss", 1),
+    ("class token contrast (ToCo)", "tscd/ctc_loss", 1),
     ("backward", "tscd/backward", 0),
     ("optimizer (AdamW, schedule)", "tscd/optimizer", 0),
 ]
@@ -218,11 +232,11 @@ def phase_rows(total: float, ranges: dict[str, float]) -> list[dict]:
 def cam_operator_top(trainer: Trainer, img: torch.Tensor, device: torch.device, n: int = 15) -> list[dict]:
     """The operators of one view's CAM passes (train mode, as in the iteration) by self time."""
     trainer.net.train()
-    steps = trainer.recipe.steps
-    steps.cams(img)  # warm-up
+    cams = getattr(trainer.recipe, "cams", None) or trainer.recipe.steps.cams  # ToCo's: CAM and auxiliary CAM
+    cams(img)  # warm-up
     sync(device)
     with _profiler(device) as prof:
-        steps.cams(img)
+        cams(img)
         sync(device)
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = [e for e in prof.key_averages() if not e.key.startswith("tscd/")]
@@ -258,7 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--crop", type=int, default=512)
     p.add_argument("--batch", type=int, default=4, help="global batch")
-    p.add_argument("--model", default="tscd_mit_b1")
+    p.add_argument("--recipe", default="tscd", choices=sorted(FULL_TERMS))
+    p.add_argument("--model", default=None, help="default: the recipe's (tscd_mit_b1; ToCo: toco_vit_base)")
     p.add_argument("--timed", type=int, default=1,
                    help="timed iterations per row before the measured one (0: time the measured one)")
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
@@ -269,6 +284,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="also the per-phase breakdown, CAM operator top list and FLOPs (-phases.md/json)")
     args = p.parse_args(argv)
+    args.model = args.model or DEFAULT_MODEL[args.recipe]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = [n for n in args.rows.split(",") if n]
     unknown = sorted(set(names) - set(ROWS))
@@ -316,7 +332,8 @@ def main(argv=None) -> int:
                ("loss_first", "total loss, 1st it."), ("max_loss_diff_vs_first", f"max loss diff vs {base['path']}")]
     how = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
            "the CPU allocator's events (torch profiler, profile_memory): tensor bytes, not RSS")
-    notes = (f"One full TSCD iteration per row, all losses on (cls, seg, aff, CRF reg, SCD), random init, "
+    terms = ", ".join(sorted(FULL_TERMS[args.recipe]))
+    notes = (f"One full {args.recipe} iteration per row (recipe: {args.recipe}), all losses on ({terms}), random init, "
              f"drop-path and dropout off, same weights and batches for every row. Peak memory: {how}, one "
              f"measured iteration after {args.timed} timed one(s); weights, gradients and optimizer state "
              f"included. s / iteration: median of the timed iterations after the first (or the first"
@@ -332,12 +349,12 @@ def main(argv=None) -> int:
         columns += [("gflop", "GFLOP / iteration"), ("matmul_peak_share", "of the matmul peak")]
     for r in rows:
         r.pop("losses_first")
-    paths = write_results(f"train_step-{args.model}-{args.crop}-b{args.batch}", env, rows, columns, args.out,
+    stem = f"train_step-{args.model}-{args.crop}-b{args.batch}"
+    paths = write_results(stem, env, rows, columns, args.out,
                           notes=notes)
     logger.info("wrote %s and %s", *paths)
     if args.profile:
-        paths = write_phases(f"train_step-{args.model}-{args.crop}-b{args.batch}-phases", env, rows, profiles,
-                             args.out)
+        paths = write_phases(f"{stem}-phases", env, rows, profiles, args.out)
         logger.info("wrote %s and %s", *paths)
     return 0
 
