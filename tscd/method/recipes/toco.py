@@ -140,7 +140,8 @@ class ToCoRecipe(Recipe):
     def cams(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Multi-scale (+ flip) CAMs and auxiliary CAMs (B, C, H, W) in [0, 1], no gradient: one pass per scale
         gives both (official-code mode: the full forward, decoder included)."""
-        net, C = self.ctx.net, self.ctx.net.num_classes
+        net = self.ctx.net
+        C = net.classifier.out_channels
         scales = self.cfg.pseudo.cam_scales
         with torch.no_grad(), self.ctx.autocast(), record_function("tscd/cam_passes"):
             if self.steps.official:
