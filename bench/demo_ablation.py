@@ -8,6 +8,7 @@ afa        + segmentation and affinity losses on PAR-refined pseudo labels (AFA-
 varm       VARM instead of PAR
 scd        + the self-correlation distillation loss (SCD)
 tscd       + the CRF energy loss: full TSCD
+toco       ToCo (``recipe: toco``) on the tiny ViT: another network, trained from scratch (no shared warm-up)
 =========  ================================================================================
 
 The classification-only warm-up (``train.cam_iters``) is the same in every row, so it is trained once
@@ -34,14 +35,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: ToCo on the demo: the tiny ViT (patch 8: 12x12 tokens on 96 px), local crops of 32 px (a third of the image,
+#: as ToCo's 96 px of a 448 crop is a fifth), projection heads scaled down with the network, its own warm-up
+#: (seg and reg off while n <= train.cam_iters: the demo's 700)
+TOCO_DEMO = ["recipe=toco", "model.name=toco_vit_tiny", "toco.aux_layer=-2", "toco.local_crop_size=32",
+             "toco.proj_dim=256", "toco.proj_hidden=256", "toco.proj_bottleneck=64"]
 ROWS: list[tuple[str, str, list[str]]] = [
     ("tscd", "full TSCD (+ CRF loss)", []),
     ("cam", "cls only (CAM)", ["loss.seg=0", "loss.aff=0", "loss.reg=0", "loss.scd=0"]),
     ("afa", "+ seg/aff on PAR pseudo labels (AFA-style)", ["loss.reg=0", "loss.scd=0", "pseudo.refine_mode=par"]),
     ("varm", "+ VARM instead of PAR", ["loss.reg=0", "loss.scd=0"]),
     ("scd", "+ SCD", ["loss.reg=0"]),
+    ("toco", "ToCo (recipe: toco) on the tiny ViT, from scratch", TOCO_DEMO),
 ]
-ORDER = ["cam", "afa", "varm", "scd", "tscd"]  # table order (the tscd row runs first: it makes the warm-up)
+ORDER = ["cam", "afa", "varm", "scd", "tscd", "toco"]  # table order (the tscd row runs first: it makes the warm-up)
+#: rows with a network of their own: they train from scratch (the MiT warm-up checkpoint does not fit them)
+FROM_SCRATCH = {"toco"}
 
 
 def _load() -> str:
@@ -127,14 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            rows = list(pool.map(lambda r: run_row(r[0], r[1], args, run_root, str(warm)), todo))
+            rows = list(pool.map(lambda r: run_row(r[0], r[1], args, run_root,
+                                                   "never" if r[0] in FROM_SCRATCH else str(warm)), todo))
     else:
         warm = run_root / "tscd" / "checkpoints" / f"ckpt_{args.cam_iters:07d}.pt"
         for name, _, extra in ROWS:  # tscd first: its checkpoint at cam_iters is everyone's warm-up
-            if name != "tscd" and name not in wanted:
+            if name not in wanted and (name != "tscd" or all(n in FROM_SCRATCH for n in wanted)):
                 continue
-            resume = "never" if name == "tscd" else str(warm)
-            if name != "tscd" and not warm.is_file():
+            resume = "never" if name == "tscd" or name in FROM_SCRATCH else str(warm)
+            if resume != "never" and not warm.is_file():
                 raise FileNotFoundError(f"warm-up checkpoint {warm} is missing")
             if name == "tscd":  # keep the warm-up checkpoint out of reach of keep_ckpts
                 row = run_row(name, [*extra, "train.keep_ckpts=1000"], args, run_root, resume)

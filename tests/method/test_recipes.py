@@ -159,9 +159,9 @@ def test_registry_and_config_errors(probe):
 
     with pytest.raises(ValueError, match="recipe name 'probe' is taken"):
         register_recipe(Other)
-    with pytest.raises(ValueError, match="unknown recipe 'prob'; registered: afa, probe, tscd"):
+    with pytest.raises(ValueError, match="unknown recipe 'prob'; registered: afa, probe, toco, tscd"):
         get_recipe("prob")
-    with pytest.raises(ConfigError, match=r"`recipe` must be one of afa, probe, tscd; got 'prob'. Did you mean"):
+    with pytest.raises(ConfigError, match=r"`recipe` must be one of afa, probe, toco, tscd; got 'prob'. Did you mean"):
         load_config(None, ["data.dataset=demo", "recipe=prob"])
     with pytest.raises(ConfigError, match=r"section `probe` configures recipe 'probe', but `recipe` is 'tscd'"):
         load_config(None, ["data.dataset=demo", "probe.scale=2.0"])

@@ -4,6 +4,7 @@ teacher equals the official after two steps; the shipped configs carry ToCo's of
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -201,3 +202,82 @@ def test_shipped_toco_configs():
     assert (coco.train.max_iters, coco.train.cam_iters, coco.data.batch_size, coco.pseudo.bkg_high,
             coco.pseudo.cam_bkg, coco.recipe_cfg.temp, coco.recipe_cfg.contrast_iters,
             coco.recipe_cfg.aux_label_iters) == (80000, 8000, 8, 0.65, 0.45, 1.0, 12000, 12000)
+
+
+def _first_candidates(tr: Trainer):
+    """Crop positions that depend on each image's ROI only (its first candidates, row-major): the same with any
+    split of the batch."""
+    from tscd.method.token_contrast import crop_candidates
+
+    T = tr.cfg.recipe_cfg
+
+    def positions(roi):
+        cand = crop_candidates(roi, T.local_crop_size, T.local_crops)
+        B, h, w = cand.shape
+        keys = cand.flatten(1).float() * (2.0 - torch.arange(h * w) / (h * w))
+        idx = keys.topk(T.local_crops, dim=1).indices
+        return torch.stack([idx // w, idx % w], dim=-1)
+    return positions
+
+
+def test_toco_micro_batches_give_the_batch_gradient(tmp_path):
+    """train.accum_steps=2 (one image per micro-batch): the same terms and gradient as the whole batch (the count
+    terms, seg and PTC, normalised over the batch; PTC's constant split between the micro-batches)."""
+    out = {}
+    for accum in (1, 2):
+        tr = _trainer(tmp_path / str(accum), f"train.accum_steps={accum}")
+        tr.recipe.crop_positions = _first_candidates(tr)
+        grads = {}
+        tr.optimizer.step = lambda *a, tr=tr, grads=grads, **k: grads.update(
+            {n: p.grad.clone() for n, p in [*tr.net.named_parameters(), *tr.recipe.head.named_parameters()]
+             if p.requires_grad})
+        tr.iteration = 3
+        out[accum] = tr.train_step(next(tr._batches())), grads
+    (v1, g1), (v2, g2) = out[1], out[2]
+    assert set(v1) == set(v2) == {"cls", "cls_aux", "ptc", "ctc", "seg", "reg", "total"}
+    for k in v1:
+        assert v2[k] == pytest.approx(v1[k], rel=1e-5, abs=1e-7), (k, v1, v2)
+    f1 = torch.cat([g.flatten() for g in g1.values()])
+    f2 = torch.cat([g2[n].flatten() for n in g1])
+    assert ((f2 - f1).norm() / f1.norm()).item() < 1e-5
+
+
+@pytest.mark.slow
+def test_toco_voc_config_trains_and_evaluates_from_the_command_line(tmp_path, capsys):
+    """`tscd train --config configs/toco_voc.yaml` (demo data, the tiny ViT): ToCo's terms before and after the
+    warm-up; `tscd eval`, `infer` and `pseudo-labels` take its checkpoint unchanged."""
+    from tscd.cli import main
+    from tscd.eval.metrics import read_metrics
+    from tscd.train.checkpoint import list_checkpoints, load_checkpoint
+
+    run = tmp_path / "toco"
+    small = ["data.dataset=demo", "data.root=null", "data.train_split=train", "data.crop_size=64", "data.demo_size=64",
+             "data.demo_num_train=8", "data.demo_num_val=2", "data.batch_size=2", "data.num_workers=0",
+             "model.name=toco_vit_tiny", "model.pretrained=null", "model.decoder_dim=16", "pseudo.refine_iters=2",
+             "train.cam_iters=1", "train.val_iters=0", "train.ckpt_iters=0", "train.tensorboard=false",
+             "train.plots=false", "optim.warmup_iters=1", *TOCO[1:]]
+    assert main(["train", "--config", str(ROOT / "configs" / "toco_voc.yaml"), "--run-dir", str(run),
+                 "--max-iters", "4", *small]) == 0
+    ckpt = list_checkpoints(run)[-1][1]
+    state = load_checkpoint(ckpt)
+    hist = state["history"]
+    base = {"cls", "cls_aux", "ptc", "ctc"}
+    assert [set(h) - {"iteration", "lr", "total"} for h in hist] == [base] * 2 + [base | {"seg", "reg"}] * 2
+    assert any(k.startswith("head_t.") for k in state["recipe"])  # the teacher head is checkpointed
+    assert load_config(run / "config.yaml").recipe == "toco"
+    assert [r["iteration"] for r in read_metrics(run)] == [4]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(ckpt), "--out", str(tmp_path / "ev"), "--num-images", "2",
+                 "--scales", "1,0.5", "--cam-scales", "1,0.5"]) == 0
+    results = json.loads(next((tmp_path / "ev").glob("*.json")).read_text())["results"]
+    assert {"seg", "cam"} <= set(results) and "aff" not in results
+    assert main(["infer", "--checkpoint", str(ckpt), str(tmp_path / "none"), "--out", str(tmp_path / "m")]) == 2
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    from PIL import Image
+    Image.fromarray((torch.rand(45, 57, 3) * 255).to(torch.uint8).numpy()).save(img_dir / "a.png")
+    assert main(["infer", "--checkpoint", str(ckpt), str(img_dir), "--out", str(tmp_path / "m"), "--cam"]) == 0
+    assert Image.open(tmp_path / "m" / "a.png").size == (57, 45)
+    assert main(["pseudo-labels", "--checkpoint", str(ckpt), "--split", "train", "--out", str(tmp_path / "pl"),
+                 "--cam-scales", "1,0.5", "--num-images", "2"]) == 0
+    assert len(list((tmp_path / "pl").glob("*.png"))) == 2

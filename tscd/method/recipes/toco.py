@@ -64,7 +64,8 @@ class ToCoConfig:
     """The ``toco:`` section: ToCo's network option, token-contrast terms and local crops."""
 
     #: block whose patch tokens feed the auxiliary classifier (ToCo: -3, the tenth of twelve)
-    aux_layer: int = -3
+    aux_layer: int = option(-3, range=Range(None, None, meaning="a block index, negative from the last (the "
+                                                                "network checks it against its depth)"))
     #: PTC and CTC are weighted 0 while the 0-based iteration n <= this (COCO: 12000; -1: from the start, VOC)
     contrast_iters: int = option(-1, range=Range(-1))
     #: the seg / reg label is refined from the auxiliary CAM while n <= this (COCO: 12000; -1: never, VOC)
