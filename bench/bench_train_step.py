@@ -82,7 +82,7 @@ def make_trainer(args, name: str, run_dir: str) -> Trainer:
         f"model.name={args.model}", "model.drop_path_rate=0.0",
         f"train.device={args.device}", f"train.max_iters={10**6}", "train.cam_iters=0", "train.tensorboard=false",
         f"train.reference_style={str(reference_style).lower()}", f"train.run_dir={run_dir}",
-        f"train.amp={args.amp}", *extra,
+        f"train.amp={args.amp}", *extra, *args.set,
     ]
     cfg = load_config(None, overrides)
     trainer = Trainer(cfg, resume="never")
@@ -278,6 +278,8 @@ def main(argv=None) -> int:
                    help="timed iterations per row before the measured one (0: time the measured one)")
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                    help=f"comma-separated subset of {', '.join(ROWS)} (default {','.join(DEFAULT_ROWS)})")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a config override for every row (repeatable), e.g. toco.local_crop_size=16 at small crops")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--amp", default="off", choices=["off", "bf16"], help="amp of the fp32 rows")
     p.add_argument("--out", default=None)

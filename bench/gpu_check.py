@@ -19,6 +19,9 @@ Stages, in order, each a subprocess with its own time budget (seconds, capped by
     train_step  bench/bench_train_step.py at crop 512, global batch 4: reference-style, default, compiled
                 (train.compile) and low-memory rows, s/iteration and peak memory, with --profile (the per-phase
                 table of each row, the CAM passes' operator list, FLOPs)
+    train_step_toco
+                the same for ``recipe: toco`` (ViT-B/16, crop 448, global batch 4): reference-style (ToCo's
+                official passes), default and low-memory rows, with --profile
     train_fp32, train_bf16
                 a short real `tscd train` on the demo config (a few hundred iterations, then validation)
 
@@ -44,12 +47,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: stage -> budget in seconds on a GPU (H100/H200, 16 cores); caps, not estimates: the total is capped at
 #: 450 s (--total-budget), and a stage gets at most what is left of it
-GPU_BUDGETS = {"install": 120, "pytest": 120, "no_sync": 40, "bench_ops": 60, "train_step": 120, "train_fp32": 40,
-               "train_bf16": 30}
+GPU_BUDGETS = {"install": 120, "pytest": 120, "no_sync": 40, "bench_ops": 60, "train_step": 120,
+               "train_step_toco": 90, "train_fp32": 40, "train_bf16": 30}
 #: the dry run on a CPU (2 cores, possibly shared with other jobs): tiny sizes, but imports and model builds
 #: dominate; about 1 min of CPU per stage, the budgets leave room for a loaded machine
-DRY_BUDGETS = {"install": 600, "pytest": 300, "no_sync": 300, "bench_ops": 300, "train_step": 300, "train_fp32": 300,
-               "train_bf16": 300}
+DRY_BUDGETS = {"install": 600, "pytest": 300, "no_sync": 300, "bench_ops": 300, "train_step": 300,
+               "train_step_toco": 300, "train_fp32": 300, "train_bf16": 300}
 STAGES = tuple(GPU_BUDGETS)
 TAIL_CHARS = 4000  # of each stage's output kept in log.txt
 
@@ -246,20 +249,30 @@ class Check:
             res.note = "failed or timed out: " + ", ".join(op for op, d in per_op.items() if d["rc"] != 0)
         return res
 
-    def train_step(self, budget: float) -> StageResult:
+    def train_step(self, budget: float, recipe: str = "tscd") -> StageResult:
         out_dir = self.out / "bench"
-        if self.dry:
+        name = "train_step" if recipe == "tscd" else f"train_step_{recipe}"
+        if recipe == "toco":
+            args = (["--device", "cpu", "--crop", "64", "--batch", "2", "--model", "toco_vit_tiny", "--timed", "1",
+                     "--set", "toco.local_crop_size=16", "--set", "toco.aux_layer=-2"] if self.dry else
+                    ["--device", "cuda", "--crop", "448", "--batch", "4", "--timed", "2",
+                     "--rows", "reference-style,default,low-memory", "--profile"])
+            args += ["--recipe", "toco"]
+        elif self.dry:
             args = ["--device", "cpu", "--crop", "64", "--batch", "2", "--model", "tscd_mit_tiny", "--timed", "1"]
         else:
             args = ["--device", "cuda", "--crop", "512", "--batch", "4", "--model", "tscd_mit_b1", "--timed", "3",
                     "--rows", "reference-style,default,compiled,low-memory", "--profile"]
         cmd = [self.python, "bench/bench_train_step.py", *args, "--out", str(out_dir)]
-        rc, out, _ = self.run("train_step", cmd, budget)
+        rc, out, _ = self.run(name, cmd, budget)
         rows = []
-        for path in sorted(out_dir.glob("*/train_step-*.json")):
+        model = "toco_vit" if recipe == "toco" else "tscd_mit"
+        for path in sorted(out_dir.glob(f"*/train_step-{model}*.json")):
+            if path.name.endswith("-phases.json"):
+                continue
             rows += [{k: r.get(k) for k in ("path", "crop", "batch", "amp", "s_per_it", "peak_mib", "speedup",
                                              "mem_ratio")} for r in json.loads(path.read_text()).get("rows", [])]
-        return self.from_rc("train_step", cmd, rc, out, rows=rows)
+        return self.from_rc(name, cmd, rc, out, rows=rows)
 
     def train(self, amp: str, budget: float) -> StageResult:
         run_dir = self.tmp / f"train-{amp}"
@@ -313,8 +326,9 @@ class Check:
         for r in self.results:
             if r.name == "pytest" and r.detail.get("counts"):
                 lines += ["", f"pytest: {r.detail['counts']}"] + [f"- {f}" for f in r.detail.get("failed", [])]
-            if r.name == "train_step" and r.detail.get("rows"):
-                lines += ["", "| train step | crop | amp | s / it | peak MiB |", "|---|---|---|---|---|"]
+            if r.name.startswith("train_step") and r.detail.get("rows"):
+                lines += ["", f"| {r.name.replace('_', ' ')} | crop | amp | s / it | peak MiB |",
+                          "|---|---|---|---|---|"]
                 for row in r.detail["rows"]:
                     lines.append(f"| {row['path']} | {row['crop']} | {row['amp']} | {_fmt(row['s_per_it'])} | "
                                  f"{_fmt(row['peak_mib'])} |")
@@ -338,6 +352,7 @@ class Check:
         self.stage("no_sync", self.no_sync)
         self.stage("bench_ops", self.bench_ops)
         self.stage("train_step", self.train_step)
+        self.stage("train_step_toco", lambda b: self.train_step(b, "toco"))
         self.stage("train_fp32", lambda b: self.train("off", b))
         self.stage("train_bf16", lambda b: self.train("bf16", b))
         self.write_summary()

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import gpu_check  # noqa: E402
 
-STAGES_RUN = ["pytest", "no_sync", "bench_ops", "train_step", "train_fp32", "train_bf16"]
+STAGES_RUN = ["pytest", "no_sync", "bench_ops", "train_step", "train_step_toco", "train_fp32", "train_bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,8 @@ def test_dry_run_results_are_few_small_files(dry_run):
     assert {Path(n).stem for n in bench_jsons} >= {"refine", "correlation", "permutohedral"}
     rows = stages["train_step"]["detail"]["rows"]
     assert {"reference-style"} <= {r["path"] for r in rows} and all(r["s_per_it"] > 0 for r in rows)
+    toco = stages["train_step_toco"]["detail"]["rows"]  # ToCo's rows, not TSCD's again
+    assert {r["path"] for r in toco} >= {"reference-style", "default"} and all(r["s_per_it"] > 0 for r in toco)
     assert stages["train_fp32"]["detail"]["validation"], "the validation mIoU lines were not parsed"
     assert stages["no_sync"]["detail"]["device"] == "cpu"
     assert stages["pytest"]["detail"]["counts"]["gpu"].get("skipped", 0) > 0  # gpu tests exist, skipped here
