@@ -158,6 +158,13 @@ class PseudoLabelConfig:
     refine_scale: float = option(0.5, range=_FRACTION)  #: refinement runs at this fraction of the crop size
     cam_decoder: bool = True  #: run the decoder in the CAM passes (no grad, output discarded) so its BN running
     #: statistics update as in the official code; false: decoder-free CAM passes (faster, different BN statistics)
+    #: off (official) | bf16: autocast in the CAM passes only (the labels are argmaxes of refined CAMs)
+    cam_amp: str = option("off", choices=("off", "bf16"))
+    #: together (official: image and flip in one pass) | separate (two passes of B images: lower peak memory)
+    cam_flip: str = option("together", choices=("together", "separate"))
+    #: pass (official) | forward: the image's scale-1 CAM from the training forward (TSCD / AFA, one micro-batch:
+    #: the scale-1 pass then runs the flip only)
+    cam_scale1: str = option("pass", choices=("pass", "forward"))
 
 
 @dataclass
@@ -635,7 +642,8 @@ def resolve_config(cfg: Config, device: Any = "cpu", world_size: int = 1, max_it
             f"process(es))")
     if t.reference_style:
         official = {"train.amp": "off", "pseudo.cam_decoder": True, "loss.crf_gain": "field",
-                    "data.pad_value": "black"}
+                    "data.pad_value": "black", "pseudo.cam_amp": "off", "pseudo.cam_flip": "together",
+                    "pseudo.cam_scale1": "pass"}
         for key, value in official.items():
             put(key, value, "train.reference_style: the official numerics", logging.WARNING)
     if t.amp == "auto":

@@ -161,3 +161,44 @@ def test_track_statistics_eval_mode_and_errors():
     assert after[2] == before[2] and torch.equal(after[0], before[0]) and torch.equal(torch.get_rng_state(), rng)
     with pytest.raises(ValueError, match="4 maps"):
         net.decoder.track_statistics(feats[:3])
+
+
+def test_separate_flip_and_known_scale1_equal_the_fast_path(tscd_b0):
+    """``separate_flip`` (two passes of B images) and ``known`` (the image's scale-1 CAM from elsewhere, here the
+    network's own forward) give the fast path's CAMs in eval mode; with a wrong known map they do not."""
+    torch.manual_seed(0)
+    tscd_b0.eval()
+    x = torch.randn(2, 3, 50, 66)
+    with torch.no_grad():
+        want = multi_scale_cam(tscd_b0, x, (1.0, 0.5, 1.5))
+        cam1 = tscd_b0(x).cam
+    assert_close(multi_scale_cam(tscd_b0, x, (1.0, 0.5, 1.5), separate_flip=True), want, rtol=1e-5, atol=1e-6)
+    assert_close(multi_scale_cam(tscd_b0, x, (1.0, 0.5, 1.5), known={1.0: cam1}), want, rtol=1e-5, atol=1e-6)
+    off = multi_scale_cam(tscd_b0, x, (1.0, 0.5, 1.5), known={1.0: cam1 + 1.0})
+    assert (off - want).abs().max() > 1e-3
+
+
+def test_bf16_cam_passes_switch(tmp_path):
+    """``pseudo.cam_amp: bf16`` runs the CAM passes under bf16 autocast (CAMs close to fp32, not equal);
+    ``pseudo.cam_scale1: forward`` takes the view-1 forward's CAM; the official-code mode resets both."""
+    from tests._utils import tiny_overrides
+    from tscd.config import load_config
+    from tscd.train import Trainer
+
+    tr = Trainer(load_config(None, [*tiny_overrides(tmp_path / "r"), "train.device=cpu", "pseudo.cam_amp=bf16",
+                                    "pseudo.cam_scale1=forward", "model.drop_path_rate=0"]), resume="never")
+    tr.net.eval()
+    img = torch.randn(2, 3, 64, 64)
+    steps = tr.recipe.steps
+    got = steps.cams(img)
+    tr.cfg.pseudo.cam_amp = "off"
+    want = steps.cams(img)
+    assert got.dtype == torch.float32 and 1e-4 < (got - want).abs().max() < 0.1
+    with torch.no_grad():
+        cam1 = tr.net(img).cam
+    assert_close(steps.cams(img, cam1=cam1), want, rtol=1e-5, atol=1e-6)
+    assert (steps.cams(img, cam1=cam1 * 0) - want).abs().max() > 1e-3  # the forward's CAM is used
+    ref = Trainer(load_config(None, [*tiny_overrides(tmp_path / "s"), "train.device=cpu", "pseudo.cam_amp=bf16",
+                                     "pseudo.cam_flip=separate", "pseudo.cam_scale1=forward",
+                                     "train.reference_style=true"]), resume="never")
+    assert (ref.cfg.pseudo.cam_amp, ref.cfg.pseudo.cam_flip, ref.cfg.pseudo.cam_scale1) == ("off", "together", "pass")

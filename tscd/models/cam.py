@@ -59,7 +59,8 @@ def _normalise(cam: Tensor) -> Tensor:
 
 def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),
                     flip: bool = True, decoder: bool = False, affinity: bool = False,
-                    cam_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                    cam_fn: Callable[[Tensor], Tensor] | None = None, separate_flip: bool = False,
+                    known: dict[float, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-scale (+ flip) CAMs, normalised to [0, 1], without gradients: the fast path.
 
     Args:
@@ -77,6 +78,11 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
             affinity head.
         cam_fn: the CAM logits of one pass's batch (default: the network's ``forward_cam``), e.g. ToCo's CAM and
             auxiliary CAM as one map of 2C channels (every step after it is per channel).
+        separate_flip: run the image and its flip as two passes of B images (lower peak memory; with ``decoder``
+            the BatchNorm statistics then see two half batches: ``pseudo.cam_flip: separate``).
+        known: raw CAM logits (B, C, h16, w16) of the un-flipped images at some scales, computed elsewhere (the
+            training forward's at scale 1: ``pseudo.cam_scale1: forward``); those scales' passes run the flip
+            only (and, with ``decoder``, track statistics of the flip only).
 
     Returns:
         cam (B, C, h, w) float in [0, 1]; with ``affinity``, ``(cam, affinity)`` with affinity (B, N, N), N the
@@ -93,8 +99,15 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
         for s in scales:
             with record_function(f"tscd/cam_pass/scale={s:g}"):
                 want_aff = affinity and aff is None and s == max(scales)
-                cam, pass_aff = _cam_pass(net, _resize(images, s), b, flip, decoder and net.training, want_aff,
-                                          cam_fn)
+                x, dec = _resize(images, s), decoder and net.training
+                if known is not None and s in known and flip and not want_aff:
+                    cam = torch.cat([known[s], _cam_pass(net, x.flip(-1), b, False, dec, False, cam_fn)[0]])
+                    pass_aff = None
+                elif separate_flip and flip:
+                    cam, pass_aff = _cam_pass(net, x, b, False, dec, want_aff, cam_fn)
+                    cam = torch.cat([cam, _cam_pass(net, x.flip(-1), b, False, dec, False, cam_fn)[0]])
+                else:
+                    cam, pass_aff = _cam_pass(net, x, b, flip, dec, want_aff, cam_fn)
                 aff = pass_aff if want_aff else aff
                 cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
                 if flip:

@@ -71,8 +71,9 @@ class AFARecipe(Recipe):
         """Whether the segmentation label is the propagated one: the official n = t - 1 > ``switch_iters``."""
         return iteration - 1 > self.cfg.recipe_cfg.switch_iters
 
-    def labels(self, batch: Batch, iteration: int) -> dict[str, torch.Tensor] | None:
-        """CAMs -> PAR pseudo label; after the switch also the propagated label; affinity labels (no grad)."""
+    def labels(self, batch: Batch, iteration: int, cam1: torch.Tensor | None = None) -> dict[str, torch.Tensor] | None:
+        """CAMs -> PAR pseudo label; after the switch also the propagated label; affinity labels (no grad).
+        ``cam1``: the trained forward's CAM (``pseudo.cam_scale1: forward``)."""
         if self.warmup(iteration):
             return None
         img, cls_label, img_box = batch.img, batch.cls_label, batch.img_box
@@ -80,9 +81,9 @@ class AFARecipe(Recipe):
         H, W = img.shape[-2:]
         switched = self.switched(iteration)
         if switched:
-            cams, aff = self.steps.cams(img, affinity=True)
+            cams, aff = self.steps.cams(img, affinity=True, cam1=cam1)
         else:
-            cams = self.steps.cams(img)
+            cams = self.steps.cams(img, cam1=cam1)
         pseudo = self.steps.pseudo_label(img, cams, cls_label, img_box)
         seg = pseudo
         if switched:
@@ -110,7 +111,7 @@ class AFARecipe(Recipe):
         with ctx.autocast():
             out = ctx.model(img)  # AFA's order: the trained forward, then the CAM passes
         if labels is None:
-            labels = self.labels(batch, iteration)
+            labels = self.labels(batch, iteration, cam1=out.cam)
         norms = norms or {}
         terms = {"cls": cls_loss(out.cls_logits.float(), cls_label)}
         seg_up = F.interpolate(out.seg_logits.float(), size=(H, W), mode="bilinear", align_corners=False)

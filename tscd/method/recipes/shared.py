@@ -55,20 +55,24 @@ class SharedSteps:
             out = self.ctx.model(batch.img, cls_only=True)
         return {"cls": cls_loss(out.cls_logits.float(), batch.cls_label)}
 
-    def cams(self, img: torch.Tensor, affinity: bool = False):
+    def cams(self, img: torch.Tensor, affinity: bool = False, cam1: torch.Tensor | None = None):
         """Multi-scale CAMs (B, C, H, W) in [0, 1], no gradient, in the network's train mode (the decoder's BN
         statistics update as in the official full-network CAM passes unless ``pseudo.cam_decoder`` is off).
 
         With ``affinity``: also the predicted affinity (B, N, N) of the pass at the largest scale, un-flipped
-        images (AFA's ``multi_scale_cam_with_aff_mat``), as ``(cams, affinity)``.
+        images (AFA's ``multi_scale_cam_with_aff_mat``), as ``(cams, affinity)``. ``cam1``: the training forward's
+        raw CAM of ``img`` (used at scale 1 with ``pseudo.cam_scale1: forward``).
+        Switches (docs/differences.md): ``pseudo.cam_amp`` (bf16 passes), ``pseudo.cam_flip`` (separate passes).
         """
-        scales = self.cfg.pseudo.cam_scales
-        with torch.no_grad(), self.ctx.autocast(), record_function("tscd/cam_passes"):
+        p = self.cfg.pseudo
+        amp = torch.autocast(img.device.type, dtype=torch.bfloat16) if p.cam_amp == "bf16" else self.ctx.autocast()
+        known = {1.0: cam1.detach()} if cam1 is not None and p.cam_scale1 == "forward" else None
+        with torch.no_grad(), amp, record_function("tscd/cam_passes"):
             if self.official:
-                out = multi_scale_cam_reference(self.ctx.net, img, scales, affinity=affinity)
+                out = multi_scale_cam_reference(self.ctx.net, img, p.cam_scales, affinity=affinity)
             else:
-                out = multi_scale_cam(self.ctx.net, img, scales, decoder=self.cfg.pseudo.cam_decoder,
-                                      affinity=affinity)
+                out = multi_scale_cam(self.ctx.net, img, p.cam_scales, decoder=p.cam_decoder, affinity=affinity,
+                                      separate_flip=p.cam_flip == "separate", known=known)
         if affinity:
             return out[0].float(), out[1].float()
         return out.float()

@@ -50,12 +50,13 @@ class TSCDRecipe(Recipe):
     def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
         self.scd_gen.set_state(state["scd_gen"])
 
-    def labels(self, batch: Batch, iteration: int) -> dict[str, torch.Tensor] | None:
-        """View-1 CAMs -> pseudo labels -> affinity labels (no grad, no host sync on the default path)."""
+    def labels(self, batch: Batch, iteration: int, cam1: torch.Tensor | None = None) -> dict[str, torch.Tensor] | None:
+        """View-1 CAMs -> pseudo labels -> affinity labels (no grad, no host sync on the default path); ``cam1``: the
+        view-1 forward's CAM (``pseudo.cam_scale1: forward``)."""
         if self.warmup(iteration):
             return None
         img, cls_label, img_box = batch.img, batch.cls_label, batch.img_box
-        cams = self.steps.cams(img)
+        cams = self.steps.cams(img, cam1=cam1)
         labels = {"cams": cams, "pseudo": self.steps.pseudo_label(img, cams, cls_label, img_box)}
         if self.cfg.loss.aff:
             H, W = img.shape[-2:]
@@ -77,7 +78,7 @@ class TSCDRecipe(Recipe):
         with ctx.autocast(), record_function("tscd/forward/view1"):
             out = ctx.model(img)
         if labels is None:  # after the view-1 forward: the official order of the forward passes
-            labels = self.labels(batch, iteration)
+            labels = self.labels(batch, iteration, cam1=out.cam)
         cams, pseudo = labels["cams"], labels["pseudo"]
         norms = norms or {}
         terms["cls"] = cls_loss(out.cls_logits.float(), cls_label)
