@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from tscd.models._checkpoint import load_weights, strip_prefixes, unwrap_state_dict
-from tscd.models.tscd_net import CHECKPOINTING_MODES, POOLING_MODES
+from tscd.models.tscd_net import POOLING_MODES, set_checkpointing
 from tscd.models.vit import ViTEncoder
 
 logger = logging.getLogger(__name__)
@@ -132,12 +132,7 @@ class ToCoNet(nn.Module):
         Raises:
             ValueError: unknown ``mode``.
         """
-        if mode not in CHECKPOINTING_MODES:
-            raise ValueError(f"ToCoNet.set_checkpointing: `mode` must be one of {', '.join(CHECKPOINTING_MODES)}; "
-                             f"got {mode!r}")
-        self._checkpointing = mode
-        self.encoder.set_grad_checkpointing(mode != "off")
-        self.decoder.grad_checkpointing = mode == "all"
+        set_checkpointing(self, mode)
 
     def _pool(self, x: Tensor) -> Tensor:
         return F.adaptive_max_pool2d(x, 1) if self.pooling == "gmp" else F.adaptive_avg_pool2d(x, 1)

@@ -130,12 +130,7 @@ class TSCDNet(nn.Module):
         Raises:
             ValueError: unknown ``mode``.
         """
-        if mode not in CHECKPOINTING_MODES:
-            raise ValueError(f"TSCDNet.set_checkpointing: `mode` must be one of {', '.join(CHECKPOINTING_MODES)}; "
-                             f"got {mode!r}")
-        self._checkpointing = mode
-        self.encoder.set_grad_checkpointing(mode != "off")
-        self.decoder.grad_checkpointing = mode == "all"
+        set_checkpointing(self, mode)
 
     def _affinity(self, attns: list[Tensor]) -> Tensor:
         if self.checkpointing == "all" and torch.is_grad_enabled():
@@ -242,3 +237,18 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.01) -> lis
     return [{"name": name, "params": ps, "lr": lr * LR_MULT[name], "lr_mult": LR_MULT[name],
              "weight_decay": 0.0 if name == "encoder_norm" else weight_decay}
             for name, ps in parts.items()]
+
+
+def set_checkpointing(net: nn.Module, mode: str) -> None:
+    """``net.set_checkpointing(mode)`` of TSCDNet and ToCoNet: the encoder's blocks unless ``"off"``, the decoder
+    (and what reads its flag) with ``"all"``.
+
+    Raises:
+        ValueError: unknown ``mode``.
+    """
+    if mode not in CHECKPOINTING_MODES:
+        raise ValueError(f"{type(net).__name__}.set_checkpointing: `mode` must be one of "
+                         f"{', '.join(CHECKPOINTING_MODES)}; got {mode!r}")
+    net._checkpointing = mode
+    net.encoder.set_grad_checkpointing(mode != "off")
+    net.decoder.grad_checkpointing = mode == "all"

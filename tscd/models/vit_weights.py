@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tscd.models._checkpoint import check_state_dict, read_checkpoint, strip_prefixes, unwrap_state_dict
-from tscd.models.weights import WeightFormatError, _listed, resolve_weight_file
+from tscd.models._checkpoint import check_state_dict, strip_prefixes, unwrap_state_dict
+from tscd.models.weights import WeightFormatError, _listed, read_weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -253,17 +253,7 @@ def read_vit_weights(path: str | os.PathLike) -> ViTWeights:
         raise FileNotFoundError(f"weights path {os.fspath(path)!r} does not exist. Weights are never downloaded: give "
                                 f"the local path of the file or folder (e.g. DeiT's deit_base_patch16_224-b5f2ef4d.pth "
                                 f"or a Hugging Face download of timm/vit_base_patch16_224.augreg2_in21k_ft_in1k)")
-    files = resolve_weight_file(path)
-    raw: dict = {}
-    for file in files:
-        raw.update(read_checkpoint(file))
-    source = files[0] if len(files) == 1 else f"{os.fspath(path)} ({len(files)} shards)"
-    try:
-        weights = convert_vit_state_dict(raw)
-    except ValueError as e:
-        raise WeightFormatError(f"{source!r}: {e}") from None
-    weights.source = source
-    return weights
+    return read_weight_files(path, convert_vit_state_dict)
 
 
 def load_vit_weights(encoder: nn.Module, path: str | os.PathLike) -> ViTWeights:

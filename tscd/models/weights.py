@@ -484,13 +484,23 @@ def read_mit_weights(path: str | os.PathLike) -> MiTWeights:
         WeightFormatError: (a ``ValueError``) unknown format or an incomplete encoder; the message starts with
             the path.
     """
+    return read_weight_files(path, convert_state_dict)
+
+
+def read_weight_files(path: str | os.PathLike, convert):
+    """The tensors of a local weight file or folder (shards merged; :func:`resolve_weight_file`), converted by
+    ``convert`` (raising ValueError) into a weights object whose ``source`` is set to the file read.
+
+    Raises:
+        WeightFormatError: ``convert``'s ValueError, its message prefixed with the path.
+    """
     files = resolve_weight_file(path)
     raw: dict = {}
     for file in files:
         raw.update(read_checkpoint(file))
     source = files[0] if len(files) == 1 else f"{os.fspath(path)} ({len(files)} shards)"
     try:
-        weights = convert_state_dict(raw)
+        weights = convert(raw)
     except ValueError as e:
         raise WeightFormatError(f"{source!r}: {e}") from None
     weights.source = source
