@@ -59,6 +59,14 @@ ROWS: dict[str, tuple[bool, list[str]]] = {
     "default": (False, []),
     "compiled": (False, ["train.compile=true"]),
     "low-memory": (False, ["train.memory=low"]),
+    # fp32 parts of low-memory (checkpointing and one-image micro-batches, without bf16: CPU bf16 is emulated)
+    "low-memory-fp32": (False, ["train.checkpointing=all", "train.accum_steps=BATCH"]),
+    # the switches that change numerics (docs/differences.md), one at a time, then together
+    "cam-bf16": (False, ["pseudo.cam_amp=bf16"]),
+    "cam-flip-separate": (False, ["pseudo.cam_flip=separate"]),
+    "cam-scale1-forward": (False, ["pseudo.cam_scale1=forward"]),
+    "cam-decoder-free": (False, ["pseudo.cam_decoder=false"]),
+    "fast-switches": (False, ["pseudo.cam_decoder=false", "pseudo.cam_scale1=forward"]),
 }
 #: the rows run unless --rows says otherwise (``compiled``: minutes of inductor compilation on a 2-core CPU)
 DEFAULT_ROWS = ("reference-style", "default", "low-memory")
@@ -73,6 +81,7 @@ DEFAULT_MODEL: dict[str, str] = {"tscd": "tscd_mit_b1", "afa": "tscd_mit_b1", "t
 
 def make_trainer(args, name: str, run_dir: str) -> Trainer:
     reference_style, extra = ROWS[name]
+    extra = [e.replace("BATCH", str(args.batch)) for e in extra]
     overrides = [
         f"recipe={args.recipe}", "data.dataset=demo", "data.train_split=train", "data.val_split=val",
         f"data.crop_size={args.crop}", f"data.demo_size={args.crop}",
