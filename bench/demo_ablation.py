@@ -83,7 +83,9 @@ def run_row(name: str, extra: list[str], args, run_root: Path, resume: str) -> d
 
 def markdown(result: dict) -> str:
     titles = {name: title for name, title, _ in ROWS}
-    lines = [f"Demo ablation: {result['max_iters']} iterations ({result['cam_iters']} cls-only warm-up, shared), "
+    scratch = all(r["row"] in FROM_SCRATCH for r in result["rows"])
+    warm = ("warm-up (ToCo: seg and reg off), each row from scratch" if scratch else "cls-only warm-up, shared")
+    lines = [f"Demo ablation: {result['max_iters']} iterations ({result['cam_iters']} {warm}), "
              f"val on {result['val_num'] or 'all'} images, seed {result['seed']}; {result['device']}; "
              f"{result['note']}".rstrip("; "), "",
              "| variant | seg mIoU | CAM mIoU | pseudo-label mIoU | wall (s) | load |",
@@ -93,8 +95,12 @@ def markdown(result: dict) -> str:
         lines.append(f"| {titles[r['row']]} | {seg} | {r['cam_miou']:.1f} | {r['pseudo_miou']:.1f} | "
                      f"{r['wall_s']:.0f} | {r['load_start'].replace('load average ', '')} |")
     lines.append("")
-    lines.append("Wall times exclude the shared warm-up" + (" (rows run in parallel)." if result.get("jobs", 1) > 1
-                                                             else " (except the first row's)."))
+    if scratch:
+        lines.append("Wall times include the whole schedule.")
+    else:
+        lines.append("Wall times exclude the shared warm-up" + (" (rows run in parallel)." if result.get("jobs", 1) > 1
+                                                                 else " (except the first row's); a row trained from "
+                                                                      "scratch (ToCo) includes it."))
     return "\n".join(lines) + "\n"
 
 
