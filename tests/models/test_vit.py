@@ -409,3 +409,21 @@ def test_output_equals_timm_vision_transformer():
         cls, tokens, _ = ours.forward_features(x)
     assert_close(cls, ref[:, 0], rtol=0, atol=1e-12)
     assert_close(tokens, ref[:, 1:], rtol=0, atol=1e-12)
+
+
+def test_weights_inspect_reads_a_deit_file(tmp_path, capsys):
+    """`tscd weights inspect` on a DeiT-style file (``{"model": ...}`` with a classifier head): the ViT summary;
+    on a file that is neither MiT nor ViT, the MiT reader's error."""
+    from tscd.cli import main
+
+    enc = tiny_encoder(dtype=torch.float32)
+    sd = {k: v for k, v in enc.state_dict().items()}
+    sd.update({"head.weight": torch.zeros(10, 64), "head.bias": torch.zeros(10)})
+    path = tmp_path / "deit_tiny.pth"
+    torch.save({"model": sd}, path)
+    assert main(["weights", "inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "vit_tiny_demo" in out and "patch=8" in out and "12x12" in out and "embed_dim=64" in out
+    torch.save({"x": torch.zeros(3)}, tmp_path / "junk.pth")
+    assert main(["weights", "inspect", str(tmp_path / "junk.pth")]) == 1
+    assert "MiT" in capsys.readouterr().err

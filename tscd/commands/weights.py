@@ -1,6 +1,8 @@
-"""`tscd weights`: look at and convert MiT encoder weights from SegFormer, Hugging Face or mmsegmentation.
+"""`tscd weights`: look at and convert MiT encoder weights from SegFormer, Hugging Face or mmsegmentation (and look
+at ViT weights for ToCo: DeiT, timm, Hugging Face).
 
     tscd weights inspect ~/Downloads/mit-b1                 # format, variant (B0-B5), parameter count
+    tscd weights inspect deit_base_patch16_224-b5f2ef4d.pth # a ViT: width, depth, patch, positional grid
     tscd weights convert ~/Downloads/mit-b1 mit_b1.pth      # write tscd's format (a plain state dict)
 
 The format is recognised from the keys and shapes (see :mod:`tscd.models.weights`); ``model.pretrained`` reads all
@@ -57,6 +59,50 @@ def summarize(path: str) -> tuple[dict, dict]:
     return summary, weights.state_dict
 
 
+def summarize_vit(path: str) -> tuple[dict, dict]:
+    """Read ``path`` as ViT encoder weights (ToCo's backbone: DeiT, timm or Hugging Face) and check them against the
+    ViT they describe: ``(summary, tscd state dict)``.
+
+    Raises:
+        FileNotFoundError, RuntimeError, ValueError: as :func:`tscd.models.vit_weights.read_vit_weights`.
+    """
+    import torch
+
+    from tscd.models.vit import VIT_CONFIGS, ViTEncoder
+    from tscd.models.vit_weights import read_vit_weights
+
+    weights = read_vit_weights(path)
+    sd = weights.state_dict
+    dim, depth = int(sd["cls_token"].shape[-1]), len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    patch = int(sd["patch_embed.proj.weight"].shape[-1])
+    variant = next((n for n, c in VIT_CONFIGS.items() if (c["embed_dim"], c["depth"], c["patch_size"]) ==
+                    (dim, depth, patch)), None)
+    heads = VIT_CONFIGS[variant]["num_heads"] if variant else 1
+    with torch.device("meta"):
+        model = ViTEncoder(patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                           pos_grid=weights.pos_grid or 14)
+    try:
+        weights.check(model, what=f"ViT encoder these weights describe ({variant or 'custom'})")
+    except ValueError as e:
+        raise ValueError(f"{weights.source!r}: {e}") from None
+    summary = {"file": weights.source, "format": weights.format, "layout": weights.describe(),
+               "prefix": weights.prefix, "variant": variant, "kind": "vit", "embed_dim": dim, "depth": depth,
+               "patch_size": patch, "pos_grid": weights.pos_grid, "parameters": sum(t.numel() for t in sd.values()),
+               "tensors": len(sd), "dropped": weights.dropped}
+    return summary, sd
+
+
+def _summarize_any(path: str) -> tuple[dict, dict]:
+    """MiT weights (TSCD, AFA) or, when the file is not MiT, ViT weights (ToCo); the MiT error when neither."""
+    try:
+        return summarize(path)
+    except ValueError as mit_err:
+        try:
+            return summarize_vit(path)
+        except ValueError:
+            raise mit_err from None
+
+
 def _variant_text(s: dict) -> str:
     if s["variant"] is None:
         return f"custom (embed_dims={s['embed_dims']}, depths={s['depths']}: not one of mit_b0..mit_b5)"
@@ -66,6 +112,13 @@ def _variant_text(s: dict) -> str:
 
 def _lines(s: dict) -> list[str]:
     params = s["parameters"]
+    if s.get("kind") == "vit":
+        return [f"file        {s['file']}", f"format      {s['layout']}",
+                f"variant     {s['variant'] or 'custom'} (ViT: ToCo's backbone, model.name toco_"
+                f"{(s['variant'] or 'vit_base').removesuffix('_demo')})",
+                f"shapes      embed_dim={s['embed_dim']}, depth={s['depth']}, patch={s['patch_size']}, "
+                f"positional grid {s['pos_grid']}x{s['pos_grid']}",
+                f"parameters  {params:,} ({params / 1e6:.2f} M) in {s['tensors']} tensors (encoder only)"]
     return [
         f"file        {s['file']}",
         f"format      {s['format']}: {s['layout']}",
@@ -82,7 +135,7 @@ def _lines(s: dict) -> list[str]:
 
 def run_inspect(args: argparse.Namespace) -> int:
     try:
-        summary, _ = summarize(args.file)
+        summary, _ = _summarize_any(args.file)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         logger.error("%s", err)
         return 1
@@ -112,7 +165,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("weights", help="inspect or convert MiT encoder weights (SegFormer, Hugging Face, "
-                                              "mmsegmentation)",
+                                              "mmsegmentation); inspect ViT weights (DeiT, timm, Hugging Face)",
                               description="Inspect or convert MiT encoder weights. Formats are recognised from the "
                                           "keys and shapes; model.pretrained reads them all directly.")
     actions = p.add_subparsers(dest="weights_action", metavar="<action>")
