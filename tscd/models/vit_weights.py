@@ -252,7 +252,7 @@ def read_vit_weights(path: str | os.PathLike) -> ViTWeights:
     if not os.path.exists(path):
         raise FileNotFoundError(f"weights path {os.fspath(path)!r} does not exist. Weights are never downloaded: give "
                                 f"the local path of the file or folder (e.g. DeiT's deit_base_patch16_224-b5f2ef4d.pth "
-                                f"or a Hugging Face download of timm/vit_base_patch16_224.augreg2_in21k_ft_in1k)")
+                                f"or a Hugging Face download of timm/vit_base_patch16_224.orig_in21k_ft_in1k)")
     return read_weight_files(path, convert_vit_state_dict)
 
 
