@@ -148,7 +148,7 @@ def run_row(name: str, trainer: Trainer, batches: list[dict], device: torch.devi
         init_optimizer_state(trainer)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    state = state_bytes(trainer.net, trainer.optimizer)
+    state = state_bytes(trainer.trained_modules(), trainer.optimizer)
     sync(device)
     t0 = time.perf_counter()
     with PeakMemory(device) as pm:

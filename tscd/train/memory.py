@@ -206,7 +206,7 @@ def dry_run(cfg: Config, iterations: int = 3, max_iters: int | None = None) -> D
                 trainer.iteration += 1
                 measured = not cuda and i == iterations - 1
                 if measured:
-                    state = state_bytes(trainer.net, trainer.optimizer)
+                    state = state_bytes(trainer.trained_modules(), trainer.optimizer)
                     with PeakMemory(device) as pm:
                         losses = trainer.train_step(batch)
                     peak = sum(state.values()) + pm.peak_bytes
@@ -217,7 +217,7 @@ def dry_run(cfg: Config, iterations: int = 3, max_iters: int | None = None) -> D
                     torch.cuda.synchronize(device)
                 seconds.append(time.perf_counter() - t0)
             if cuda:
-                state = state_bytes(trainer.net, trainer.optimizer)
+                state = state_bytes(trainer.trained_modules(), trainer.optimizer)
                 peak = int(torch.cuda.max_memory_allocated(device))
         finally:
             trainer.close()

@@ -186,6 +186,11 @@ class Trainer:
         self.history = state.get("history", [])
         logger.info("resumed from %s at iteration %d", path, self.iteration)
 
+    def trained_modules(self) -> torch.nn.Module:
+        """Everything the run trains and keeps: the network and the recipe's own modules (ToCo's projection heads
+        and their teacher), as one module (parameters counted once)."""
+        return torch.nn.ModuleList([self.net, self.recipe])
+
     # -- one iteration -------------------------------------------------------------------------
     def _micro_batches(self, batch: dict) -> list[Batch]:
         """This process's batch as ``train.accum_steps`` equal micro-batches on the device."""
