@@ -281,3 +281,8 @@ def test_toco_voc_config_trains_and_evaluates_from_the_command_line(tmp_path, ca
     assert main(["pseudo-labels", "--checkpoint", str(ckpt), "--split", "train", "--out", str(tmp_path / "pl"),
                  "--cam-scales", "1,0.5", "--num-images", "2"]) == 0
     assert len(list((tmp_path / "pl").glob("*.png"))) == 2
+
+
+def test_toco_local_crop_must_fit(tmp_path):
+    with pytest.raises(ValueError, match="toco.local_crop_size=64 does not fit"):
+        _trainer(tmp_path, "toco.local_crop_size=64")

@@ -101,6 +101,10 @@ class ToCoRecipe(Recipe):
     def __init__(self, cfg: Config, ctx: RecipeContext) -> None:
         super().__init__(cfg, ctx)
         L, T = cfg.loss, cfg.recipe_cfg
+        if 2 * (T.local_crop_size // 2) >= cfg.data.crop_size:
+            raise ValueError(f"toco.local_crop_size={T.local_crop_size} does not fit the training crop "
+                             f"(data.crop_size={cfg.data.crop_size}): local crops are cut around pixels at least half "
+                             f"a crop from the border; use a local crop below the crop size (ToCo: 96 of 448)")
         self.loss_weights = {"cls": L.cls, "cls_aux": T.cls_aux, "ptc": T.ptc, "ctc": T.ctc, "seg": L.seg,
                              "reg": L.reg}
         self.steps = SharedSteps(cfg, ctx)
