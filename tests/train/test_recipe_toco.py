@@ -139,6 +139,8 @@ def test_toco_iteration_is_the_official_one(tmp_path, official_code, iteration):
         assert ((g - w).norm() / w.norm()).item() < 1e-5, name
     if iteration > 2:
         assert want_grads["net.decoder.conv6.weight"].norm() > 0
+    # the CAMs themselves (the fast path's scale-1 pass takes the images' CAMs from the trained forward)
+    torch.testing.assert_close(tr.recipe.last["cam"], record["cams"][:1], rtol=1e-5, atol=1e-6)
     # the teacher head after this iteration's EMA update (the official updates it inside the forward)
     for t, w in zip(tr.recipe.head_t.parameters(), want_teacher.parameters(), strict=True):
         torch.testing.assert_close(t, w, rtol=0, atol=0)

@@ -20,8 +20,10 @@ Per iteration t (1-based; the official loop counts n = t - 1 from 0), in the off
 Where the official code computes a thing twice with identical results, it is computed once (numerics unchanged,
 docs/differences.md): the first global view is the training image itself, so its class token comes from the
 trained forward (the official code encodes that image three times: the forward, the teacher's and the student's
-global pass); the teacher's class tokens are the student's, detached; the CAM passes run no decoder; the seg and
-reg terms of the warm-up (weighted 0 there) are not computed (the decoder still gets its exact-zero gradient).
+global pass); the teacher's class tokens are the student's, detached; the CAM passes run no decoder, and their
+scale-1 pass takes the image's two CAMs from the trained forward (run first: nothing in ToCo's network is random,
+so the order changes no number) and encodes the flips only; the seg and reg terms of the warm-up (weighted 0
+there) are not computed (the decoder still gets its exact-zero gradient).
 """
 from __future__ import annotations
 
@@ -142,17 +144,27 @@ class ToCoRecipe(Recipe):
         self.crop_gen.set_state(state["crop_gen"])
 
     # -- labels --------------------------------------------------------------------------------
-    def cams(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cams(self, img: torch.Tensor, out=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Multi-scale (+ flip) CAMs and auxiliary CAMs (B, C, H, W) in [0, 1], no gradient: one pass per scale
-        gives both (official-code mode: the full forward, decoder included)."""
+        gives both (official-code mode: the full forward, decoder included).
+
+        ``out``: the trained forward's output on ``img``. Its two CAMs are the scale-1 pass's for the un-flipped
+        images: the same numbers when the network has no stochastic layer (ToCo's ViT: no dropout, no drop-path),
+        so that pass then runs the flips only (with drop-path only under ``pseudo.cam_scale1: forward``).
+        """
         net = self.ctx.net
         C = net.classifier.out_channels
-        scales = self.cfg.pseudo.cam_scales
+        p = self.cfg.pseudo
+        known = None
+        if out is not None and (self.cfg.model.drop_path_rate == 0 or p.cam_scale1 == "forward"):
+            known = {1.0: torch.cat([out.cam, out.cam_aux], 1).detach()}
         with torch.no_grad(), self.ctx.autocast(), record_function("tscd/cam_passes"):
             if self.steps.official:
-                both = multi_scale_cam_reference(net, img, scales, cam_of=lambda o: torch.cat([o.cam, o.cam_aux], 1))
+                both = multi_scale_cam_reference(net, img, p.cam_scales,
+                                                 cam_of=lambda o: torch.cat([o.cam, o.cam_aux], 1))
             else:
-                both = multi_scale_cam(net, img, scales, cam_fn=lambda x: torch.cat(net.forward_cams(x), 1))
+                both = multi_scale_cam(net, img, p.cam_scales, cam_fn=lambda x: torch.cat(net.forward_cams(x), 1),
+                                       known=known)
         both = both.float()
         return both[:, :C], both[:, C:]
 
@@ -165,9 +177,10 @@ class ToCoRecipe(Recipe):
         """Whether the token-contrast terms are on: the official n = t - 1 > ``toco.contrast_iters``."""
         return iteration - 1 > self.cfg.recipe_cfg.contrast_iters
 
-    def labels(self, batch: Batch, iteration: int) -> dict[str, torch.Tensor]:
+    def labels(self, batch: Batch, iteration: int, out=None) -> dict[str, torch.Tensor]:
         """CAMs -> ROI, local crops and flags; auxiliary CAM -> token pair label (with the contrast terms); after
-        the warm-up, the PAR pseudo label (no gradient, no host sync). Nothing the iteration does not use."""
+        the warm-up, the PAR pseudo label (no gradient, no host sync). Nothing the iteration does not use.
+        ``out``: the trained forward's output on the batch (its scale-1 CAMs, :meth:`cams`)."""
         img, cls_label, img_box = batch.img, batch.cls_label, batch.img_box
         if not batch.views or {"view2", "local"} - set(batch.views):
             raise ValueError("toco recipe: the batch lacks the views 'view2' and 'local' of ToCo's data transform "
@@ -178,7 +191,7 @@ class ToCoRecipe(Recipe):
         seg = not self.warmup(iteration) and (L.seg or L.reg)
         if not (contrast or seg):
             return {}
-        cams, cams_aux = self.cams(img)
+        cams, cams_aux = self.cams(img, out)
         labels = {"cams": cams}
         if contrast:
             with torch.no_grad(), record_function("tscd/local_crops"):
@@ -217,13 +230,15 @@ class ToCoRecipe(Recipe):
         img, cls_label, img_box = batch.img, batch.cls_label, batch.img_box
         L, T, ctx = self.cfg.loss, self.cfg.recipe_cfg, self.ctx
         H, W = img.shape[-2:]
-        if labels is None:  # the official order: CAM passes and crops before the trained forward
-            labels = self.labels(batch, iteration)
         norms = norms or {}
         warm = self.warmup(iteration)
         self._ema(iteration)
+        if labels is None and self.steps.official:  # the official order: CAM passes and crops first
+            labels = self.labels(batch, iteration)
         with ctx.autocast(), record_function("tscd/forward/view1"):
             out = ctx.model(img, cls_only=warm and not self.steps.official)
+        if labels is None:  # after the trained forward (nothing in it is random): its CAMs serve the scale-1 pass
+            labels = self.labels(batch, iteration, out)
         terms = {"cls": cls_loss(out.cls_logits.float(), cls_label)}
         if T.cls_aux:
             terms["cls_aux"] = cls_loss(out.cls_aux_logits.float(), cls_label)
