@@ -46,11 +46,17 @@ def test_differences_doc_names_real_config_keys():
 
     cfg = Config()
     text = (ROOT / "docs" / "differences.md").read_text()
-    keys = set(re.findall(r"`(data|model|pseudo|loss|optim|train)\.([a-z_]+)", text))
+    keys = set(re.findall(r"`(data|model|pseudo|loss|optim|train)\.([a-z_][a-z0-9_]*)", text))
     assert {("data", "pad_value"), ("train", "accum_steps"), ("pseudo", "cam_decoder"), ("loss", "crf_gain"),
-            ("train", "amp"), ("train", "reference_style")} <= keys
+            ("train", "amp"), ("train", "reference_style"), ("pseudo", "cam_scale1")} <= keys
     for section, key in keys:
         assert hasattr(getattr(cfg, section), key), f"docs/differences.md names `{section}.{key}`: no such key"
+    from tscd.method.recipes import get_recipe
+
+    recipe_keys = set(re.findall(r"`(afa|toco)\.([a-z_][a-z0-9_]*)", text))
+    assert {("toco", "contrast_iters"), ("afa", "switch_iters")} <= recipe_keys
+    for section, key in recipe_keys:
+        assert hasattr(get_recipe(section).config_class(), key), f"docs/differences.md names `{section}.{key}`"
 
 
 def _imports(path: Path) -> set[str]:
