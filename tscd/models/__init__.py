@@ -47,6 +47,16 @@ TOCO_MODEL_CONFIGS: dict[str, str] = {"toco_vit_base": "vit_base", "toco_vit_sma
 _VIT_KWARGS = ("aux_layer", "drop_path_rate", "pos_grid")
 
 
+def _check_name(op: str, name: str, valid, other, other_hint: str) -> None:
+    """ValueError for a model ``name`` not in ``valid``: the valid names, the closest one, or what ``name`` is when
+    it belongs to the ``other`` family."""
+    if name in valid:
+        return
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    hint = f"; {name!r} is {other_hint}" if name in other else (f"; did you mean {close[0]!r}?" if close else "")
+    raise ValueError(f"{op}: `name` must be one of {sorted(valid)}; got {name!r}{hint}")
+
+
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model` (``tscd_mit_b0`` .. ``tscd_mit_b5``)."""
     return sorted(MODEL_CONFIGS)
@@ -70,10 +80,7 @@ def create_model(name: str, num_classes: int = 20, pretrained: str | None = None
         ValueError: unknown name (closest valid one suggested), bad options, weights that do not fit.
         FileNotFoundError, RuntimeError: missing or unreadable weight file.
     """
-    if name not in MODEL_CONFIGS:
-        close = difflib.get_close_matches(name, list(MODEL_CONFIGS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"create_model: `name` must be one of {list_models()}; got {name!r}{hint}")
+    _check_name("create_model", name, MODEL_CONFIGS, TOCO_MODEL_CONFIGS, "ToCo's ViT network: set recipe: toco")
     enc_kwargs = {k: kwargs.pop(k) for k in _ENCODER_KWARGS if k in kwargs}
     enc_kwargs.setdefault("strides", TSCD_STRIDES)
     if checkpoint_path is not None and pretrained is None:
@@ -106,10 +113,8 @@ def create_toco_model(name: str, num_classes: int = 20, pretrained: str | None =
         ValueError: unknown name (valid ones listed, the closest suggested), bad options, weights that do not fit.
         FileNotFoundError, RuntimeError: missing or unreadable weight file.
     """
-    if name not in TOCO_MODEL_CONFIGS:
-        close = difflib.get_close_matches(name, list(TOCO_MODEL_CONFIGS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"create_toco_model: `name` must be one of {sorted(TOCO_MODEL_CONFIGS)}; got {name!r}{hint}")
+    _check_name("create_toco_model", name, TOCO_MODEL_CONFIGS, MODEL_CONFIGS,
+                "a TSCDNet (MiT): recipe toco trains ToCo's ViT (toco_vit_base)")
     enc_kwargs = {k: kwargs.pop(k) for k in _VIT_KWARGS if k in kwargs}
     variant = TOCO_MODEL_CONFIGS[name]
     if checkpoint_path is not None and pretrained is None:  # the full checkpoint supplies the encoder

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tscd.models._checkpoint import load_weights, strip_prefixes, unwrap_state_dict
 from tscd.models.tscd_net import POOLING_MODES, set_checkpointing
+from tscd.models.tscd_net import _unwrap as unwrap_network
 from tscd.models.vit import ViTEncoder
 
 logger = logging.getLogger(__name__)
@@ -196,13 +197,11 @@ class ToCoNet(nn.Module):
 
 
 def _unwrap(model: nn.Module) -> ToCoNet:
-    while not isinstance(model, ToCoNet):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            raise TypeError(f"toco param_groups: `model` must be a ToCoNet (possibly wrapped by DDP or "
-                            f"torch.compile); got {type(model).__name__}")
-        model = inner
-    return model
+    net = unwrap_network(model, "toco param_groups")
+    if not isinstance(net, ToCoNet):
+        raise TypeError(f"toco param_groups: `model` must be a ToCoNet (possibly wrapped by DDP or torch.compile); "
+                        f"got {type(net).__name__}")
+    return net
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.01) -> list[dict]:

@@ -193,8 +193,8 @@ def _unwrap(model: nn.Module, caller: str = "param_groups") -> nn.Module:
     while not (isinstance(model, TSCDNet) or hasattr(type(model), "forward_cam")):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
-            raise TypeError(f"{caller}: `model` must be a TSCDNet (possibly wrapped by DDP or torch.compile); got "
-                            f"{type(model).__name__}")
+            raise TypeError(f"{caller}: `model` must be a TSCDNet or a ToCoNet (possibly wrapped by DDP or "
+                            f"torch.compile); got {type(model).__name__}")
         model = inner
     return model
 
