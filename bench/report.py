@@ -238,6 +238,8 @@ def _summary_rows(data: dict) -> list[str]:
     dev = data["env"]["device"]
     for r in data["rows"]:
         if r.get("path") in ("fast", "default"):  # bench_train_step: the whole iteration vs reference-style
+            if data["rows"][0].get("path") == r["path"]:  # no baseline in this file (e.g. the switches' rows)
+                continue
             mem = _ratio(r.get("mem_ratio"), inverse=True)
             out.append(f"| train iteration | {dev} | {r['model']} crop {r['crop']} batch {r['batch']} | "
                        f"{r['path']} path | {_fmt(r['s_per_it'])} s | {_fmt(r['speedup'])}x | {mem} |")
