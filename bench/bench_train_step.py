@@ -7,9 +7,13 @@ Rows (same weights, same batches, random init, drop-path and dropout off so that
   host; fp32, the global batch at once.
 * ``default``: the default path (multi-scale CAMs through the encoder only, one batched VARM call, fused
   kernels, backend auto); fp32, the global batch at once.
-* ``compiled`` (only when asked: ``--rows``): the default path with ``train.compile`` (the trained forward and its
-  backward through torch.compile; the first timed iteration includes the compilation, so time it with
-  ``--timed 2`` or more).
+* ``compiled``, ``compiled-cams``, ``compiled-forward`` (only when asked: ``--rows``): the default path with
+  ``train.compile`` ``all`` / ``cams`` (the no-grad CAM passes, one static graph per scale and view) / ``forward``
+  (the trained forwards and their backward); the first timed iteration includes the compilation (its time is the
+  ``1st iteration`` column), so time them with ``--timed 2`` or more.
+* ``refine-every-channel`` (only when asked): the default path, its pseudo labels refining every class channel
+  instead of each image's present ones (the labels are the same): with ``--classes 80`` the COCO-width cost of
+  the class count.
 * ``low-memory``: ``train.memory=low`` (bf16 autocast, activation checkpointing ``all``, micro-batches of one
   image). Where the trainer has no gradient accumulation (``train.accum_steps``) yet, the iteration is run as
   one ``train_step`` per image of the global batch (an optimizer step each; the peak is the same as with
@@ -35,6 +39,7 @@ Written to ``train_step-<model>-<crop>-b<batch>-phases.{md,json}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import os
@@ -57,7 +62,12 @@ logger = logging.getLogger("bench_train_step")
 ROWS: dict[str, tuple[bool, list[str]]] = {
     "reference-style": (True, []),
     "default": (False, []),
-    "compiled": (False, ["train.compile=true"]),
+    "compiled": (False, ["train.compile=all"]),
+    "compiled-cams": (False, ["train.compile=cams"]),
+    "compiled-forward": (False, ["train.compile=forward"]),
+    # the default path with the refine of every channel (what the pseudo labels cost before they refined each image's
+    # present classes only): the same labels, the class count's cost (--classes)
+    "refine-every-channel": (False, []),
     "low-memory": (False, ["train.memory=low"]),
     # fp32 parts of low-memory (checkpointing and one-image micro-batches, without bf16: CPU bf16 is emulated)
     "low-memory-fp32": (False, ["train.checkpointing=all", "train.accum_steps=BATCH"]),
@@ -94,11 +104,41 @@ def make_trainer(args, name: str, run_dir: str) -> Trainer:
         f"train.amp={args.amp}", *extra, *args.set,
     ]
     cfg = load_config(None, overrides)
-    trainer = Trainer(cfg, resume="never")
+    trainer = (Trainer if args.classes is None else _wide_trainer(args.classes))(cfg, resume="never")
     for m in trainer.net.modules():  # the reference-style CAM passes run the decoder's dropout, which would
         if isinstance(m, torch.nn.Dropout | torch.nn.Dropout2d):  # shift the RNG stream: off, to compare losses
             m.p = 0.0
     return trainer
+
+
+def _wide_trainer(classes: int) -> type:
+    """A Trainer whose demo data says it has ``classes`` foreground classes (COCO: 80): the network and the image
+    labels get that width, the images keep the demo's five shapes (the present classes)."""
+    class WideTrainer(Trainer):
+        def _dataset(self, split: str, train: bool):
+            ds = super()._dataset(split, train)
+            if classes < ds.num_classes:
+                raise SystemExit(f"--classes {classes}: the demo data has {ds.num_classes} classes already")
+            ds.num_classes = classes
+            return ds
+    return WideTrainer
+
+
+@contextlib.contextmanager
+def every_channel(active: bool):
+    """Within: the pseudo labels refine every channel (all classes marked present for the refine's channel
+    selection; absent ones still get probability 0 and so the same labels)."""
+    if not active:
+        yield
+        return
+    from tscd.method import labels
+
+    present_first = labels._present_first
+    labels._present_first = lambda keep: present_first(torch.ones_like(keep))
+    try:
+        yield
+    finally:
+        labels._present_first = present_first
 
 
 def micro_batches(trainer: Trainer, batch: dict) -> list[dict]:
@@ -135,6 +175,11 @@ def run_row(name: str, trainer: Trainer, batches: list[dict], device: torch.devi
     for gen in ("scd_gen", "crop_gen"):  # the recipe's own generator (TSCD's SCD points, ToCo's crops)
         if hasattr(trainer.recipe, gen):
             getattr(trainer.recipe, gen).manual_seed(0)
+    with every_channel(name == "refine-every-channel"):
+        return _run_row(name, trainer, batches, device, timed)
+
+
+def _run_row(name: str, trainer: Trainer, batches: list[dict], device: torch.device, timed: int) -> dict:
     times, first = [], None
     for batch in batches[:timed]:
         sync(device)
@@ -168,9 +213,12 @@ def run_row(name: str, trainer: Trainer, batches: list[dict], device: torch.devi
            "checkpointing": tc.checkpointing,
            "micro_batch": 1 if emulated else trainer.cfg.data.batch_size // getattr(tc, "accum_steps", 1),
            "accumulation": "emulated" if emulated else ("accum_steps" if trainer.cfg.train.memory == "low" else "-"),
-           "s_per_it": statistics.median(times[1:] or times), "timed_iters": timed,
+           "s_per_it": statistics.median(times[1:] or times), "timed_iters": timed, "first_it_s": times[0],
            "peak_mib": peak / MIB, "state_mib": sum(state.values()) / MIB,
            "loss_first": first["total"], "losses_first": first}
+    encode_fn = getattr(getattr(trainer.recipe, "steps", None), "encode_fn", None)
+    if hasattr(encode_fn, "graphs"):  # train.compile: cams / all
+        row["cam_graphs"] = len(encode_fn.graphs)
     logger.info("%-16s %.2f s/it, peak %.0f MiB (state %.0f MiB), losses of iteration 1: %s", name,
                 row["s_per_it"], row["peak_mib"], row["state_mib"], {k: round(v, 5) for k, v in first.items()})
     return row
@@ -289,6 +337,9 @@ def main(argv=None) -> int:
                    help=f"comma-separated subset of {', '.join(ROWS)} (default {','.join(DEFAULT_ROWS)})")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a config override for every row (repeatable), e.g. toco.local_crop_size=16 at small crops")
+    p.add_argument("--classes", type=int, default=None,
+                   help="foreground classes of the network and the labels (e.g. 80: COCO width; the demo images "
+                        "keep their 5 shapes); default: the demo's 5")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--amp", default="off", choices=["off", "bf16"], help="amp of the fp32 rows")
     p.add_argument("--out", default=None)
@@ -329,6 +380,16 @@ def main(argv=None) -> int:
                 profiles[name]["data_s_per_batch"] = data_seconds(trainer)
             logger.info("%-16s profiled: %s", name, {k: round(v, 3) for k, v in sorted(ranges.items())})
         del trainers[name], trainer  # free its weights and optimizer state before the next row
+        write_rows(args, env, rows, load_before, t_start)  # after every row: a later row's failure keeps these
+    if args.profile:
+        paths = write_phases(f"{result_stem(args)}-phases", env, rows, profiles, args.out)
+        logger.info("wrote %s and %s", *paths)
+    return 0
+
+
+def write_rows(args, env: dict, rows: list[dict], load_before, t_start: float) -> None:
+    """Write the rows so far (``train_step-<model>-<crop>-b<batch>[-c<classes>].{md,json}``)."""
+    device = torch.device(args.device)
     load_after = os.getloadavg()
     base = rows[0]
     for row in rows:
@@ -356,18 +417,23 @@ def main(argv=None) -> int:
     if any(r["accumulation"] == "emulated" for r in rows):
         notes += (" low-memory: gradient accumulation (train.accum_steps) not in this version: the iteration ran "
                   "as one train_step per image (see bench/bench_train_step.py).")
+    if any("compiled" in r["path"] for r in rows):
+        columns.insert(8, ("first_it_s", "1st iteration s (compiling)"))
+        columns.insert(9, ("cam_graphs", "CAM graphs compiled"))
+        notes += (" Compiled rows: the 1st iteration includes inductor's compilation (a warm cache on disk, "
+                  "~/.cache or /tmp/torchinductor_*, shortens it on later runs).")
+    if args.classes is not None:
+        notes += (f" Class width: the network and the labels have {args.classes} foreground classes, the demo "
+                  f"images 5 shapes (up to 3 present per image).")
     if args.profile:
         columns += [("gflop", "GFLOP / iteration"), ("matmul_peak_share", "of the matmul peak")]
-    for r in rows:
-        r.pop("losses_first")
-    stem = f"train_step-{args.model}-{args.crop}-b{args.batch}"
-    paths = write_results(stem, env, rows, columns, args.out,
-                          notes=notes)
+    out = [{k: v for k, v in r.items() if k != "losses_first"} for r in rows]
+    paths = write_results(result_stem(args), env, out, columns, args.out, notes=notes)
     logger.info("wrote %s and %s", *paths)
-    if args.profile:
-        paths = write_phases(f"{stem}-phases", env, rows, profiles, args.out)
-        logger.info("wrote %s and %s", *paths)
-    return 0
+
+
+def result_stem(args) -> str:
+    return f"train_step-{args.model}-{args.crop}-b{args.batch}" + (f"-c{args.classes}" if args.classes else "")
 
 
 def write_phases(op: str, env: dict, rows: list[dict], profiles: dict[str, dict], out_dir) -> tuple:

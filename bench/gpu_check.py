@@ -16,14 +16,19 @@ Stages, in order, each a subprocess with its own time budget (seconds, capped by
                 the tscd line that caused it; the step passes when the only ones are the step's result
                 (the float() of the returned losses)
     bench_ops   tscd bench refine correlation permutohedral --device cuda at the default (SPEC) sizes
-    train_step  bench/bench_train_step.py at crop 512, global batch 4: reference-style, default, compiled
-                (train.compile) and low-memory rows, s/iteration and peak memory, with --profile (the per-phase
-                table of each row, the CAM passes' operator list, FLOPs)
+    train_step  bench/bench_train_step.py at crop 512, global batch 4: reference-style, default and low-memory
+                rows, s/iteration and peak memory, with --profile (the per-phase table of each row, the CAM
+                passes' operator list, FLOPs)
     train_step_toco
                 the same for ``recipe: toco`` (ViT-B/16, crop 448, global batch 4): reference-style (ToCo's
                 official passes), default and low-memory rows, with --profile
     train_fp32, train_bf16
                 a short real `tscd train` on the demo config (a few hundred iterations, then validation)
+    train_step_compiled
+                the whole iteration uncompiled and compiled: default, compiled-cams (train.compile: cams) and
+                compiled (all) rows at crop 512, global batch 4, --timed 3 (the first iteration compiles and is
+                reported apart); last, as inductor's compilation may take what is left (each row is written as
+                it finishes)
 
 Everything goes under OUT_DIR: summary.json, summary.md, log.txt (each stage's command, time and output tail),
 bench/<device>/*.{json,md} and pytest-*.xml. Run directories (checkpoints) go to a temporary folder, not OUT_DIR.
@@ -48,11 +53,11 @@ ROOT = Path(__file__).resolve().parents[1]
 #: stage -> budget in seconds on a GPU (H100/H200, 16 cores); caps, not estimates: the total is capped at
 #: 450 s (--total-budget), and a stage gets at most what is left of it
 GPU_BUDGETS = {"install": 120, "pytest": 120, "no_sync": 40, "bench_ops": 60, "train_step": 120,
-               "train_step_toco": 90, "train_fp32": 40, "train_bf16": 30}
+               "train_step_toco": 90, "train_fp32": 40, "train_bf16": 30, "train_step_compiled": 240}
 #: the dry run on a CPU (2 cores, possibly shared with other jobs): tiny sizes, but imports and model builds
 #: dominate; about 1 min of CPU per stage, the budgets leave room for a loaded machine
 DRY_BUDGETS = {"install": 600, "pytest": 300, "no_sync": 300, "bench_ops": 300, "train_step": 300,
-               "train_step_toco": 300, "train_fp32": 300, "train_bf16": 300}
+               "train_step_toco": 300, "train_fp32": 300, "train_bf16": 300, "train_step_compiled": 300}
 STAGES = tuple(GPU_BUDGETS)
 TAIL_CHARS = 4000  # of each stage's output kept in log.txt
 
@@ -252,7 +257,13 @@ class Check:
     def train_step(self, budget: float, recipe: str = "tscd") -> StageResult:
         out_dir = self.out / "bench"
         name = "train_step" if recipe == "tscd" else f"train_step_{recipe}"
-        if recipe == "toco":
+        if recipe == "compiled":
+            out_dir = self.out / "bench-compiled"  # its own folder: the same result file name as train_step's
+            args = (["--device", "cpu", "--crop", "64", "--batch", "2", "--model", "tscd_mit_tiny", "--timed", "1",
+                     "--set", "pseudo.cam_scales=[1.0]"] if self.dry else
+                    ["--device", "cuda", "--crop", "512", "--batch", "4", "--model", "tscd_mit_b1", "--timed", "3"])
+            args += ["--rows", "default,compiled-cams,compiled"]
+        elif recipe == "toco":
             args = (["--device", "cpu", "--crop", "64", "--batch", "2", "--model", "toco_vit_tiny", "--timed", "1",
                      "--set", "toco.local_crop_size=16", "--set", "toco.aux_layer=-2"] if self.dry else
                     ["--device", "cuda", "--crop", "448", "--batch", "4", "--timed", "2",
@@ -270,8 +281,8 @@ class Check:
         for path in sorted(out_dir.glob(f"*/train_step-{model}*.json")):
             if path.name.endswith("-phases.json"):
                 continue
-            rows += [{k: r.get(k) for k in ("path", "crop", "batch", "amp", "s_per_it", "peak_mib", "speedup",
-                                             "mem_ratio")} for r in json.loads(path.read_text()).get("rows", [])]
+            keys = ("path", "crop", "batch", "amp", "s_per_it", "peak_mib", "speedup", "mem_ratio", "first_it_s")
+            rows += [{k: r.get(k) for k in keys} for r in json.loads(path.read_text()).get("rows", [])]
         return self.from_rc(name, cmd, rc, out, rows=rows)
 
     def train(self, amp: str, budget: float) -> StageResult:
@@ -327,11 +338,11 @@ class Check:
             if r.name == "pytest" and r.detail.get("counts"):
                 lines += ["", f"pytest: {r.detail['counts']}"] + [f"- {f}" for f in r.detail.get("failed", [])]
             if r.name.startswith("train_step") and r.detail.get("rows"):
-                lines += ["", f"| {r.name.replace('_', ' ')} | crop | amp | s / it | peak MiB |",
-                          "|---|---|---|---|---|"]
+                lines += ["", f"| {r.name.replace('_', ' ')} | crop | amp | s / it | peak MiB | 1st it. s |",
+                          "|---|---|---|---|---|---|"]
                 for row in r.detail["rows"]:
                     lines.append(f"| {row['path']} | {row['crop']} | {row['amp']} | {_fmt(row['s_per_it'])} | "
-                                 f"{_fmt(row['peak_mib'])} |")
+                                 f"{_fmt(row['peak_mib'])} | {_fmt(row.get('first_it_s'))} |")
             if r.name == "no_sync" and r.detail:
                 lines += ["", f"no-sync step: {len(r.detail.get('unexpected', []))} unexpected host sync(s), "
                           f"{len(r.detail.get('expected', []))} expected (the returned losses)"]
@@ -355,6 +366,7 @@ class Check:
         self.stage("train_step_toco", lambda b: self.train_step(b, "toco"))
         self.stage("train_fp32", lambda b: self.train("off", b))
         self.stage("train_bf16", lambda b: self.train("bf16", b))
+        self.stage("train_step_compiled", lambda b: self.train_step(b, "compiled"))
         self.write_summary()
         shutil.rmtree(self.tmp, ignore_errors=True)
         ok = all(r.status in ("passed", "skipped") for r in self.results)

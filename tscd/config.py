@@ -103,6 +103,8 @@ def choices_of(spec: tuple[str, ...] | str) -> tuple[str, ...]:
 
 #: ``train.memory`` values; ``low`` is applied by :func:`resolve_config`.
 MEMORY_MODES: tuple[str, ...] = ("default", "low")
+#: train.compile: what goes through torch.compile ("on", YAML's bare `true`, is resolved to "all")
+COMPILE_MODES: tuple[str, ...] = ("off", "forward", "cams", "all", "on")
 #: ``train.amp`` values; ``auto`` is resolved per device by :func:`resolve_config`.
 AMP_MODES: tuple[str, ...] = ("off", "bf16", "auto")
 
@@ -218,7 +220,10 @@ class TrainConfig:
     device: str = "auto"  #: auto | cpu | cuda | cuda:N (auto is resolved to the device the run uses)
     #: off (fp32, official) | bf16 (autocast, low-memory option) | auto (bf16 on GPU only; resolved per device)
     amp: str = option("off", choices=AMP_MODES)
-    compile: bool = False  #: torch.compile the model
+    #: torch.compile (inductor, random ops through the eager generator: eager's numbers to float rounding):
+    #: off | forward (the trained forwards and their backward) | cams (the no-grad CAM passes, one static graph per
+    #: scale and view) | all (both; `true` means all, `false` off)
+    compile: str = option("off", choices=COMPILE_MODES)
     channels_last: bool = False
     cudnn_benchmark: bool = False  #: off for reproducibility
     #: kernel backend of the fused ops (auto | cuda | triton | cpp | torch)
@@ -646,6 +651,8 @@ def resolve_config(cfg: Config, device: Any = "cpu", world_size: int = 1, max_it
                     "pseudo.cam_scale1": "pass"}
         for key, value in official.items():
             put(key, value, "train.reference_style: the official numerics", logging.WARNING)
+    if t.compile == "on":
+        put("train.compile", "all", "train.compile: true compiles the forwards and the CAM passes")
     if t.amp == "auto":
         put("train.amp", "bf16" if device_type == "cuda" else "off", f"train.amp: auto on a {device_type} device")
     if t.device == "auto":

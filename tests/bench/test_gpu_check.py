@@ -19,12 +19,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench import gpu_check  # noqa: E402
 
-STAGES_RUN = ["pytest", "no_sync", "bench_ops", "train_step", "train_step_toco", "train_fp32", "train_bf16"]
+STAGES_RUN = ["pytest", "no_sync", "bench_ops", "train_step", "train_step_toco", "train_fp32", "train_bf16",
+              "train_step_compiled"]
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    """One dry run of every stage (install skipped), as CI runs it: about 6 min of CPU time on 2 cores (more wall
+    """One dry run of every stage (install skipped), as CI runs it: about 8 min of CPU time on 2 cores (more wall
     time on a shared machine; the stage budgets allow for it)."""
     out = tmp_path_factory.mktemp("gpu_check")
     env = {k: v for k, v in os.environ.items() if k != "TSCD_BACKEND"}
@@ -68,6 +69,9 @@ def test_dry_run_results_are_few_small_files(dry_run):
     assert {"reference-style"} <= {r["path"] for r in rows} and all(r["s_per_it"] > 0 for r in rows)
     toco = stages["train_step_toco"]["detail"]["rows"]  # ToCo's rows, not TSCD's again
     assert {r["path"] for r in toco} >= {"reference-style", "default"} and all(r["s_per_it"] > 0 for r in toco)
+    compiled = stages["train_step_compiled"]["detail"]["rows"]  # the whole iteration uncompiled and compiled
+    assert [r["path"] for r in compiled] == ["default", "compiled-cams", "compiled"]
+    assert all(r["s_per_it"] > 0 and r["first_it_s"] > 0 for r in compiled)
     assert stages["train_fp32"]["detail"]["validation"], "the validation mIoU lines were not parsed"
     assert stages["no_sync"]["detail"]["device"] == "cpu"
     assert stages["pytest"]["detail"]["counts"]["gpu"].get("skipped", 0) > 0  # gpu tests exist, skipped here

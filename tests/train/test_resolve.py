@@ -75,6 +75,20 @@ def test_modes_and_their_precedence():
     assert resolve_config(late, "cpu", max_iters=5)[0].train.cam_iters == 5
 
 
+@pytest.mark.parametrize("value, resolved", [("true", "all"), ("on", "all"), ("false", "off"), ("cams", "cams"),
+                                             ("forward", "forward"), ("all", "all")])
+def test_compile_modes(value, resolved):
+    """train.compile: a boolean (old configs) means everything or nothing; the modes name what is compiled."""
+    out, changes = resolve_config(load_config(None, ["data.dataset=demo", f"train.compile={value}"]), "cpu")
+    assert out.train.compile == resolved
+    assert ("train.compile" in {c.key for c in changes}) == (value in ("true", "on"))
+
+
+def test_compile_mode_errors():
+    with pytest.raises(ConfigError, match=r"train.compile.*cams"):
+        load_config(None, ["train.compile=encoder"])
+
+
 def test_saved_config_is_the_one_that_ran_and_reproduces_it(tmp_path):
     """amp auto, --max-iters, the afa recipe's defaults: all resolved in <run>/config.yaml (with the changes as
     comments); training again from that file gives the same run, bit for bit, and resolves nothing."""

@@ -132,6 +132,39 @@ def test_torch_backend_and_fused_kernels_give_the_same_loss_curve(tmp_path):
             assert abs(ref[key] - fast[key]) <= 1e-4 * max(1.0, abs(ref[key])), (ref["iteration"], key, ref, fast)
 
 
+@pytest.mark.slow  # inductor compiles the CAM passes' four graphs (two scales x two views): about 45 s on 2 cores
+def test_compiled_cam_passes_train_as_eager(tmp_path, caplog):
+    """``train.compile: cams``: the same loss curve and weights as eager, drop-path on (the compiled passes draw
+    its random numbers from the eager generator), and each graph compiled once, logged."""
+    import logging
+
+    from tscd.config import load_config
+    from tscd.train import Trainer
+
+    runs = {}
+    for mode in ("off", "cams"):
+        cfg = load_config(_config(tmp_path), [*EXTRA, f"train.compile={mode}", "train.max_iters=5",
+                                              "train.ckpt_iters=5", f"train.run_dir={tmp_path / mode}"])
+        trainer = Trainer(cfg, resume="never")
+        trainer.validate = lambda: {}
+        with caplog.at_level(logging.INFO, logger="tscd.models._compile"):
+            trainer.train()
+        runs[mode] = trainer
+    torch._dynamo.reset()
+    compiling = [r for r in caplog.records if "compiling the CAM pass" in r.getMessage()]
+    assert len(compiling) == 4 == len(runs["cams"].recipe.steps.encode_fn.graphs)
+    for ref, fast in zip(runs["off"].history, runs["cams"].history, strict=True):
+        assert ref.keys() == fast.keys()
+        for key in ref:
+            assert abs(ref[key] - fast[key]) <= 1e-4 * max(1.0, abs(ref[key])), (ref["iteration"], key, ref, fast)
+    for (name, a), b in zip(runs["off"].net.state_dict().items(), runs["cams"].net.state_dict().values()):
+        if (name.startswith("decoder.linear_c.") and name.endswith(".bias")) or name == "decoder.fuse.bn.running_mean":
+            # biases before the fuse BatchNorm: their gradient is zero but for rounding noise, which AdamW's
+            # normalisation turns into lr-sized steps (and the BN's running mean follows them): not comparable
+            continue
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name
+
+
 @pytest.mark.slow
 def test_trained_checkpoint_evaluates_with_crf(tmp_path, capsys):
     """`tscd eval` reads what `tscd train` writes (RNG states and all), and its CRF path uses our dense_crf."""

@@ -21,7 +21,8 @@ import logging
 import torch
 
 from tscd.models._checkpoint import check_state_dict, load_weights, read_checkpoint
-from tscd.models.cam import multi_scale_cam, multi_scale_cam_reference
+from tscd.models._compile import StaticCompiled, compile_module
+from tscd.models.cam import encode_pass, multi_scale_cam, multi_scale_cam_reference
 from tscd.models.mit import MIT_CONFIGS, MixVisionTransformer, checkpoint_filter_fn, create_backbone, load_pretrained
 from tscd.models.segformer_head import SegFormerHead
 from tscd.models.toco_net import LargeFOV, ToCoNet, ToCoOutput
@@ -148,8 +149,8 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float = 0.01) 
 __all__ = [
     "AffinityHead", "MIT_CONFIGS", "MODEL_CONFIGS", "MixVisionTransformer", "SegFormerHead", "TSCDNet", "TSCDOutput",
     "TSCD_STRIDES", "check_state_dict", "checkpoint_filter_fn", "create_backbone", "create_model", "list_models",
-    "load_pretrained", "load_weights", "multi_scale_cam", "multi_scale_cam_reference", "param_groups",
+    "load_pretrained", "load_weights", "multi_scale_cam", "multi_scale_cam_reference", "encode_pass", "param_groups",
     "read_checkpoint", "LargeFOV", "TOCO_MODEL_CONFIGS", "ToCoNet", "ToCoOutput", "VIT_CONFIGS", "ViTEncoder",
     "create_toco_model", "create_vit", "load_vit_weights", "read_vit_weights", "toco_param_groups",
-    "tscd_param_groups",
+    "tscd_param_groups", "StaticCompiled", "compile_module",
 ]

@@ -60,7 +60,8 @@ def _normalise(cam: Tensor) -> Tensor:
 def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),
                     flip: bool = True, decoder: bool = False, affinity: bool = False,
                     cam_fn: Callable[[Tensor], Tensor] | None = None, separate_flip: bool = False,
-                    known: dict[float, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                    known: dict[float, Tensor] | None = None,
+                    encode_fn: Callable[..., tuple] | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-scale (+ flip) CAMs, normalised to [0, 1], without gradients: the fast path.
 
     Args:
@@ -83,6 +84,8 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
         known: raw CAM logits (B, C, h16, w16) of the un-flipped images at some scales, computed elsewhere (the
             training forward's at scale 1: ``pseudo.cam_scale1: forward``); those scales' passes run the flip
             only (and, with ``decoder``, track statistics of the flip only).
+        encode_fn: runs :func:`encode_pass` (same arguments), e.g. its compiled form (``train.compile: cams``);
+            not used with ``cam_fn``.
 
     Returns:
         cam (B, C, h, w) float in [0, 1]; with ``affinity``, ``(cam, affinity)`` with affinity (B, N, N), N the
@@ -101,13 +104,13 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
                 want_aff = affinity and aff is None and s == max(scales)
                 x, dec = _resize(images, s), decoder and net.training
                 if known is not None and s in known and flip and not want_aff:
-                    cam = torch.cat([known[s], _cam_pass(net, x.flip(-1), b, False, dec, False, cam_fn)[0]])
+                    cam = torch.cat([known[s], _cam_pass(net, x.flip(-1), b, False, dec, False, cam_fn, encode_fn)[0]])
                     pass_aff = None
                 elif separate_flip and flip:
-                    cam, pass_aff = _cam_pass(net, x, b, False, dec, want_aff, cam_fn)
-                    cam = torch.cat([cam, _cam_pass(net, x.flip(-1), b, False, dec, False, cam_fn)[0]])
+                    cam, pass_aff = _cam_pass(net, x, b, False, dec, want_aff, cam_fn, encode_fn)
+                    cam = torch.cat([cam, _cam_pass(net, x.flip(-1), b, False, dec, False, cam_fn, encode_fn)[0]])
                 else:
-                    cam, pass_aff = _cam_pass(net, x, b, flip, dec, want_aff, cam_fn)
+                    cam, pass_aff = _cam_pass(net, x, b, flip, dec, want_aff, cam_fn, encode_fn)
                 aff = pass_aff if want_aff else aff
                 cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
                 if flip:
@@ -118,20 +121,35 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
 
 
 def _cam_pass(net: nn.Module, x: Tensor, b: int, flip: bool, decoder: bool, affinity: bool,
-              cam_fn: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+              cam_fn: Callable[[Tensor], Tensor] | None = None,
+              encode_fn: Callable[..., tuple] | None = None) -> tuple[Tensor, Tensor | None]:
     """One scale's pass of :func:`multi_scale_cam`: the CAM logits of ``x`` (and its flip, concatenated on the
     batch axis), the decoder's side effects, and the affinity of the first ``b`` images when asked."""
     if flip:
         x = torch.cat([x, x.flip(-1)], dim=0)
     if cam_fn is not None:
         return cam_fn(x), None
-    if not (decoder or affinity):
-        return net.forward_cam(x), None
-    feats, attns = net.encoder.forward_features(x, net.affinity_attn_blocks if affinity else None)
+    cam, feats, aff = (encode_fn or encode_pass)(net, x, b, decoder, affinity)
     if decoder:
         with record_function("tscd/cam_pass/decoder_stats"):
             net.decoder.track_statistics(feats)  # the official full pass's side effects only (BN, RNG)
-    return net.classifier(feats[3]), (net.affinity_head(attns)[:b] if affinity else None)
+    return cam, aff
+
+
+def encode_pass(net: nn.Module, x: Tensor, b: int, feats: bool, affinity: bool
+                ) -> tuple[Tensor, list[Tensor] | None, Tensor | None]:
+    """The encoder work of one CAM pass, what ``train.compile: cams`` compiles
+    (:class:`tscd.models._compile.StaticCompiled`; it changes no module state, the decoder's BatchNorm update
+    stays outside).
+
+    Returns:
+        ``(cam, feats, affinity)``: the CAM logits of ``x``; with ``feats`` the encoder maps, else None; with
+        ``affinity`` the affinity head's output for the first ``b`` images, else None.
+    """
+    if not (feats or affinity):
+        return net.forward_cam(x), None, None
+    maps, attns = net.encoder.forward_features(x, net.affinity_attn_blocks if affinity else None)
+    return net.classifier(maps[3]), (maps if feats else None), (net.affinity_head(attns)[:b] if affinity else None)
 
 
 def multi_scale_cam_reference(model: nn.Module, images: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),

@@ -23,6 +23,7 @@ from tscd.data import build_dataset, build_loader
 from tscd.data.loader import ResumableLoader
 from tscd.eval.metrics import append_metrics
 from tscd.method.recipes import Batch, Recipe, RecipeContext, get_recipe
+from tscd.models import compile_module
 from tscd.train import checkpoint as ckpt
 from tscd.train.distributed import DistInfo, init_distributed  # noqa: F401  (DistInfo: tests replace the set-up)
 from tscd.train.progress import RecentRate, due, format_eta
@@ -132,8 +133,9 @@ class Trainer:
             # SyncBN needs GPUs; CPU (gloo) runs, used for tests, keep per-process BatchNorm
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         self.net = net  # the bare network (CAM passes, validation, checkpoints)
-        ctx = RecipeContext(net, torch.compile(net) if t.compile else net, self.device, t.amp == "bf16",
-                            self.dist.rank, self.dist.world_size)
+        ctx = RecipeContext(net, compile_module(net) if t.compile in ("forward", "all") else net, self.device,
+                            t.amp == "bf16", self.dist.rank, self.dist.world_size,
+                            compile_cams=t.compile in ("cams", "all"))
         self.recipe = recipe(self.cfg, ctx).to(self.device)
         self.optimizer, self.scheduler = build_optimizer(self.recipe.param_groups(o.lr, o.weight_decay), o.lr, o.betas,
                                                          o.weight_decay, t.max_iters, o.warmup_iters, o.warmup_ratio,

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from tscd.models import create_model, param_groups
+from tscd.models import StaticCompiled, create_model, param_groups
 
 if TYPE_CHECKING:
     from tscd.config import Config
@@ -92,10 +92,13 @@ class RecipeContext:
 
     Attributes:
         net: the bare network (multi-scale CAM passes, extra views, pictures).
-        model: the network's trained forward: ``net`` itself, or its ``torch.compile`` (``train.compile``).
+        model: the network's trained forward: ``net`` itself, or its ``torch.compile`` (``train.compile``:
+            ``forward`` or ``all``).
         device: where the batch and the network are.
         amp: run the network under bf16 autocast (the resolved ``train.amp``).
         rank, world_size: this process and the number of processes (seeds of per-process generators).
+        compile_cams: compile the no-grad CAM passes (``train.compile``: ``cams`` or ``all``): see
+            :meth:`compiled`.
     """
 
     net: nn.Module
@@ -104,6 +107,12 @@ class RecipeContext:
     amp: bool = False
     rank: int = 0
     world_size: int = 1
+    compile_cams: bool = False
+
+    def compiled(self, fn: Callable, what: str) -> Callable:
+        """``fn`` (a CAM pass's network work) compiled with static shapes when :attr:`compile_cams`, else ``fn``
+        (:class:`tscd.models._compile.StaticCompiled`)."""
+        return StaticCompiled(fn, what) if self.compile_cams else fn
 
     def autocast(self):
         """bf16 autocast when ``amp``, else a no-op context."""

@@ -17,7 +17,7 @@ from torch.profiler import record_function
 from tscd.kernels import dense_energy_loss
 from tscd.method.labels import box_mask, refine_cams_with_bkg, refine_cams_with_bkg_sequential, varm_image
 from tscd.method.losses import affinity_counts, cls_loss, seg_counts
-from tscd.models import multi_scale_cam, multi_scale_cam_reference
+from tscd.models import encode_pass, multi_scale_cam, multi_scale_cam_reference
 
 if TYPE_CHECKING:
     from tscd.config import Config
@@ -48,6 +48,7 @@ class SharedSteps:
         self.cfg, self.ctx = cfg, ctx
         self.official = cfg.train.reference_style
         self.backend = "torch" if self.official else cfg.train.backend
+        self.encode_fn = ctx.compiled(encode_pass, "the CAM pass")  # compiled with train.compile: cams / all
 
     def warmup_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
         """A classification-only iteration: the trained forward without decoder and affinity head, L_cls."""
@@ -72,7 +73,7 @@ class SharedSteps:
                 out = multi_scale_cam_reference(self.ctx.net, img, p.cam_scales, affinity=affinity)
             else:
                 out = multi_scale_cam(self.ctx.net, img, p.cam_scales, decoder=p.cam_decoder, affinity=affinity,
-                                      separate_flip=p.cam_flip == "separate", known=known)
+                                      separate_flip=p.cam_flip == "separate", known=known, encode_fn=self.encode_fn)
         if affinity:
             return out[0].float(), out[1].float()
         return out.float()

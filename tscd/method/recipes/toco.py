@@ -27,6 +27,7 @@ there) are not computed (the decoder still gets its exact-zero gradient).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -86,6 +87,11 @@ class ToCoConfig:
     proj_bottleneck: int = option(256, range=Range(1))  #: projection heads' width before the last layer
 
 
+def _both_cams(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The CAM and the auxiliary CAM of one pass, concatenated on the channels (B, 2C, h, w)."""
+    return torch.cat(net.forward_cams(x), 1)
+
+
 @register_recipe
 class ToCoRecipe(Recipe):
     """ToCo (CVPR 2023): auxiliary CAM, patch and class token contrast, PAR pseudo labels after the warm-up."""
@@ -116,6 +122,8 @@ class ToCoRecipe(Recipe):
         #: local-crop positions: a generator of its own, so that other draws do not move them
         self.crop_gen = torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 1000 + 29 + ctx.rank)
         self._ema_iteration = 0
+        #: one CAM pass's CAM and auxiliary CAM as one map of 2C channels (compiled with train.compile: cams / all)
+        self._cam_fn = functools.partial(ctx.compiled(_both_cams, "the CAM pass"), ctx.net)
 
     @classmethod
     def build_network(cls, cfg: Config, num_classes: int) -> nn.Module:
@@ -163,8 +171,7 @@ class ToCoRecipe(Recipe):
                 both = multi_scale_cam_reference(net, img, p.cam_scales,
                                                  cam_of=lambda o: torch.cat([o.cam, o.cam_aux], 1))
             else:
-                both = multi_scale_cam(net, img, p.cam_scales, cam_fn=lambda x: torch.cat(net.forward_cams(x), 1),
-                                       known=known)
+                both = multi_scale_cam(net, img, p.cam_scales, cam_fn=self._cam_fn, known=known)
         both = both.float()
         return both[:, :C], both[:, C:]
 
