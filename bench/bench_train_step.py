@@ -126,19 +126,20 @@ def _wide_trainer(classes: int) -> type:
 
 @contextlib.contextmanager
 def every_channel(active: bool):
-    """Within: the pseudo labels refine every channel (all classes marked present for the refine's channel
-    selection; absent ones still get probability 0 and so the same labels)."""
+    """Within: the pseudo labels refine and resize every class channel (the GPU path's width, the refine's
+    channel skipping off); absent classes still get probability 0, so the labels are the same."""
     if not active:
         yield
         return
     from tscd.method import labels
 
-    present_first = labels._present_first
-    labels._present_first = lambda keep: present_first(torch.ones_like(keep))
+    saved = labels._host_reads_are_free, labels.refine
+    labels._host_reads_are_free = lambda device: False
+    labels.refine = lambda *a, num_channels=None, **k: saved[1](*a, **k)
     try:
         yield
     finally:
-        labels._present_first = present_first
+        labels._host_reads_are_free, labels.refine = saved
 
 
 def micro_batches(trainer: Trainer, batch: dict) -> list[dict]:

@@ -35,7 +35,7 @@ def test_recipes_feed_the_refinement_the_truncated_image(monkeypatch):
 
     seen = []
     monkeypatch.setattr(shared, "refine_cams_with_bkg", lambda image01, *a, **k: seen.append(image01))
-    steps = shared.SharedSteps(Config(), SimpleNamespace(device=torch.device("cpu")))
+    steps = shared.SharedSteps(Config(), SimpleNamespace(device=torch.device("cpu"), compiled=lambda fn, what: fn))
     img = torch.randn(2, 3, 5, 7)
     steps.pseudo_label(img, torch.rand(2, 4, 5, 7), torch.ones(2, 4), None)
     assert torch.equal(seen[0], varm_image(img))
@@ -79,8 +79,10 @@ def _inputs(B=3, C=6, H=24, W=28):
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 def test_pseudo_labels_make_no_host_sync(monkeypatch, backend):
+    """The path a GPU takes (CPU tensors read their counts on the host, where a read costs nothing)."""
     img01, cams, cls_label, img_box = _inputs()
     want = refine_cams_with_bkg_sequential(img01, cams, cls_label, img_box, backend="torch", num_iter=3)
+    monkeypatch.setattr(labels_mod, "_host_reads_are_free", lambda device: False)
     with _SyncGuard(monkeypatch):
         got = refine_cams_with_bkg(img01, cams, cls_label, img_box, backend=backend, num_iter=3)
         lab = cam_to_label(cams, cls_label)
@@ -116,17 +118,25 @@ def _all_channels(image01, cams, cls_label, img_box, **kw):
 
 @pytest.mark.parametrize("C,size", [(20, (37, 45)), (80, (24, 31))])
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
-def test_pseudo_labels_refine_present_channels_only(monkeypatch, C, size, backend):
-    """Only each image's present channels are refined (num_channels = 2 (1 + present), on the device), and the
-    labels are those of refining every channel, to the bit: VOC and COCO widths, odd sizes, an image without
-    any class, one with many."""
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-path", "gpu-path"])
+@pytest.mark.parametrize("many", [True, False], ids=["many-classes", "few-classes"])
+def test_pseudo_labels_refine_present_channels_only(monkeypatch, C, size, backend, host_reads, many):
+    """Only each image's present channels are refined (num_channels = 2 (1 + present), on the device) and resized
+    for the argmax, of 2P channels (P: the most present in an image on the CPU path, every class on the GPU path),
+    and the labels are those of refining every channel, to the bit: VOC and COCO widths, odd sizes, an image
+    without any class, one with many."""
+    monkeypatch.setattr(labels_mod, "_host_reads_are_free", lambda device: host_reads)
+    resized = []
+    real_interpolate = labels_mod.F.interpolate
+    monkeypatch.setattr(labels_mod.F, "interpolate", lambda x, **kw: resized.append(x.shape[1]) or
+                        real_interpolate(x, **kw))
     H, W = size
     g = torch.Generator().manual_seed(C)
     B = 4
     img01, cams = torch.rand(B, 3, H, W, generator=g), torch.rand(B, C, H, W, generator=g) ** 2
     cls_label = torch.zeros(B, C)
     cls_label[0, [1, C - 1]] = 1
-    cls_label[2, ::3] = 1  # many classes
+    cls_label[2, ::3 if many else C // 2] = 1  # many classes (resized, then taken), or few (taken, then resized)
     cls_label[3, [0]] = 1  # image 1 has no class at all (background only)
     img_box = torch.tensor([[0, H, 0, W], [2, H - 3, 3, W - 1], [0, H - 5, 1, W], [0, H, 0, W - 4]])
     want = _all_channels(img01, cams, cls_label, img_box, num_iter=4, backend=backend)
@@ -143,9 +153,11 @@ def test_pseudo_labels_refine_present_channels_only(monkeypatch, C, size, backen
 
     monkeypatch.setattr(labels_mod, "refine", spy)
     got = refine_cams_with_bkg(img01, cams, cls_label, img_box, num_iter=4, backend=backend)
-    assert seen["K"] == 2 * (C + 1)
+    P = 1 + int(cls_label.sum(1).max()) if host_reads else C + 1
+    assert seen["K"] == 2 * P
     assert seen["nc"].tolist() == [2 * (1 + int(n)) for n in cls_label.sum(1)]
     assert torch.equal(got, want)
+    assert resized[-1] == 2 * P
 
 
 def test_refine_device_num_channels_is_clamped_without_a_check():

@@ -84,54 +84,77 @@ def refine_cams_with_bkg(image01: torch.Tensor, cams: torch.Tensor, cls_label: t
     B, C, H, W = cams.shape
     h, w = max(1, int(H * scale)), max(1, int(W * scale))
     img_s = F.interpolate(image01.float(), size=(h, w), mode="bilinear", align_corners=False)
-    cams_s = F.interpolate(cams.float(), size=(h, w), mode="bilinear", align_corners=False)
-    # channel k of a stack is class id k (0 = background); absent classes are dropped by the -inf mask
-    keep = torch.cat([torch.ones_like(cls_label[:, :1], dtype=torch.bool), cls_label > 0.5], dim=1)
-    drop = ~keep.view(B, C + 1, 1, 1)
-    stacks = []
-    for bkg in (bkg_high, bkg_low):
-        with_bkg = torch.cat([torch.full_like(cams_s[:, :1], bkg), cams_s], dim=1)  # (B, 1+C, h, w)
-        stacks.append(with_bkg.masked_fill(drop, float("-inf")).softmax(dim=1))  # 0 on dropped channels
-    # one call for the batch and both thresholds, on each image's present channels only (about 8 of VOC's 42,
-    # COCO's 162): they are moved to the front, their count passed on the device (no host sync), the rest
-    # skipped by the kernels; every channel is refined independently, so the present ones are unchanged
-    perm, n_valid = _present_first(keep)
-    stack = torch.cat(stacks, dim=1)
-    stack = stack.gather(1, perm.view(B, -1, 1, 1).expand(-1, -1, h, w))
-    refined = refine(img_s, stack, dilations=dilations, num_iter=num_iter, mode=mode, num_channels=n_valid,
-                     backend=backend)  # (B, 2 (1+C), h, w), present channels first
-    # absent channels can never win the argmax: the lowest finite value (not -inf: the resize's zero weights
-    # would make 0 * -inf = NaN), set at the refine resolution, in place
-    skipped = torch.arange(2 * (C + 1), device=cams.device).view(1, -1) >= n_valid.view(-1, 1)
-    refined.masked_fill_(skipped.view(B, -1, 1, 1), torch.finfo(refined.dtype).min)
-    refined = refined.gather(1, perm.argsort(dim=1).view(B, -1, 1, 1).expand(-1, -1, h, w))  # back in class order
+    # channel k of a stack is class id k (0 = background). Only present classes are handled: P per image, P = the
+    # most present in an image (a count read on the host, where it costs nothing; on a GPU all 1+C, as the read
+    # would sync, and the absent ones masked). Every channel is refined and resized independently and absent
+    # classes get probability 0 (-inf before the softmax), so the labels are those of all channels
+    K = C + 1
+    keep = torch.cat([torch.ones_like(cls_label[:, :1], dtype=torch.bool), cls_label > 0.5], dim=1)  # (B, K)
+    p = keep.sum(dim=1)  # present channels per image, background included
+    P = int(p.max()) if _host_reads_are_free(cams.device) else K
+    sel, valid = _present_first(keep, P)  # (B, P) class ids, present first (class order); (B, P) present
+    cam_idx = (sel[:, 1:] - 1).view(B, P - 1, 1, 1)  # the CAM channel of each class after the background
+    if 4 * (P - 1) < C:  # few classes: take them at full size, then resize
+        part = cams.gather(1, cam_idx.expand(-1, -1, H, W)).float()
+        part = F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False)
+    else:
+        part = F.interpolate(cams.float(), size=(h, w), mode="bilinear", align_corners=False)
+        part = part.gather(1, cam_idx.expand(-1, -1, h, w))
+    absent = ~valid.view(B, P, 1, 1)
+    stacks = [torch.cat([part.new_full((B, 1, h, w), bkg), part], dim=1).masked_fill(absent, float("-inf"))
+              .softmax(dim=1) for bkg in (bkg_high, bkg_low)]  # (B, P, h, w) each, 0 on absent classes
+    # one refine call for the batch and both thresholds, each image's present channels first
+    # ([high: p][low: p][the rest]), their count passed on the device, the rest skipped by the kernels
+    order = _stack_order(p, P)  # (B, 2P): position in cat(stacks) of each channel of the refine's input
+    stack = torch.cat(stacks, dim=1).gather(1, order.view(B, 2 * P, 1, 1).expand(-1, -1, h, w))
+    refined = refine(img_s, stack, dilations=dilations, num_iter=num_iter, mode=mode, num_channels=2 * p,
+                     backend=backend)
+    # the argmax of each stack over its present channels, resized: an image with fewer than P repeats its last
+    # present channel, which ties with it and so never wins (argmax returns the first maximum); present channels
+    # keep class order, so ties between classes resolve as over all channels (absent ones can never win)
+    pos = torch.minimum(torch.arange(P, device=cams.device).view(1, P), (p - 1).view(B, 1))  # (B, P)
+    idx = torch.cat([pos, pos + p.view(B, 1)], dim=1)  # (B, 2P): the high stack's present channels, the low's
+    sub = refined.gather(1, idx.view(B, 2 * P, 1, 1).expand(-1, -1, h, w))
     # resized channels-last: the argmax over channels then reads contiguous memory
-    refined = F.interpolate(refined.contiguous(memory_format=torch.channels_last), size=(H, W), mode="bilinear",
-                            align_corners=False)
-    high = refined[:, :C + 1].argmax(1)
-    low = refined[:, C + 1:].argmax(1)
+    sub = F.interpolate(sub.contiguous(memory_format=torch.channels_last), size=(H, W), mode="bilinear",
+                        align_corners=False)
+    cls_of = torch.cat([sel, sel], dim=1).gather(1, order).gather(1, idx)  # (B, 2P) class id of each channel
+    high = cls_of[:, :P].gather(1, sub[:, :P].argmax(1).view(B, -1)).view(B, H, W)
+    low = cls_of[:, P:].gather(1, sub[:, P:].argmax(1).view(B, -1)).view(B, H, W)
     label = torch.where(high == 0, torch.where(low == 0, 0, IGNORE_INDEX), high)
     if img_box is not None:
         label = label.masked_fill(~box_mask(img_box, H, W), IGNORE_INDEX)
     return label
 
 
-def _present_first(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The channel order that puts each image's present channels of both stacked thresholds first.
+def _host_reads_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host costs nothing (CPU tensors) or would block on a device."""
+    return device.type == "cpu"
+
+
+def _present_first(keep: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first P classes of each image, present ones first.
 
     Args:
-        keep: (B, K) bool, the present channels (background included) of one threshold's stack.
+        keep: (B, K) bool, the present channels (background included, always present) of one threshold's stack.
+        P: how many to take (at least the most present in an image).
 
     Returns:
-        ``(perm, n)``: perm (B, 2K) int64, the channels of ``cat([high, low], 1)`` in the order: present
-        channels of the high stack, present channels of the low stack (class order within each), then the
-        absent ones; n (B,) int64 = 2 * present, on the device (no host sync).
+        ``(sel, valid)``: sel (B, P) int64 class ids, the present ones first in class order, then absent ones;
+        valid (B, P) bool, whether each is present.
     """
     B, K = keep.shape
-    k = torch.arange(2 * K, device=keep.device)
-    absent = ~keep.repeat(1, 2)  # (B, 2K): channel c of the concatenation is class c % K of stack c // K
-    perm = (absent.long() * 2 * K + k).argsort(dim=1)
-    return perm, 2 * keep.sum(dim=1)
+    k = torch.arange(K, device=keep.device)
+    sel = ((~keep).long() * K + k).argsort(dim=1)[:, :P]
+    return sel, keep.gather(1, sel)
+
+
+def _stack_order(p: torch.Tensor, P: int) -> torch.Tensor:
+    """(B, 2P) int64: for each channel of the refine's input, its position in ``cat([high, low], 1)`` (P each):
+    the p present high channels, the p present low ones, then channels the refine skips (any)."""
+    n = torch.arange(2 * P, device=p.device).view(1, -1)
+    p = p.view(-1, 1)
+    return torch.where(n < p, n, torch.where(n < 2 * p, P + n - p, n))
 
 
 def refine_cams_with_bkg_sequential(image01: torch.Tensor, cams: torch.Tensor, cls_label: torch.Tensor,

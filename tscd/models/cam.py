@@ -5,6 +5,10 @@ used as is), compute the CAMs of the image and of its horizontal flip, upsample 
 ``align_corners=False``), take the element-wise max of the CAM and the un-flipped flip-CAM, ReLU, and sum over
 scales. Finally, per image and class, subtract the spatial min and divide by (spatial max + 1e-5).
 
+The fast path un-flips the flip-CAM before upsampling it (the bilinear resize is mirror-symmetric; the weights of
+mirrored pixels differ in the last bit, ~1e-6 of the CAM's range) and works in place on the full-size maps, whose
+number grows with the class count (COCO: 80 per image).
+
 * :func:`multi_scale_cam` (fast path): one :meth:`~tscd.models.tscd_net.TSCDNet.forward_cam` call per scale
   with image and flip concatenated on the batch axis; encoder + classifier only.
 * :func:`multi_scale_cam_reference`: what the official code runs: per scale, the FULL training forward
@@ -52,9 +56,9 @@ def _resize(images: Tensor, scale: float) -> Tensor:
 
 
 def _normalise(cam: Tensor) -> Tensor:
-    """Per image and class: (cam - min) / (max(cam - min) + eps), over the spatial axes."""
-    cam = cam - cam.amin(dim=(-2, -1), keepdim=True)
-    return cam / (cam.amax(dim=(-2, -1), keepdim=True) + CAM_NORM_EPS)
+    """Per image and class, in place: (cam - min) / (max(cam - min) + eps), over the spatial axes."""
+    cam = cam.sub_(cam.amin(dim=(-2, -1), keepdim=True))
+    return cam.div_(cam.amax(dim=(-2, -1), keepdim=True) + CAM_NORM_EPS)
 
 
 def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),
@@ -112,11 +116,13 @@ def multi_scale_cam(model: nn.Module, images: Tensor, scales: Sequence[float] = 
                 else:
                     cam, pass_aff = _cam_pass(net, x, b, flip, dec, want_aff, cam_fn, encode_fn)
                 aff = pass_aff if want_aff else aff
+                if flip:  # the flip's CAM mirrored back at its own (1/16) resolution: no full-size flip
+                    cam = torch.cat([cam[:b], cam[b:].flip(-1)])
                 cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
-                if flip:
-                    cam = torch.maximum(cam[:b], cam[b:].flip(-1))
-                cam = F.relu(cam)
-                total = cam if total is None else total + cam
+                if flip:  # into the image half, in place, once a sum exists (full-size maps: C of them per image)
+                    cam = torch.maximum(cam[:b], cam[b:], out=None if total is None else cam[:b])
+                cam = cam.clamp_min_(0.0)  # ReLU
+                total = cam if total is None else total.add_(cam)
         return (_normalise(total), aff) if affinity else _normalise(total)
 
 
