@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -238,10 +239,10 @@ def _summary_rows(data: dict) -> list[str]:
     dev = data["env"]["device"]
     for r in data["rows"]:
         if r.get("path") in ("fast", "default"):  # bench_train_step: the whole iteration vs reference-style
-            if data["rows"][0].get("path") == r["path"]:  # no baseline in this file (e.g. the switches' rows)
+            if data["rows"][0].get("path") not in ("reference", "reference-style"):  # no official-style baseline
                 continue
             mem = _ratio(r.get("mem_ratio"), inverse=True)
-            out.append(f"| train iteration | {dev} | {r['model']} crop {r['crop']} batch {r['batch']} | "
+            out.append(f"| train iteration | {dev} | {r['model']} crop {r['crop']} batch {r['batch']}{_width(data)} | "
                        f"{r['path']} path | {_fmt(r['s_per_it'])} s | {_fmt(r['speedup'])}x | {mem} |")
             continue
         if r.get("backend") in (None, "torch") or "speedup" not in r:
@@ -250,6 +251,12 @@ def _summary_rows(data: dict) -> list[str]:
         out.append(f"| {data['op']} | {dev} | {case} | {r['backend']} | {_fmt(r['ms'])} ms | "
                    f"{_fmt(r['speedup'])}x | {_ratio(r.get('mem_ratio'))} |")
     return out
+
+
+def _width(data: dict) -> str:
+    """", 80 classes" for a bench_train_step file run with --classes (its name ends in -c<N>), else ""."""
+    m = re.search(r"-c(\d+)$", data["op"])
+    return f", {m.group(1)} classes" if m else ""
 
 
 def memory_rows(all_data: list[dict]) -> list[str]:
@@ -266,9 +273,10 @@ def memory_rows(all_data: list[dict]) -> list[str]:
             peak = r.get("peak_mib")
             if not isinstance(peak, (int, float)) or math.isnan(peak):
                 continue
-            out.append(f"| {dev} | {r['model']} crop {r['crop']}, global batch {r['batch']} | {r['path']} | "
-                       f"{r.get('amp', '')} | {r.get('checkpointing', '')} | {r.get('micro_batch', '')} | "
-                       f"{peak:.0f} | {_fmt(r.get('mem_ratio'))}x {base} | {_seconds(r['s_per_it'])} |")
+            out.append(f"| {dev} | {r['model']} crop {r['crop']}, global batch {r['batch']}{_width(data)} | "
+                       f"{r['path']} | {r.get('amp', '')} | {r.get('checkpointing', '')} | "
+                       f"{r.get('micro_batch', '')} | {peak:.0f} | {_fmt(r.get('mem_ratio'))}x {base} | "
+                       f"{_seconds(r['s_per_it'])} |")
     return out
 
 
