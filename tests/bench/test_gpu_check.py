@@ -25,7 +25,7 @@ STAGES_RUN = ["pytest", "no_sync", "bench_ops", "train_step", "train_step_toco",
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    """One dry run of every stage (install skipped), as CI runs it: about 8 min of CPU time on 2 cores (more wall
+    """One dry run of every stage (install skipped), as CI runs it: about 7 min of CPU time on 2 cores (more wall
     time on a shared machine; the stage budgets allow for it)."""
     out = tmp_path_factory.mktemp("gpu_check")
     env = {k: v for k, v in os.environ.items() if k != "TSCD_BACKEND"}
@@ -70,7 +70,7 @@ def test_dry_run_results_are_few_small_files(dry_run):
     toco = stages["train_step_toco"]["detail"]["rows"]  # ToCo's rows, not TSCD's again
     assert {r["path"] for r in toco} >= {"reference-style", "default"} and all(r["s_per_it"] > 0 for r in toco)
     compiled = stages["train_step_compiled"]["detail"]["rows"]  # the whole iteration uncompiled and compiled
-    assert [r["path"] for r in compiled] == ["default", "compiled-cams", "compiled"]
+    assert [r["path"] for r in compiled] == ["default", "compiled-cams"]  # the GPU run adds `compiled` (all)
     assert all(r["s_per_it"] > 0 and r["first_it_s"] > 0 for r in compiled)
     assert stages["train_fp32"]["detail"]["validation"], "the validation mIoU lines were not parsed"
     assert stages["no_sync"]["detail"]["device"] == "cpu"
