@@ -56,3 +56,24 @@ def test_write_demo_matches_in_memory(tmp_path):
         assert torch.equal(d["img"], m["img"]) and torch.equal(d["label"], m["label"])
         assert torch.equal(d["cls_label"], m["cls_label"])
     assert len(build_dataset("demo", "train_aug", tmp_path / "demo", train=True, crop_size=32)) == 6
+
+
+def test_demo_items_are_cached_read_only_and_augmented_as_generated(monkeypatch):
+    import tscd.data.demo as demo
+
+    cached = DemoDataset("train", num_images=5, size=48, seed=2)
+    monkeypatch.setattr(demo, "DEMO_CACHE_MIB", 0)
+    fresh = DemoDataset("train", num_images=5, size=48, seed=2)
+    assert cached._cache is not None and fresh._cache is None
+    calls = []
+    real = demo.generate_demo_image
+    monkeypatch.setattr(demo, "generate_demo_image", lambda *a: calls.append(1) or real(*a))
+    for epoch in range(3):  # the cached item is generated once, the augmentation still drawn per (seed, epoch, i)
+        for i in range(5):
+            a, b = cached[(i, epoch, 7)], fresh[(i, epoch, 7)]
+            assert torch.equal(a["img"], b["img"]) and torch.equal(a["label"], b["label"])
+            assert torch.equal(a["img_box"], b["img_box"]) and torch.equal(a["cls_label"], b["cls_label"])
+    assert len(calls) == 5 + 15  # cached: once per item; uncached: every access
+    img, mask, cls_label = cached.load_raw(3)
+    assert not (img.flags.writeable or mask.flags.writeable or cls_label.flags.writeable)
+    assert not torch.equal(cached[(3, 0, 7)]["img"], cached[(3, 1, 7)]["img"])  # epochs still differ

@@ -288,3 +288,31 @@ def test_toco_voc_config_trains_and_evaluates_from_the_command_line(tmp_path, ca
 def test_toco_local_crop_must_fit(tmp_path):
     with pytest.raises(ValueError, match="toco.local_crop_size=64 does not fit"):
         _trainer(tmp_path, "toco.local_crop_size=64")
+
+
+def test_toco_cam_switches_act(tmp_path, monkeypatch):
+    """``pseudo.cam_flip: separate`` (two passes of B images: the same CAMs, ToCo's network has no BatchNorm) and
+    ``pseudo.cam_amp: bf16`` (the passes under bf16 autocast: close, not equal) act in ToCo as in TSCD."""
+    tr = _trainer(tmp_path)
+    img = torch.randn(2, 3, 64, 64)
+    want = tr.recipe.cams(img)
+    sizes, dtypes = [], []
+    real = tr.recipe._cam_fn
+
+    def spy(x):
+        sizes.append(x.shape[0])
+        dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return real(x)
+
+    monkeypatch.setattr(tr.recipe, "_cam_fn", spy)
+    tr.cfg.pseudo.cam_flip = "separate"
+    got = tr.recipe.cams(img)
+    assert sizes == [2] * 6 and dtypes == [None] * 6  # three scales, image and flip apart, fp32
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    sizes.clear(), dtypes.clear()
+    tr.cfg.pseudo.cam_flip, tr.cfg.pseudo.cam_amp = "together", "bf16"
+    got = tr.recipe.cams(img)
+    assert sizes == [4] * 3 and dtypes == [torch.bfloat16] * 3
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and 1e-4 < (g - w).abs().max() < 0.1

@@ -178,3 +178,41 @@ def test_trained_checkpoint_evaluates_with_crf(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "seg_ms_crf" in text or "CRF" in text
     assert list(out_dir.glob("results_*.json")) and list(out_dir.glob("results_*.csv"))
+
+
+def test_optimizer_is_multi_tensor_adamw_with_the_loop_numbers(tmp_path):
+    """The trainer's AdamW runs its foreach form (torch's own choice on a GPU) and, on the CPU, gives the numbers of
+    the per-parameter loop torch would pick there, bit for bit, over steps with weight decay and lr multipliers;
+    a checkpoint that saved other group settings (foreach None, before this) resumes foreach."""
+    import copy
+
+    from tests._utils import tiny_overrides
+    from tscd.config import load_config
+    from tscd.train import Trainer
+
+    tr = Trainer(load_config(None, [*tiny_overrides(tmp_path / "r"), "train.device=cpu"]), resume="never")
+    opt = tr.optimizer
+    assert all(g["foreach"] is True for g in opt.param_groups)
+    twin = copy.deepcopy(tr.net)
+    mapping = dict(zip((id(p) for p in tr.net.parameters()), twin.parameters()))
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "foreach": False,
+               "params": [mapping[id(p)] for p in g["params"]]} for g in opt.param_groups]
+    loop = torch.optim.AdamW(groups)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        for p, q in zip(tr.net.parameters(), twin.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        loop.step()
+    assert len({g["lr"] for g in opt.param_groups}) > 1  # lr multipliers exercised
+    for (name, p), q in zip(tr.net.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+    state = opt.state_dict()
+    for g in state["param_groups"]:
+        g["foreach"] = None
+    from tscd.train import checkpoint as ckpt
+
+    path = ckpt.save_checkpoint(tr.run_dir, 4, {**tr.state_dict(), "optimizer": state}, 2)
+    again = Trainer(load_config(None, [*tiny_overrides(tmp_path / "r"), "train.device=cpu"]), resume=str(path))
+    assert all(g["foreach"] is True for g in again.optimizer.param_groups)

@@ -15,7 +15,12 @@ def poly_warmup_lambda(max_iters: int, warmup_iters: int = 1500, warmup_ratio: f
 
 def build_optimizer(groups: list[dict], lr: float, betas, weight_decay: float, max_iters: int, warmup_iters: int,
                     warmup_ratio: float, power: float):
-    """AdamW over the model's parameter groups + the poly/warm-up schedule (stepped once per iteration)."""
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    """AdamW over the model's parameter groups + the poly/warm-up schedule (stepped once per iteration).
+
+    AdamW runs its multi-tensor (``foreach``) form on every device: what torch picks by itself on a GPU (the
+    official runs'), and on the CPU the same numbers as the per-parameter loop torch would pick there
+    (tests/train/test_trainer.py), 2-3x faster (the demo's 132 small parameters: about 9 ms against 22 ms a step).
+    """
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_warmup_lambda(max_iters, warmup_iters, warmup_ratio, power))
     return opt, sched

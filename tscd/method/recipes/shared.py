@@ -66,9 +66,8 @@ class SharedSteps:
         Switches (docs/differences.md): ``pseudo.cam_amp`` (bf16 passes), ``pseudo.cam_flip`` (separate passes).
         """
         p = self.cfg.pseudo
-        amp = torch.autocast(img.device.type, dtype=torch.bfloat16) if p.cam_amp == "bf16" else self.ctx.autocast()
         known = {1.0: cam1.detach()} if cam1 is not None and p.cam_scale1 == "forward" else None
-        with torch.no_grad(), amp, record_function("tscd/cam_passes"):
+        with torch.no_grad(), self.cam_autocast(img), record_function("tscd/cam_passes"):
             if self.official:
                 out = multi_scale_cam_reference(self.ctx.net, img, p.cam_scales, affinity=affinity)
             else:
@@ -77,6 +76,12 @@ class SharedSteps:
         if affinity:
             return out[0].float(), out[1].float()
         return out.float()
+
+    def cam_autocast(self, img: torch.Tensor):
+        """The CAM passes' autocast: bf16 with ``pseudo.cam_amp: bf16`` (the passes only), else the training's."""
+        if self.cfg.pseudo.cam_amp == "bf16":
+            return torch.autocast(img.device.type, dtype=torch.bfloat16)
+        return self.ctx.autocast()
 
     def pseudo_label(self, img: torch.Tensor, cams: torch.Tensor, cls_label: torch.Tensor,
                      img_box: torch.Tensor) -> torch.Tensor:

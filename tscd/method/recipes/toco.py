@@ -159,6 +159,7 @@ class ToCoRecipe(Recipe):
         ``out``: the trained forward's output on ``img``. Its two CAMs are the scale-1 pass's for the un-flipped
         images: the same numbers when the network has no stochastic layer (ToCo's ViT: no dropout, no drop-path),
         so that pass then runs the flips only (with drop-path only under ``pseudo.cam_scale1: forward``).
+        ``pseudo.cam_amp: bf16`` and ``pseudo.cam_flip: separate`` act as in TSCD and AFA (docs/differences.md).
         """
         net = self.ctx.net
         C = net.classifier.out_channels
@@ -166,12 +167,13 @@ class ToCoRecipe(Recipe):
         known = None
         if out is not None and (self.cfg.model.drop_path_rate == 0 or p.cam_scale1 == "forward"):
             known = {1.0: torch.cat([out.cam, out.cam_aux], 1).detach()}
-        with torch.no_grad(), self.ctx.autocast(), record_function("tscd/cam_passes"):
+        with torch.no_grad(), self.steps.cam_autocast(img), record_function("tscd/cam_passes"):
             if self.steps.official:
                 both = multi_scale_cam_reference(net, img, p.cam_scales,
                                                  cam_of=lambda o: torch.cat([o.cam, o.cam_aux], 1))
             else:
-                both = multi_scale_cam(net, img, p.cam_scales, cam_fn=self._cam_fn, known=known)
+                both = multi_scale_cam(net, img, p.cam_scales, cam_fn=self._cam_fn, known=known,
+                                       separate_flip=p.cam_flip == "separate")
         both = both.float()
         return both[:, :C], both[:, C:]
 
