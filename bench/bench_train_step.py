@@ -54,6 +54,7 @@ import torch  # noqa: E402
 from bench._common import environment, setup_threads, sync, write_results  # noqa: E402
 from tscd.config import load_config  # noqa: E402
 from tscd.train import Trainer  # noqa: E402
+from tscd.train.host_memory import host_memory_mode  # noqa: E402
 from tscd.train.memory import MIB, PeakMemory, state_bytes  # noqa: E402
 
 logger = logging.getLogger("bench_train_step")
@@ -414,7 +415,11 @@ def write_rows(args, env: dict, rows: list[dict], load_before, t_start: float) -
              + (f" Machine load (1-min load average on {os.cpu_count()} cores): {load_before[0]:.1f} at the "
                 f"start, {load_after[0]:.1f} at the end ({(time.time() - t_start) / 60:.0f} min); times on a "
                 f"loaded machine are indicative only. bf16 on this CPU is emulated and slow: the low-memory "
-                f"row's time is not what a GPU shows, its memory is the proxy." if device.type == "cpu" else ""))
+                f"row's time is not what a GPU shows, its memory is the proxy. Host memory: "
+                + ("reuse (glibc keeps freed memory for the next iteration, `train.host_memory`, every row; "
+                   "`--set train.host_memory=system` measures without)." if host_memory_mode() == "reuse" else
+                   "system (glibc's defaults: large blocks are mapped fresh and faulted in on every use; "
+                   "times then depend on the machine's page-fault cost).") if device.type == "cpu" else ""))
     if any(r["accumulation"] == "emulated" for r in rows):
         notes += (" low-memory: gradient accumulation (train.accum_steps) not in this version: the iteration ran "
                   "as one train_step per image (see bench/bench_train_step.py).")

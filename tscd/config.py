@@ -226,6 +226,9 @@ class TrainConfig:
     compile: str = option("off", choices=COMPILE_MODES)
     channels_last: bool = False
     cudnn_benchmark: bool = False  #: off for reproducibility
+    #: training on the CPU: reuse (glibc keeps freed memory for the next iteration instead of handing large blocks
+    #: back to the kernel and faulting them in again; same numbers, the process keeps its peak memory) | system
+    host_memory: str = option("reuse", choices="tscd.train.host_memory:HOST_MEMORY_MODES")
     #: kernel backend of the fused ops (auto | cuda | triton | cpp | torch)
     backend: str = option("auto", choices="tscd.kernels._backend:BACKENDS")
     reference_style: bool = False  #: the official-code mode (benchmark baseline): the official code's structure

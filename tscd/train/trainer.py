@@ -26,6 +26,7 @@ from tscd.method.recipes import Batch, Recipe, RecipeContext, get_recipe
 from tscd.models import compile_module
 from tscd.train import checkpoint as ckpt
 from tscd.train.distributed import DistInfo, init_distributed  # noqa: F401  (DistInfo: tests replace the set-up)
+from tscd.train.host_memory import keep_freed_memory
 from tscd.train.progress import RecentRate, due, format_eta
 from tscd.train.schedule import build_optimizer
 
@@ -64,6 +65,8 @@ class Trainer:
         cfg = self.cfg
         self.run_dir = Path(cfg.train.run_dir)
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+        if self.device.type == "cpu" and cfg.train.host_memory == "reuse":
+            keep_freed_memory()
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         self._build_data()
         self.val_set.check_eval_masks(cfg.data.val_num, cfg.data.skip_bad, f"validation split {cfg.data.val_split!r}")
