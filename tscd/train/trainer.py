@@ -183,8 +183,8 @@ class Trainer:
         self.net.load_state_dict(state["model"])
         self.recipe.load_state_dict(state.get("recipe", {}))
         self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:  # a checkpoint saves the groups' settings: keep ours (same numbers)
-            group["foreach"] = True
+        for group in self.optimizer.param_groups:  # a checkpoint saves the groups' settings: keep build_optimizer's
+            group["foreach"] = self.optimizer.defaults["foreach"]  # (older checkpoints: None; the same numbers)
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.recipe.set_rng_state(state["rng"])
