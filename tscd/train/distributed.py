@@ -1,6 +1,7 @@
 """Process set-up of a run: one process, or several under torchrun (which sets RANK / WORLD_SIZE / LOCAL_RANK)."""
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # init_distributed joined the process group: close_distributed leaves it
 
     @property
     def is_main(self) -> bool:
@@ -45,4 +47,18 @@ def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
         device = torch.device("cpu")
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+        info.owns_group = True
+        atexit.register(close_distributed, info)  # a run that fails before Trainer.close still leaves it
     return info, device
+
+
+def close_distributed(info: DistInfo) -> None:
+    """Leave the process group that :func:`init_distributed` joined (nothing otherwise; safe to call twice).
+
+    A process that exits still in the group has its gloo or nccl threads torn down by the interpreter's
+    finalisation, which can abort it ("terminate called without an active exception", SIGABRT) after the
+    work is done: torchrun then reports the run failed.
+    """
+    if info.owns_group and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    info.owns_group = False

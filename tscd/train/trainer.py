@@ -25,7 +25,11 @@ from tscd.eval.metrics import append_metrics
 from tscd.method.recipes import Batch, Recipe, RecipeContext, get_recipe
 from tscd.models import compile_module
 from tscd.train import checkpoint as ckpt
-from tscd.train.distributed import DistInfo, init_distributed  # noqa: F401  (DistInfo: tests replace the set-up)
+from tscd.train.distributed import (  # noqa: F401  (DistInfo: tests replace the set-up)
+    DistInfo,
+    close_distributed,
+    init_distributed,
+)
 from tscd.train.host_memory import keep_freed_memory
 from tscd.train.progress import RecentRate, due, format_eta
 from tscd.train.schedule import build_optimizer
@@ -371,6 +375,8 @@ class Trainer:
         return scores
 
     def close(self) -> None:
+        """Close the TensorBoard writer and leave the process group this trainer joined."""
         if self.writer is not None:
             self.writer.close()
+        close_distributed(self.dist)
 

@@ -1,0 +1,60 @@
+"""The process group's life: a run leaves the group it joined (gloo and nccl threads left to the interpreter's
+finalisation can abort the process after the work is done), and leaves alone a group its caller made."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from tests.train.test_fidelity import make
+from tscd.train import trainer as trainer_mod
+from tscd.train.distributed import DistInfo, close_distributed, init_distributed
+
+
+_INIT = dist.init_process_group
+
+
+def _one_process_group(tmp_path):
+    _INIT("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+
+def test_init_distributed_owns_the_group_it_joins_and_close_leaves_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; the group itself is a one-process stand-in
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: _one_process_group(tmp_path))
+    try:
+        info, device = init_distributed("cpu")
+        assert (info.world_size, info.owns_group, device.type) == (2, True, "cpu") and dist.is_initialized()
+        close_distributed(info)
+        assert not dist.is_initialized() and not info.owns_group
+        close_distributed(info)  # twice (Trainer.close, then the exit hook): nothing happens
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_a_group_the_caller_made_is_left_alone(tmp_path, monkeypatch):
+    _one_process_group(tmp_path)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        info, _ = init_distributed("cpu")
+        assert not info.owns_group
+        close_distributed(info)
+        close_distributed(DistInfo())
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_trainer_close_leaves_the_group_it_joined(tmp_path, monkeypatch):
+    def joined(pref):
+        _one_process_group(tmp_path)
+        return DistInfo(owns_group=True), torch.device("cpu")
+
+    monkeypatch.setattr(trainer_mod, "init_distributed", joined)
+    try:
+        tr = make(tmp_path)
+        assert dist.is_initialized()
+        tr.close()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
