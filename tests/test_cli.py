@@ -345,3 +345,15 @@ def test_console_logging_follows_sys_stderr(monkeypatch, capsys):
     logging.getLogger("tscd.test").warning("after the swap")
     err = capsys.readouterr().err
     assert "after the swap" in err and "Logging error" not in err
+
+
+def test_help_imports_no_torch():
+    """`tscd --help` (and every command's parser) is built without torch, timm or the data package: it answers
+    at once instead of after seconds of imports."""
+    code = ("import sys; from tscd.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision', 'numpy', 'tscd.data') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"
+    res = subprocess.run([sys.executable, "-m", "tscd", "--help"], capture_output=True, text=True, check=True)
+    assert "data" in res.stdout and "eval" in res.stdout

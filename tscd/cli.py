@@ -25,7 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tscd.commands.info",
     "tscd.commands.train",
     "tscd.commands.bench",
-    "tscd.data.cli",
+    "tscd.commands.data",
     "tscd.commands.eval",
     "tscd.commands.infer",
     "tscd.commands.pseudo_labels",

@@ -9,7 +9,6 @@ from tests.train.test_fidelity import make
 from tscd.train import trainer as trainer_mod
 from tscd.train.distributed import DistInfo, close_distributed, init_distributed
 
-
 _INIT = dist.init_process_group
 
 

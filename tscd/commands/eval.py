@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 from tscd.commands._common import add_checkpoint_args, parse_scales
-from tscd.eval.evaluator import PROTOCOLS
+from tscd.constants import EVAL_PROTOCOLS as PROTOCOLS
 
 logger = logging.getLogger("tscd.eval")
-PROTOCOL_TEXT = PROTOCOLS
 
 
 def run_dir_of(checkpoint: str | Path) -> Path:
@@ -102,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     report.update({
         "checkpoint": str(Path(args.checkpoint).resolve()), "iteration": loaded.iteration,
         "dataset": args.dataset or cfg.data.dataset, "split": split, "model": cfg.model.name,
-        "protocol_description": PROTOCOL_TEXT.get(args.protocol, ""), "settings": settings.describe(),
+        "protocol_description": PROTOCOLS.get(args.protocol, ""), "settings": settings.describe(),
         "seconds": round(elapsed, 2),
         "convention": "mIoU over classes present in the ground truth or the prediction; 255 ignored; in %",
     })
@@ -112,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     json_path, csv_path = write_results(out_dir, report, stem=stem)
     print(f"\n{cfg.model.name} @ iteration {loaded.iteration} on {report['dataset']}/{split} "
           f"({report['num_images']} images, {elapsed:.1f} s), protocol {settings.protocol}: "
-          f"{PROTOCOL_TEXT.get(args.protocol, '')}")
+          f"{PROTOCOLS.get(args.protocol, '')}")
     print(format_table(report["results"], OUTPUT_TITLES))
     print(f"(mIoU excludes classes absent from both ground truth and prediction; saved {json_path} and {csv_path})")
     logged = logged_validation(args.checkpoint, loaded.iteration, settings.protocol)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from tscd.constants import IGNORE_INDEX
+from tscd.constants import EVAL_PROTOCOLS, IGNORE_INDEX
 from tscd.data import denormalize
 from tscd.eval.crf import CRFParams, CRFRunner
 from tscd.eval.inference import DEFAULT_RESIZE_LONG, DEFAULT_SEG_SCALES, forward_multi_scale, resize_long
@@ -59,10 +59,7 @@ OUTPUTS: tuple[str, ...] = ("seg", "seg_ms", "seg_ms_crf", "cam", "aff", "pseudo
 OUTPUT_TITLES: dict[str, str] = {"seg": "seg", "seg_ms": "seg MS+flip", "seg_ms_crf": "seg MS+flip+CRF",
                                  "cam": "CAM", "aff": "CAM+aff RW", "pseudo": "pseudo label"}
 #: Evaluation protocols (module docstring): name -> description.
-PROTOCOLS: dict[str, str] = {
-    "native": "native image size, seg single-scale, multi-scale+flip CAM (what training validation reports)",
-    "ms": "long side 512, seg multi-scale 1,0.5,0.75 + flip (the field's test protocol)",
-}
+PROTOCOLS: dict[str, str] = EVAL_PROTOCOLS
 #: Images of one size scored together by the ``native`` protocol.
 NATIVE_BATCH = 16
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from tscd.data.report import Report
+if TYPE_CHECKING:  # tscd.data imports torch: only the commands themselves load it
+    from tscd.data.report import Report
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tscd.data")
 
 
 def _finish(report: Report) -> int:
