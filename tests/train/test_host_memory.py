@@ -61,3 +61,28 @@ def test_trainer_applies_it_on_the_cpu_only_when_asked(tmp_path, monkeypatch):
     assert calls == [1]
     with pytest.raises(ValueError, match="host_memory"):
         load_config(None, [*tiny_overrides(tmp_path / "c"), "train.host_memory=keep"])
+
+
+@pytest.mark.parametrize("device,mode,applied", [("cpu", "reuse", True), ("cpu", "system", False),
+                                                 ("cuda", "reuse", False)])
+def test_eval_commands_follow_the_checkpoint_config(monkeypatch, device, mode, applied):
+    """tscd eval / infer / pseudo-labels load their model through load_checkpoint_model, which applies the config's
+    train.host_memory (an override on the command line included) on the CPU."""
+    import argparse
+    import types
+
+    import torch
+
+    from tscd.commands._common import load_checkpoint_model
+    from tscd.config import load_config
+    from tscd.eval import inference
+    from tscd.train import host_memory
+
+    cfg = load_config(None, ["data.dataset=demo", f"train.host_memory={mode}"])
+    calls = []
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(inference, "resolve_device", lambda pref: torch.device(device))
+    monkeypatch.setattr(inference, "load_model", lambda path, dev, overrides: types.SimpleNamespace(config=cfg))
+    args = argparse.Namespace(device=device, checkpoint="ckpt.pt", overrides=[])
+    dev, loaded = load_checkpoint_model(args)
+    assert (dev.type, loaded.config.train.host_memory, calls) == (device, mode, [1] if applied else [])

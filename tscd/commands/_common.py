@@ -25,3 +25,18 @@ def add_checkpoint_args(p: argparse.ArgumentParser, split_default: str | None = 
         p.add_argument("--dataset", default=None, help="dataset name (default: the checkpoint's data.dataset)")
         p.add_argument("--root", default=None, help="dataset root (default: the checkpoint's data.root)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def load_checkpoint_model(args: argparse.Namespace):
+    """The device (``--device``) and :func:`tscd.eval.inference.load_model` of ``--checkpoint`` (config overrides
+    of the command line applied). On the CPU the config's ``train.host_memory`` applies to this process as it does
+    to training (``reuse``: glibc keeps freed memory instead of faulting large blocks in afresh per image)."""
+    from tscd.eval.inference import load_model, resolve_device
+
+    device = resolve_device(args.device)
+    loaded = load_model(args.checkpoint, device, args.overrides or [])
+    if device.type == "cpu" and loaded.config.train.host_memory == "reuse":
+        from tscd.train.host_memory import keep_freed_memory
+
+        keep_freed_memory()
+    return device, loaded

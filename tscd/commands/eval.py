@@ -23,7 +23,7 @@ import logging
 import time
 from pathlib import Path
 
-from tscd.commands._common import add_checkpoint_args, parse_scales
+from tscd.commands._common import add_checkpoint_args, load_checkpoint_model, parse_scales
 from tscd.constants import EVAL_PROTOCOLS as PROTOCOLS
 
 logger = logging.getLogger("tscd.eval")
@@ -60,11 +60,9 @@ def run(args: argparse.Namespace) -> int:
         protocol_settings,
         rank_and_world,
     )
-    from tscd.eval.inference import load_model, resolve_device
     from tscd.eval.outputs import format_table, unique_stem, write_results
 
-    device = resolve_device(args.device)
-    loaded = load_model(args.checkpoint, device, args.overrides or [])
+    device, loaded = load_checkpoint_model(args)
     cfg = loaded.config
     split = args.split or cfg.data.val_split
     changes = {}

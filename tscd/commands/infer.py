@@ -15,13 +15,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from tscd.commands._common import add_checkpoint_args, parse_scales
+from tscd.commands._common import add_checkpoint_args, load_checkpoint_model, parse_scales
 
 logger = logging.getLogger("tscd.infer")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tscd.eval.inference import load_model, resolve_device
     from tscd.eval.predict import collect_images, predict_images
 
     if args.grid is not None and args.grid < 1:
@@ -29,8 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"`--batch-size` must be >= 1; got {args.batch_size}")
     images = collect_images(args.inputs)
-    device = resolve_device(args.device)
-    loaded = load_model(args.checkpoint, device, args.overrides or [])
+    device, loaded = load_checkpoint_model(args)
     cam_scales = args.cam_scales or loaded.config.pseudo.cam_scales
     stats = predict_images(loaded.model, images, Path(args.out), device=device, scales=args.scales,
                            flip=not args.no_flip, resize_long_side=args.resize_long, crf=args.crf,

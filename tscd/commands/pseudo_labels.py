@@ -13,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from tscd.commands._common import add_checkpoint_args, parse_scales
+from tscd.commands._common import add_checkpoint_args, load_checkpoint_model, parse_scales
 
 logger = logging.getLogger("tscd.pseudo_labels")
 
@@ -21,10 +21,8 @@ logger = logging.getLogger("tscd.pseudo_labels")
 def run(args: argparse.Namespace) -> int:
     from tscd.eval.evaluator import build_eval_dataset
     from tscd.eval.export import export_pseudo_labels
-    from tscd.eval.inference import load_model, resolve_device
 
-    device = resolve_device(args.device)
-    loaded = load_model(args.checkpoint, device, args.overrides or [])
+    device, loaded = load_checkpoint_model(args)
     cfg = loaded.config
     split = args.split or cfg.data.train_split
     dataset = build_eval_dataset(cfg, split, args.dataset, args.root, num_classes=loaded.num_classes)
