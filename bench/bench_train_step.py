@@ -32,7 +32,13 @@ row's CAM passes, the iteration's FLOP count (``torch.utils.flop_counter``: matm
 its share of the machine's measured fp32 matmul rate, and the data pipeline's time per batch in the main process.
 Written to ``train_step-<model>-<crop>-b<batch>-phases.{md,json}``.
 
+``--rounds R``: after the rows, R interleaved rounds of one iteration per row (the order reversed every other
+round), on a machine whose speed drifts (a shared VM: the same iteration took 31-45 s in one afternoon) the fair
+comparison: s / iteration is then the median of a row's R rounds, and the speed-up the median of the per-round
+ratios to the first row (with their range). The rows' trainers stay alive until the end (more resident memory).
+
     python bench/bench_train_step.py --device cpu --crop 512 --batch 4 --model tscd_mit_b1 --timed 1
+    python bench/bench_train_step.py --device cpu --rows reference-style,default,fast-switches --timed 2 --rounds 5
     python bench/bench_train_step.py --device cpu --crop 320 --batch 2 --rows default --profile
     python bench/bench_train_step.py --device cuda --crop 512 --batch 4 --model tscd_mit_b1 --timed 10
 """
@@ -347,6 +353,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--profile", action="store_true",
                    help="also the per-phase breakdown, CAM operator top list and FLOPs (-phases.md/json)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="then this many interleaved rounds (one iteration per row each): medians and per-round "
+                        "speed-ups replace the per-row times (a drifting machine's fair comparison)")
     args = p.parse_args(argv)
     args.model = args.model or DEFAULT_MODEL[args.recipe]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -381,12 +390,43 @@ def main(argv=None) -> int:
                 profiles[name]["cam_ops"] = cam_operator_top(trainer, batches[-1]["img"].to(device), device)
                 profiles[name]["data_s_per_batch"] = data_seconds(trainer)
             logger.info("%-16s profiled: %s", name, {k: round(v, 3) for k, v in sorted(ranges.items())})
-        del trainers[name], trainer  # free its weights and optimizer state before the next row
+        if not args.rounds:
+            del trainers[name]  # free its weights and optimizer state before the next row
+        del trainer
         write_rows(args, env, rows, load_before, t_start)  # after every row: a later row's failure keeps these
+    if args.rounds:
+        interleaved_rounds(trainers, rows, batches, device, args.rounds)
+        for row in rows:
+            if "gflop" in row and device.type == "cpu":
+                row["matmul_peak_share"] = row["gflop"] * 1e9 / row["s_per_it"] / (env["peak_fp32_gflops"] * 1e9)
+        write_rows(args, env, rows, load_before, t_start)
     if args.profile:
         paths = write_phases(f"{result_stem(args)}-phases", env, rows, profiles, args.out)
         logger.info("wrote %s and %s", *paths)
     return 0
+
+
+def interleaved_rounds(trainers: dict[str, Trainer], rows: list[dict], batches: list[dict], device: torch.device,
+                       rounds: int) -> None:
+    """``--rounds``: one iteration of every row per round, the order reversed every other round; each row's
+    ``s_per_it`` becomes the median of its rounds, ``round_speedups`` its per-round ratios to the first row."""
+    names = [r["path"] for r in rows]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for k in range(rounds):
+        for name in names if k % 2 == 0 else names[::-1]:
+            with every_channel(name == "refine-every-channel"):
+                sync(device)
+                t0 = time.perf_counter()
+                iteration(trainers[name], batches[k % len(batches)])
+                sync(device)
+            times[name].append(time.perf_counter() - t0)
+            logger.info("round %d  %-16s %.2f s", k + 1, name, times[name][-1])
+    base = times[names[0]]
+    for row in rows:
+        t = times[row["path"]]
+        row["s_per_it_rows"] = row["s_per_it"]
+        row["s_per_it"], row["round_times"] = statistics.median(t), t
+        row["round_speedups"] = [b / x for b, x in zip(base, t)]
 
 
 def write_rows(args, env: dict, rows: list[dict], load_before, t_start: float) -> None:
@@ -395,7 +435,10 @@ def write_rows(args, env: dict, rows: list[dict], load_before, t_start: float) -
     load_after = os.getloadavg()
     base = rows[0]
     for row in rows:
-        row["speedup"] = base["s_per_it"] / row["s_per_it"]
+        row["speedup"] = (statistics.median(row["round_speedups"]) if "round_speedups" in row
+                          else base["s_per_it"] / row["s_per_it"])
+        if "round_speedups" in row:
+            row["speedup_range"] = f"{min(row['round_speedups']):.2f}-{max(row['round_speedups']):.2f}"
         row["mem_ratio"] = row["peak_mib"] / base["peak_mib"]
         row["max_loss_diff_vs_first"] = max(abs(row["losses_first"][k] - base["losses_first"][k])
                                             for k in base["losses_first"])
@@ -433,6 +476,14 @@ def write_rows(args, env: dict, rows: list[dict], load_before, t_start: float) -
                   f"images 5 shapes (up to 3 present per image).")
     if args.profile:
         columns += [("gflop", "GFLOP / iteration"), ("matmul_peak_share", "of the matmul peak")]
+    if any("round_speedups" in r for r in rows):
+        i = [c[0] for c in columns].index("speedup")
+        columns[i] = ("speedup", f"speed-up vs {base['path']} (median of rounds)")
+        columns.insert(i + 1, ("speedup_range", "per-round range"))
+        columns.insert(i, ("s_per_it_rows", "s / iteration, row by row"))
+        notes += (f" Then {args.rounds} interleaved rounds (one iteration of every row per round, the order reversed "
+                  f"every other round): s / iteration is the median of a row's rounds, the speed-up the median of "
+                  f"the per-round ratios (range beside it); `s / iteration, row by row` is the rows' own timing.")
     out = [{k: v for k, v in r.items() if k != "losses_first"} for r in rows]
     paths = write_results(result_stem(args), env, out, columns, args.out, notes=notes)
     logger.info("wrote %s and %s", *paths)

@@ -30,3 +30,25 @@ def test_profile_writes_every_phase(tmp_path):
     assert all(r["gflop"] > 0 for r in data["iterations"])
     md = phases.with_suffix(".md").read_text()
     assert "CAM passes, both views" in md and "scale 1.5" in md and "of the matmul peak" in md
+
+
+def test_interleaved_rounds_give_medians_and_per_round_speedups(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    rc = bench_train_step.main(["--device", "cpu", "--crop", "48", "--batch", "2", "--model", "tscd_mit_tiny",
+                                "--timed", "1", "--rows", "reference-style,default", "--rounds", "3",
+                                "--threads", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    [main] = list(tmp_path.glob("*/train_step-tscd_mit_tiny-48-b2.json"))
+    rows = {r["path"]: r for r in json.loads(main.read_text())["rows"]}
+    order = [m.split()[2] for m in caplog.messages if m.startswith("round ")]
+    assert order == ["reference-style", "default", "default", "reference-style", "reference-style", "default"]
+    for r in rows.values():
+        assert len(r["round_times"]) == 3 and r["s_per_it"] == sorted(r["round_times"])[1]
+    ref, dflt = rows["reference-style"], rows["default"]
+    ratios = [a / b for a, b in zip(ref["round_times"], dflt["round_times"])]
+    assert dflt["speedup"] == pytest.approx(sorted(ratios)[1]) and ref["speedup"] == 1
+    assert dflt["speedup_range"] == f"{min(ratios):.2f}-{max(ratios):.2f}"
+    md = main.with_suffix(".md").read_text()
+    assert "median of rounds" in md and "per-round range" in md and "row by row" in md
