@@ -2,6 +2,7 @@
 finalisation can abort the process after the work is done), and leaves alone a group its caller made."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -24,7 +25,7 @@ def test_init_distributed_owns_the_group_it_joins_and_close_leaves_it(tmp_path, 
         assert (info.world_size, info.owns_group, device.type) == (2, True, "cpu") and dist.is_initialized()
         close_distributed(info)
         assert not dist.is_initialized() and not info.owns_group
-        close_distributed(info)  # twice (Trainer.close, then the exit hook): nothing happens
+        close_distributed(info)  # twice: nothing happens
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -57,3 +58,29 @@ def test_trainer_close_leaves_the_group_it_joined(tmp_path, monkeypatch):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_run_leaves_the_group_when_it_succeeds_only(tmp_path, monkeypatch):
+    """`tscd train` leaves the group after a run that finished; a failing one stays (a peer may be inside a
+    collective, where leaving could block) and torchrun stops the others."""
+    from tests._utils import write_tiny_config
+    from tscd.cli import main
+
+    def joined(pref):
+        _one_process_group(tmp_path / "g")
+        return DistInfo(owns_group=True), torch.device("cpu")
+
+    (tmp_path / "g").mkdir()
+    monkeypatch.setattr(trainer_mod, "init_distributed", joined)
+    cfg = write_tiny_config(tmp_path / "tiny.yaml")
+    monkeypatch.setattr(trainer_mod.Trainer, "train", lambda self: (_ for _ in ()).throw(RuntimeError("boom")))
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            main(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "fail")])
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    monkeypatch.setattr(trainer_mod.Trainer, "train", lambda self: {k: {"miou": 0.0} for k in ("seg", "cam", "pseudo")})
+    assert main(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "ok")]) == 0
+    assert not dist.is_initialized()

@@ -55,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
         raise
     try:
         scores = trainer.train()
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(leave_group=False)  # a peer may be inside a collective: torchrun stops the others
+        raise
+    trainer.close()
     if rank == 0:
         n, cfg = trainer.num_classes + 1, trainer.cfg
         print(f"\nvalidation mIoU after {trainer.iteration} iterations ({cfg.data.dataset}, {cfg.data.val_split}, "

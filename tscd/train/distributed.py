@@ -1,7 +1,6 @@
 """Process set-up of a run: one process, or several under torchrun (which sets RANK / WORLD_SIZE / LOCAL_RANK)."""
 from __future__ import annotations
 
-import atexit
 import os
 from dataclasses import dataclass
 
@@ -48,7 +47,6 @@ def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
         info.owns_group = True
-        atexit.register(close_distributed, info)  # a run that fails before Trainer.close still leaves it
     return info, device
 
 
@@ -57,7 +55,9 @@ def close_distributed(info: DistInfo) -> None:
 
     A process that exits still in the group has its gloo or nccl threads torn down by the interpreter's
     finalisation, which can abort it ("terminate called without an active exception", SIGABRT) after the
-    work is done: torchrun then reports the run failed.
+    work is done: torchrun then reports the run failed. Called at the end of a run that succeeded; a failing
+    run does not call it (a peer may be inside a collective, and leaving could block: torchrun stops the
+    others when one process fails).
     """
     if info.owns_group and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

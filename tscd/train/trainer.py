@@ -374,9 +374,11 @@ class Trainer:
                 tensorboard_images(self.writer, self.recipe.images(), self.val_set.palette, self.iteration)
         return scores
 
-    def close(self) -> None:
-        """Close the TensorBoard writer and leave the process group this trainer joined."""
+    def close(self, leave_group: bool = True) -> None:
+        """Close the TensorBoard writer and (``leave_group``: a run that succeeded) leave the process group this
+        trainer joined (:func:`tscd.train.distributed.close_distributed`)."""
         if self.writer is not None:
             self.writer.close()
-        close_distributed(self.dist)
+        if leave_group:
+            close_distributed(self.dist)
 
