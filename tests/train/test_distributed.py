@@ -73,7 +73,10 @@ def test_a_run_leaves_the_group_when_it_succeeds_only(tmp_path, monkeypatch):
     (tmp_path / "g").mkdir()
     monkeypatch.setattr(trainer_mod, "init_distributed", joined)
     cfg = write_tiny_config(tmp_path / "tiny.yaml")
-    monkeypatch.setattr(trainer_mod.Trainer, "train", lambda self: (_ for _ in ()).throw(RuntimeError("boom")))
+    def fails(self):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train", fails)
     try:
         with pytest.raises(RuntimeError, match="boom"):
             main(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "fail")])

@@ -49,11 +49,10 @@ def test_reuse_stops_the_page_faults_of_large_tensors():
 def test_trainer_applies_it_on_the_cpu_only_when_asked(tmp_path, monkeypatch):
     from tests._utils import tiny_overrides
     from tscd.config import load_config
-    from tscd.train import Trainer
-    from tscd.train import trainer as trainer_mod
+    from tscd.train import Trainer, host_memory
 
     calls = []
-    monkeypatch.setattr(trainer_mod, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
     Trainer(load_config(None, [*tiny_overrides(tmp_path / "a"), "train.device=cpu"]), resume="never")
     assert calls == [1]
     Trainer(load_config(None, [*tiny_overrides(tmp_path / "b"), "train.device=cpu", "train.host_memory=system"]),

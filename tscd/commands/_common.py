@@ -32,11 +32,9 @@ def load_checkpoint_model(args: argparse.Namespace):
     of the command line applied). On the CPU the config's ``train.host_memory`` applies to this process as it does
     to training (``reuse``: glibc keeps freed memory instead of faulting large blocks in afresh per image)."""
     from tscd.eval.inference import load_model, resolve_device
+    from tscd.train.host_memory import apply_host_memory
 
     device = resolve_device(args.device)
     loaded = load_model(args.checkpoint, device, args.overrides or [])
-    if device.type == "cpu" and loaded.config.train.host_memory == "reuse":
-        from tscd.train.host_memory import keep_freed_memory
-
-        keep_freed_memory()
+    apply_host_memory(loaded.config.train.host_memory, device)
     return device, loaded

@@ -67,6 +67,14 @@ def keep_freed_memory() -> bool:
     return True
 
 
+def apply_host_memory(mode: str, device) -> bool:
+    """``train.host_memory`` for a process working on ``device``: :func:`keep_freed_memory` when ``mode`` is
+    ``"reuse"`` and the device is the CPU (the CUDA allocator caches on its own); returns whether it is in effect."""
+    if mode == "reuse" and getattr(device, "type", device) == "cpu":
+        return keep_freed_memory()
+    return False
+
+
 def host_memory_mode() -> str:
     """``"reuse"`` when :func:`keep_freed_memory` is in effect in this process, else ``"system"``."""
     return "reuse" if _applied else "system"

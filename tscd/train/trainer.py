@@ -30,7 +30,7 @@ from tscd.train.distributed import (  # noqa: F401  (DistInfo: tests replace the
     close_distributed,
     init_distributed,
 )
-from tscd.train.host_memory import keep_freed_memory
+from tscd.train.host_memory import apply_host_memory
 from tscd.train.progress import RecentRate, due, format_eta
 from tscd.train.schedule import build_optimizer
 
@@ -69,8 +69,7 @@ class Trainer:
         cfg = self.cfg
         self.run_dir = Path(cfg.train.run_dir)
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
-        if self.device.type == "cpu" and cfg.train.host_memory == "reuse":
-            keep_freed_memory()
+        apply_host_memory(cfg.train.host_memory, self.device)
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         self._build_data()
         self.val_set.check_eval_masks(cfg.data.val_num, cfg.data.skip_bad, f"validation split {cfg.data.val_split!r}")
