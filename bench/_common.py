@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +58,27 @@ def quantiles(times_ms: list[float]) -> dict:
         return ts[min(len(ts) - 1, int(p * len(ts)))]
 
     return {"ms": statistics.median(ts), "ms_p20": q(0.2), "ms_p80": q(0.8)}
+
+
+def interleaved_times(steps: dict[str, Callable[[int], object]], rounds: int, device: torch.device | None = None,
+                      on_step: Callable[[int, str, float], None] | None = None) -> dict[str, list[float]]:
+    """Seconds of ``steps[name](k)`` in ``rounds`` interleaved rounds (round k runs every step once, the order
+    reversed every other round): on a machine whose speed drifts, every step sees the same drift. ``on_step(k,
+    name, seconds)`` after each step (progress)."""
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for k in range(rounds):
+        for name in names if k % 2 == 0 else names[::-1]:
+            if device is not None:
+                sync(device)
+            t0 = time.perf_counter()
+            steps[name](k)
+            if device is not None:
+                sync(device)
+            times[name].append(time.perf_counter() - t0)
+            if on_step is not None:
+                on_step(k, name, times[name][-1])
+    return times
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:

@@ -22,7 +22,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench._common import environment, setup_threads, write_results  # noqa: E402
+from bench._common import environment, interleaved_times, setup_threads, write_results  # noqa: E402
 from tscd.config import load_config  # noqa: E402
 from tscd.train import Trainer  # noqa: E402
 
@@ -69,7 +68,7 @@ def build(config: str, overrides: list[str], run_dir: str, warm: int, skip: int)
     cfg = load_config(config, base + overrides)
     trainer = Trainer(cfg, resume="never")
     trainer.iteration = 10  # past any classification-only warm-up (cam_iters 0; the cls-only variant sets its own)
-    batches = trainer._batches()
+    batches = iter(trainer.batches)
     for _ in range(skip):
         next(batches)
     for _ in range(warm):
@@ -89,17 +88,17 @@ def run(args: argparse.Namespace) -> tuple[list[dict], tuple[int, int], float]:
         for i, (name, overrides) in enumerate(variants):
             print(f"building {name} ({' '.join(overrides) or 'the demo config'})", flush=True)
             trainers.append(build(args.config, overrides, f"{tmp}/v{i}", args.warm, skip))
-        times: list[list[float]] = [[] for _ in variants]
-        for r in range(args.rounds):
-            order = range(len(variants)) if r % 2 == 0 else reversed(range(len(variants)))
-            for i in order:
-                trainer, batches = trainers[i]
-                batch = next(batches)
-                t0 = time.perf_counter()
-                trainer.train_step(batch)
-                times[i].append(time.perf_counter() - t0)
-            if (r + 1) % 10 == 0:
-                print(f"round {r + 1}/{args.rounds}", flush=True)
+
+        def step(trainer: Trainer, batches):
+            return lambda k: trainer.train_step(next(batches))
+
+        def progress(k: int, name: str, seconds: float) -> None:
+            if name == variants[-1][0] and (k + 1) % 10 == 0:
+                print(f"round {k + 1}/{args.rounds}", flush=True)
+
+        by_name = interleaved_times({name: step(*tb) for (name, _), tb in zip(variants, trainers)}, args.rounds,
+                                    on_step=progress)
+    times = [by_name[name] for name, _ in variants]
     cls_only = statistics.median(times[-1])
     rows = []
     for (name, overrides), ts in zip(variants, times):
@@ -131,6 +130,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.warm < 0 or args.threads < 1:
         p.error("--rounds and --threads must be >= 1, --warm >= 0")
+    names = [name for name, _ in args.variant or []]
+    if len(set(names)) != len(names) or CLS_ONLY in names:
+        p.error(f"--variant: the names must differ from each other and from {CLS_ONLY!r}; got {names}")
     rows, schedule, cls_only = run(args)
     env = environment(torch.device("cpu"), args.threads)
     need = (args.budget - schedule[0] * cls_only) / schedule[1]

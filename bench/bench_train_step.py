@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench._common import environment, setup_threads, sync, write_results  # noqa: E402
+from bench._common import environment, interleaved_times, setup_threads, sync, write_results  # noqa: E402
 from tscd.config import load_config  # noqa: E402
 from tscd.train import Trainer  # noqa: E402
 from tscd.train.host_memory import host_memory_mode  # noqa: E402
@@ -410,17 +410,15 @@ def interleaved_rounds(trainers: dict[str, Trainer], rows: list[dict], batches: 
                        rounds: int) -> None:
     """``--rounds``: one iteration of every row per round, the order reversed every other round; each row's
     ``s_per_it`` becomes the median of its rounds, ``round_speedups`` its per-round ratios to the first row."""
-    names = [r["path"] for r in rows]
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for k in range(rounds):
-        for name in names if k % 2 == 0 else names[::-1]:
+    def step(name: str):
+        def run(k: int) -> None:
             with every_channel(name == "refine-every-channel"):
-                sync(device)
-                t0 = time.perf_counter()
                 iteration(trainers[name], batches[k % len(batches)])
-                sync(device)
-            times[name].append(time.perf_counter() - t0)
-            logger.info("round %d  %-16s %.2f s", k + 1, name, times[name][-1])
+        return run
+
+    names = [r["path"] for r in rows]
+    times = interleaved_times({n: step(n) for n in names}, rounds, device,
+                              on_step=lambda k, name, t: logger.info("round %d  %-16s %.2f s", k + 1, name, t))
     base = times[names[0]]
     for row in rows:
         t = times[row["path"]]

@@ -40,3 +40,8 @@ def test_a_bad_variant_is_named(text):
 def test_a_variant_with_several_overrides():
     assert bench_demo_iteration.parse_variant("fast = pseudo.cam_scales=[1.0, 0.5], loss.scd=0") == (
         "fast", ["pseudo.cam_scales=[1.0, 0.5]", "loss.scd=0"])
+
+
+def test_variant_names_must_differ():
+    with pytest.raises(SystemExit):
+        bench_demo_iteration.main(["--variant", "a=train.seed=0", "--variant", "a=train.seed=1"])
