@@ -44,14 +44,20 @@ def _ops(sim) -> list[str]:
     import torch
 
     import tscd.kernels  # noqa: F401  (loads tscd._C: the CPU ops the results are checked against)
+    from tests._utils import lattice_error_scale
     from tscd.kernels.reference.permutohedral import crf_features
     from tscd.kernels.reference.refine import position_prior
 
+    torch.manual_seed(0)  # every order sees the same inputs, and every run the same as the last
     wrong: list[str] = []
 
-    def check(a, b, what):
-        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
-            wrong.append(what)
+    def check(a, b, what, atol=1e-5):
+        """``a`` within ``atol + 1e-4 |b|`` of ``b`` elementwise (``atol`` may be a tensor), NaN where ``b`` is."""
+        err, tol = (a - b).abs(), atol + 1e-4 * b.abs()
+        bad = ~((err <= tol) | (a.isnan() & b.isnan()))
+        if bad.any():
+            wrong.append(f"{what} ({int(bad.sum())}/{b.numel()} elements, worst error / tolerance "
+                         f"{(err / tol)[bad].nan_to_num(float('inf')).max().item():.3g})")
 
     dil = [1, 2, 4]
     img, cam = torch.rand(2, 3, 17, 17), torch.randn(2, 5, 17, 17)  # 289 pixels: two blocks; 5 channels: two chunks
@@ -64,8 +70,11 @@ def _ops(sim) -> list[str]:
         check(sim.refine_weights(img, *w), torch.ops.tscd.refine_weights(img, *w), "refine_weights")
     t1, t2, s1, s2 = torch.randn(2, 70, 2), torch.randn(2, 40, 2), torch.randn(2, 70, 3), torch.randn(2, 40, 3)
     off, g = torch.randn(2, 70), torch.randn(2)
+    # per image a sum of 70 x 40 signed terms that can cancel: the tolerance follows the sum of their magnitudes
+    terms = (s1.double() @ s2.double().transpose(1, 2)).clamp_min(0) * (
+        (t1.double() @ t2.double().transpose(1, 2)).abs() + off.double().abs().unsqueeze(2))
     check(sim.correlation_fwd(t1, t2, s1, s2, off, True), torch.ops.tscd.correlation_fwd(t1, t2, s1, s2, off, True),
-          "correlation_fwd")
+          "correlation_fwd", atol=1e-5 + 1e-6 * terms.sum((1, 2)).float())
     for a, b in zip(sim.correlation_bwd(g, t1, t2, s1, s2, off, True, True),
                     torch.ops.tscd.correlation_bwd(g, t1, t2, s1, s2, off, True, True)):
         check(a, b, "correlation_bwd")
@@ -74,8 +83,12 @@ def _ops(sim) -> list[str]:
     sim.set_knob("perm_max_chunk_values", 2 * 42 * 6)  # two (image, channel) pairs per chunk
     for normalize, include_self in ((False, True), (True, True), (True, False)):
         for op in ("permutohedral_fwd", "permutohedral_bwd"):
+            # the tolerance follows the magnitude that rounding scales with: without the self term the normalised
+            # filter's denominator crosses zero on isolated points (random colours), where float32 results of two
+            # summation orders differ by far more than 1e-4 of themselves
+            scale = lattice_error_scale(v, f, normalize, include_self, backward=op.endswith("bwd")).float()
             check(getattr(sim, op)(v, f, normalize, include_self),
-                  getattr(torch.ops.tscd, op)(v, f, normalize, include_self), op)
+                  getattr(torch.ops.tscd, op)(v, f, normalize, include_self), op, atol=1e-5 + 1e-4 * scale)
     sim.clear_knobs()
     unary = torch.rand(1, 4, 42)
     feats = [crf_features(im[:1], 3.0), crf_features(im[:1], 20.0, 13.0)]
@@ -100,7 +113,7 @@ def main() -> None:
         wrong = []
         for order in ("forward", "reverse", "shuffle"):
             sim.set_order(order, 11)
-            wrong += [f"{op} ({order} order)" for op in _ops(sim)]
+            wrong += [f"{op} in {order} order" for op in _ops(sim)]
             print(f"ops ({order} order): no data race", flush=True)
         if wrong:
             raise SystemExit(f"cudasim under TSan: results differ from the CPU ops': {', '.join(wrong)}")

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.utils.deterministic
 
-from tests._utils import assert_close
+from tests._utils import assert_close, lattice_error_scale
 from tscd.kernels import _ext
 from tscd.kernels.correlation import _normalize_fast, teacher_offset
 from tscd.kernels.reference.correlation import correlation_core_reference
@@ -46,11 +46,12 @@ def poison_new_outputs():
     torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
-def close(actual, expected, tol, name):
-    """assert_close with the absolute tolerance scaled by the expected values' magnitude (sums of many terms)."""
+def close(actual, expected, tol, name, extra_atol=0.0):
+    """assert_close with the absolute tolerance scaled by the expected values' magnitude (sums of many terms), plus
+    ``extra_atol`` (a tensor: per element)."""
     rtol, atol = tol[expected.dtype] if expected.dtype in tol else tol[torch.float64]
     scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
-    assert_close(actual, expected, rtol=rtol, atol=atol * scale, name=name)
+    assert_close(actual, expected, rtol=rtol, atol=atol * scale + extra_atol, name=name)
 
 
 def launches(sim) -> list[dict]:
@@ -317,11 +318,17 @@ def _perm_inputs(case, dtype):
 @pytest.mark.parametrize("case", list(PERM_CASES))
 def test_permutohedral(sim, case, normalize, include_self, dtype):
     v, f = _perm_inputs(case, dtype)
-    out = sim.permutohedral_fwd(v, f, normalize, include_self)
-    close(out, torch.ops.tscd.permutohedral_fwd(v, f, normalize, include_self), TOL_OP, "fwd vs cpp")
     g = torch.randn_like(v)
+    # without the self term the normalised filter divides by a row sum that nears zero on points the lattice sees as
+    # isolated (the bilateral case's random colours): there float32 results of two summation orders differ by far
+    # more than rtol of themselves, in proportion to the op's conditioning (tests._utils.lattice_error_scale)
+    ill = dtype == torch.float32 and normalize and not include_self
+    extra = [1e-5 * lattice_error_scale(x, f, normalize, include_self, backward=bwd) if ill else 0.0
+             for x, bwd in ((v, False), (g, True))]
+    out = sim.permutohedral_fwd(v, f, normalize, include_self)
+    close(out, torch.ops.tscd.permutohedral_fwd(v, f, normalize, include_self), TOL_OP, "fwd vs cpp", extra[0])
     grad = sim.permutohedral_bwd(g, f, normalize, include_self)
-    close(grad, torch.ops.tscd.permutohedral_bwd(g, f, normalize, include_self), TOL_OP, "bwd vs cpp")
+    close(grad, torch.ops.tscd.permutohedral_bwd(g, f, normalize, include_self), TOL_OP, "bwd vs cpp", extra[1])
     # the transpose: <L v, g> = <v, L^T g> for the unnormalised filter
     if not normalize:
         lhs, rhs = (out * g).sum().item(), (v * grad).sum().item()
