@@ -170,6 +170,28 @@ def _check_include_self(dtype):
 
 
 @needs_cpp
+@pytest.mark.parametrize("d,quantiles", [(2, (0.70, 0.74, 0.87)), (5, (0.55, 0.63, 0.82))])
+def test_lone_point_self_weight(d, quantiles):
+    """The module docstring's figures: a lone point's lattice self weight depends on where it lies in its simplex
+    (5 %, 50 %, 95 % quantiles, below 1 almost everywhere); without the self term its unnormalised output is that
+    weight minus 1, and normalised it is 0 (a row sum <= 0) or 1; the exact backend gives 0 without the self term."""
+    n = 20000
+    f = torch.rand(n, d, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 10
+    ones = torch.ones(n, 1, 1, dtype=torch.float64)
+    w = permutohedral_filter(ones, f, backend="cpp").flatten()
+    got = torch.quantile(w, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+    assert_close(got, torch.tensor(quantiles, dtype=torch.float64), rtol=0, atol=0.01, name="self weight quantiles")
+    assert (w < 1).double().mean() > 0.99
+    without = permutohedral_filter(ones, f, include_self=False, backend="cpp").flatten()
+    assert_close(without, w - 1, rtol=1e-12, atol=1e-12, name="lone point without its self term")
+    normalised = permutohedral_filter(ones, f, normalize=True, include_self=False, backend="cpp").flatten()
+    assert torch.equal(normalised[w <= 1], torch.zeros(int((w <= 1).sum()), dtype=torch.float64))
+    assert torch.allclose(normalised[w > 1], torch.ones(int((w > 1).sum()), dtype=torch.float64))
+    assert torch.equal(permutohedral_filter(ones[:2], f[:2], include_self=False, backend="torch"),
+                       torch.zeros(2, 1, 1, dtype=torch.float64))
+
+
+@needs_cpp
 @pytest.mark.parametrize("K", [1, 81])
 def test_channel_counts(K):
     feats = crf_features(smooth_image(17, 19), 8.0, 15.0)
