@@ -11,10 +11,11 @@ from tests._utils import assert_close, run_with_cpu_isa
 from tests.conftest import require_backend
 from tscd.kernels import correlation_loss
 from tscd.kernels._ext import has_cpp
-from tscd.kernels.correlation import SUPPORTED_BACKENDS, sample_points
+from tscd.kernels.correlation import SUPPORTED_BACKENDS, sample_points, teacher_offset
 from tscd.kernels.reference.correlation import (
     correlation_core_reference,
     correlation_loss_reference,
+    normalize_features,
     pixel_coords,
     random_coords,
 )
@@ -146,18 +147,48 @@ def _run(maps, kw, backend, dtype, seed=0, **options):
     return loss, grads
 
 
+def _clamp_flip_slack(maps, kw, options, seed=0, tau=1e-5):
+    """Per element of each gradient :func:`_run` returns: the sum of |what one pair adds| over the pairs whose student
+    correlation G lies within ``tau`` of the clamp's kink at 0 (float64, the same sample points).
+
+    ``max(G, 0)`` passes G's gradient on one side of 0 and none on the other, so a pair whose G is within rounding of
+    0 adds its whole term to the gradient in one precision and nothing in another: every float32 implementation (the
+    torch reference's too) decides that side by its rounding (about 1e-6 for G). A large case has a few such pairs
+    in one seed out of three; elsewhere this slack is 0."""
+    if not options.get("clamp_student", True):
+        return None
+    leaves = [m.detach().double().requires_grad_() for m in maps]
+    teacher_grad = options.get("teacher_grad", False)
+    teachers = leaves[:2] if teacher_grad else [m.detach() for m in leaves[:2]]
+    t1, t2, s1, s2 = (normalize_features(x) for x in sample_points(
+        *teachers, *leaves[2:], **kw, generator=torch.Generator().manual_seed(seed)))
+    G = s1 @ s2.transpose(1, 2)
+    offset = teacher_offset(t1, t2, center_teacher=options.get("center_teacher", True),
+                            shift=options.get("shift", 0.0))
+    wrt = leaves if teacher_grad else leaves[2:]
+    slack = [torch.zeros_like(w) for w in wrt]
+    for b, i, j in (G.abs() < tau).nonzero().tolist():
+        term = G[b, i, j] * (t1[b, i] @ t2[b, j] + offset[b, i]) / G.numel()
+        for acc, grad in zip(slack, torch.autograd.grad(term, wrt, retain_graph=True, allow_unused=True)):
+            if grad is not None:
+                acc += grad.abs()
+    return slack
+
+
 def _check(case, backend, device, options):
     require_backend(OP, backend, device, SUPPORTED_BACKENDS)
     if backend == "triton" and device == "cpu" and case not in TINY:
         pytest.skip("large case: too slow in the Triton interpreter (runs on GPU)")
     maps, kw = _case_inputs(case, device)
+    maps = [m.float().double() for m in maps]  # the values the float32 run receives: no input rounding in the error
     ref, ref_grads = _run(maps, kw, "torch", torch.float64, **options)
     loss, grads = _run(maps, kw, backend, torch.float32, **options)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     scale = max(1.0, ref.abs().item())
     assert_close(loss, ref, rtol=1e-4, atol=2e-6 * scale, name=f"{backend} loss {case}")
+    slack = _clamp_flip_slack(maps, kw, options) or [0.0] * len(grads)
     for k, (g, r) in enumerate(zip(grads, ref_grads)):
-        assert_close(g, r, rtol=1e-3, atol=1e-5 * max(1e-6, r.abs().max().item()) + 1e-8,
+        assert_close(g, r, rtol=1e-3, atol=1e-5 * max(1e-6, r.abs().max().item()) + 1e-8 + slack[k],
                      name=f"{backend} grad {k} {case}")
 
 
