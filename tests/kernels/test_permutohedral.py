@@ -163,10 +163,15 @@ def _check_include_self(dtype):
     with_self = permutohedral_filter(vk, fk, backend="cpp")
     without = permutohedral_filter(vk, fk, include_self=False, backend="cpp")
     assert_close(without, with_self - vk, rtol=1e-12, atol=1e-12, name="the self term is v")
-    # normalised without the self term, against the exact filter
+    # normalised without the self term, against the exact filter, where the lattice's row sum without the self term
+    # is not near zero (points isolated in colour, under 1 % here, make it ill-conditioned: the module docstring;
+    # with them the relative error was above 0.08 in 15 of 200 seeds, up to 0.95; without, at most 0.066)
     lat = permutohedral_filter(vk, fk, normalize=True, include_self=False, backend="cpp")
     exact = permutohedral_filter(v, feats, normalize=True, include_self=False, backend="torch")
-    assert rel_error(lat, exact) < 0.08
+    row_sum = permutohedral_filter(torch.ones_like(v[:, :1]), feats, backend="cpp")
+    kept = ((row_sum - 1) / row_sum > 0.2).expand_as(exact)
+    assert kept.double().mean() > 0.99
+    assert rel_error(lat[kept], exact[kept]) < 0.08
 
 
 @needs_cpp
